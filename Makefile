@@ -1,0 +1,38 @@
+# Set-up and entry points. `make demo` and `make test` work from a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+ARGS   ?=
+
+.PHONY: venv demo test test-slow article lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test,dist,dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m agents.article $(ARGS)
+
+article: $(STAMP)
+	$(BIN)/python -m agents.article
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check burnin agents benchmarks tests
+	$(BIN)/ruff format --check burnin agents benchmarks tests
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.burnin_throughput $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

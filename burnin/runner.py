@@ -1,0 +1,264 @@
+"""BurnInRunner: restore a stored state, burn in without gradient, then unroll under the caller's tape."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from burnin.state import _state_variables, get_states, set_states, stateful_layers
+
+__all__ = ["BurnInRunner", "RunnerOutput"]
+
+TensorState = tuple[tuple[tf.Tensor, ...], ...]
+
+
+class RunnerOutput(NamedTuple):
+    """What one burn-in pass returns. ``B`` is the model's fixed batch, ``T`` the window length."""
+
+    outputs: Any
+    """Model outputs on steps ``[burn_in, T)``, same structure as the model's output; each ``[B, T - burn_in, ...]``."""
+    burn_in_state: TensorState
+    """Recurrent state before step ``burn_in`` (after the burn-in prefix)."""
+    offset_states: tuple[TensorState, ...]
+    """Recurrent state before step ``o``, for each ``o`` in ``runner.state_offsets``."""
+    final_state: TensorState
+    """Recurrent state after step ``T - 1``."""
+
+
+class BurnInRunner:
+    """Run a fixed-batch stateful Keras model over a window with an R2D2 burn-in.
+
+    Timeline of one window of ``T`` steps (``b = burn_in``)::
+
+        step:   0 ........ b-1 | b ................ T-1
+                restore    burn-in (no gradient)  | unroll (caller's GradientTape)
+                stored     state flows only        outputs returned
+                state      through the variables
+
+    The state before step 0 is restored into the model's stateful RNN layers,
+    steps ``[0, b)`` run with their inputs behind ``tf.stop_gradient`` and their
+    outputs dropped, and steps ``[b, T)`` run normally so that a tape around the
+    call records them. The sequence is cut at ``b`` and at each of
+    ``state_offsets``; cutting is exact because a stateful layer carries its
+    state across calls (tested bit for bit).
+
+    A per-step validity ``mask [B, T]`` is passed to the model; masked steps
+    leave the state unchanged, so a left-padded window with a zero stored
+    state equals a zero-state start at its first valid step. The first masked
+    eager call checks that the model really propagates masks to its stateful
+    layers (see :meth:`check_masking`).
+
+    Calling the runner runs a ``tf.function`` that is traced once per input
+    signature (``trace_count`` counts traces). Inside a larger ``tf.function``
+    use :meth:`run`, which is the same computation without its own
+    compilation.
+
+    Args:
+        model: a Keras model (or a single layer) with fixed-batch stateful RNN layers.
+        burn_in: number of leading steps run without gradient.
+        state_offsets: extra window positions at which to return the state
+            (for stored-state refresh and ΔQ). Each must be ``<= T`` at call time.
+        jit_compile: compile with XLA. Results then match the eager ones only
+            to about 1e-6 relative, not bitwise.
+        allow_stateless: accept a model with no stateful RNN layer (states are then ``()``).
+    """
+
+    def __init__(
+        self,
+        model: keras.layers.Layer,
+        *,
+        burn_in: int,
+        state_offsets: Sequence[int] = (),
+        jit_compile: bool = False,
+        allow_stateless: bool = False,
+    ) -> None:
+        if not isinstance(model, keras.layers.Layer):
+            raise TypeError(f"model: expected a keras.Model, got {type(model).__name__}")
+        if isinstance(burn_in, bool) or not isinstance(burn_in, (int, np.integer)) or burn_in < 0:
+            raise ValueError(f"burn_in: expected an int >= 0, got {burn_in!r}")
+        offsets = []
+        for o in state_offsets:
+            if isinstance(o, bool) or not isinstance(o, (int, np.integer)) or o < 0:
+                raise ValueError(f"state_offsets: expected ints >= 0, got {o!r}")
+            offsets.append(int(o))
+        if len(set(offsets)) != len(offsets):
+            raise ValueError(f"state_offsets: expected distinct offsets, got {tuple(offsets)}")
+        self.model = model
+        self.burn_in = int(burn_in)
+        self.state_offsets = tuple(offsets)
+        try:
+            self._layers = stateful_layers(model)
+        except ValueError:
+            if not allow_stateless:
+                raise
+            self._layers = []
+        self._variables = [_state_variables(layer) for layer in self._layers]
+        batches = {int(v.shape[0]) for vs in self._variables for v in vs}
+        if len(batches) > 1:
+            raise ValueError(f"model: stateful layers have different batch sizes {sorted(batches)}")
+        self.batch_size: int | None = batches.pop() if batches else None
+        self._trace_count = 0
+        self._masking_checked = False
+        self._compiled = tf.function(self._traced, jit_compile=jit_compile, reduce_retracing=False)
+
+    @property
+    def trace_count(self) -> int:
+        """How many times the compiled pass has been traced."""
+        return self._trace_count
+
+    # ------------------------------------------------------------------ public
+
+    def __call__(self, inputs: Any, states: Any = None, *, mask: Any = None) -> RunnerOutput:
+        """Run the window through the compiled pass; see the class docstring.
+
+        Args:
+            inputs: the model's input structure, each leaf ``[B, T, ...]``.
+            states: a ``RecurrentState`` to restore before step 0, or None for zeros.
+            mask: optional bool validity mask ``[B, T]``.
+        """
+        inputs, states, mask = self._prepare(inputs, states, mask)
+        if mask is not None and not self._masking_checked and tf.executing_eagerly():
+            self.check_masking(inputs)
+        return self._compiled(inputs, states, mask)
+
+    def run(self, inputs: Any, states: Any = None, mask: Any = None) -> RunnerOutput:
+        """The same pass without compiling it; for use inside the caller's ``tf.function``."""
+        return self._pass(inputs, states, mask)
+
+    def check_masking(self, inputs: Any) -> None:
+        """Check that a fully masked step leaves every stateful layer's state unchanged.
+
+        Runs the model once on the first step of ``inputs`` with an all-False
+        mask from a random state, then puts the previous state back. Raises
+        ``ValueError`` if the state moved, which means some layer between the
+        inputs and a stateful RNN drops the Keras mask.
+        """
+        if not self._layers:
+            self._masking_checked = True
+            return
+        saved = get_states(self.model)
+        rng = np.random.default_rng(0)
+        probe_state = tuple(
+            tuple(rng.standard_normal(a.shape).astype(a.dtype) for a in entry) for entry in saved
+        )
+        first = tf.nest.map_structure(lambda x: tf.convert_to_tensor(x)[:, :1], inputs)
+        mask = tf.zeros((self.batch_size, 1), dtype=tf.bool)
+        try:
+            set_states(self.model, probe_state)
+            self._call_model(first, mask)
+            after = get_states(self.model)
+        finally:
+            set_states(self.model, saved)
+        for layer, before_entry, after_entry in zip(self._layers, probe_state, after):
+            if not all(np.array_equal(b, a) for b, a in zip(before_entry, after_entry)):
+                raise ValueError(
+                    f"model {self.model.name!r}: a fully masked step changed the state of "
+                    f"layer {layer.name!r}; some layer before it drops the Keras mask "
+                    "(give custom layers supports_masking = True)"
+                )
+        self._masking_checked = True
+
+    # ---------------------------------------------------------------- internal
+
+    def _prepare(self, inputs: Any, states: Any, mask: Any) -> tuple[Any, Any, Any]:
+        leaves = tf.nest.flatten(inputs)
+        if not leaves:
+            raise ValueError("inputs: expected at least one array")
+        converted = [tf.convert_to_tensor(x) for x in leaves]
+        batch = self.batch_size
+        length = None
+        for i, x in enumerate(converted):
+            if x.shape.rank is None or x.shape.rank < 2:
+                raise ValueError(f"inputs[{i}]: expected shape [batch, time, ...], got {x.shape}")
+            if batch is not None and x.shape[0] != batch:
+                raise ValueError(
+                    f"inputs[{i}]: expected batch {batch} (the model's fixed batch), got {x.shape[0]}"
+                )
+            if length is None:
+                length = int(x.shape[1])
+            elif x.shape[1] != length:
+                raise ValueError(f"inputs[{i}]: expected {length} time steps like inputs[0], got {x.shape[1]}")
+        if self.burn_in > length or any(o > length for o in self.state_offsets):
+            raise ValueError(
+                f"inputs: {length} time steps is shorter than burn_in={self.burn_in} "
+                f"or state_offsets={self.state_offsets}"
+            )
+        inputs = tf.nest.pack_sequence_as(inputs, converted)
+        if mask is not None:
+            mask = tf.convert_to_tensor(mask)
+            if mask.dtype != tf.bool:
+                raise TypeError(f"mask: expected dtype bool, got {mask.dtype.name}")
+            want = (converted[0].shape[0], length)
+            if tuple(mask.shape) != want:
+                raise ValueError(f"mask: expected shape {want}, got {tuple(mask.shape)}")
+        if states is not None:
+            if not self._layers:
+                states = None
+            else:
+                # Same checks (and error messages) as set_states, without writing.
+                from burnin.state import _validated
+
+                states = tuple(
+                    tuple(tf.convert_to_tensor(a) for a in arrays) for _, arrays in _validated(self.model, states)
+                )
+        return inputs, states, mask
+
+    def _traced(self, inputs: Any, states: Any, mask: Any) -> RunnerOutput:
+        self._trace_count += 1
+        return self._pass(inputs, states, mask)
+
+    def _read(self) -> TensorState:
+        return tuple(tuple(tf.identity(v.value) for v in vs) for vs in self._variables)
+
+    def _write(self, states: Any) -> None:
+        for vs, entry in zip(self._variables, states):
+            for v, value in zip(vs, entry):
+                v.assign(value)
+
+    def _zero(self) -> None:
+        for vs in self._variables:
+            for v in vs:
+                v.assign(tf.zeros(v.shape, dtype=v.dtype))
+
+    def _call_model(self, inputs: Any, mask: Any) -> Any:
+        with warnings.catch_warnings():
+            # Keras warns that the outer Model "destroys" the mask on its outputs;
+            # we only need the mask inside, at the stateful layers.
+            warnings.filterwarnings("ignore", message=".*does not support masking.*")
+            if mask is None:
+                return self.model(inputs, training=False)
+            masks = tf.nest.map_structure(lambda _: mask, inputs)
+            return self.model(inputs, mask=masks, training=False)
+
+    def _pass(self, inputs: Any, states: Any, mask: Any) -> RunnerOutput:
+        length = int(tf.nest.flatten(inputs)[0].shape[1])
+        if states is None:
+            self._zero()
+        else:
+            self._write(states)
+        cuts = sorted({0, length, self.burn_in, *self.state_offsets})
+        at: dict[int, TensorState] = {0: self._read()} if 0 in (self.burn_in, *self.state_offsets) else {}
+        outputs = []
+        for start, stop in zip(cuts[:-1], cuts[1:]):
+            seg = tf.nest.map_structure(lambda x, a=start, b=stop: x[:, a:b], inputs)
+            seg_mask = None if mask is None else mask[:, start:stop]
+            if stop <= self.burn_in:
+                self._call_model(tf.nest.map_structure(tf.stop_gradient, seg), seg_mask)
+            else:
+                outputs.append(self._call_model(seg, seg_mask))
+            at[stop] = self._read()
+        if outputs:
+            joined = tf.nest.map_structure(lambda *xs: tf.concat(xs, axis=1), *outputs)
+        else:
+            joined = None
+        return RunnerOutput(
+            outputs=joined,
+            burn_in_state=at[self.burn_in],
+            offset_states=tuple(at[o] for o in self.state_offsets),
+            final_state=at[length],
+        )
