@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -174,7 +175,7 @@ class BurnInRunner:
         length = None
         for i, x in enumerate(converted):
             if x.shape.rank is None or x.shape.rank < 2:
-                raise ValueError(f"inputs[{i}]: expected shape [batch, time, ...], got {x.shape}")
+                raise ValueError(f"inputs[{i}]: expected shape (batch, time, ...), got {tuple(x.shape)}")
             if batch is not None and x.shape[0] != batch:
                 raise ValueError(
                     f"inputs[{i}]: expected batch {batch} (the model's fixed batch), got {x.shape[0]}"
@@ -182,12 +183,21 @@ class BurnInRunner:
             if length is None:
                 length = int(x.shape[1])
             elif x.shape[1] != length:
-                raise ValueError(f"inputs[{i}]: expected {length} time steps like inputs[0], got {x.shape[1]}")
+                raise ValueError(
+                    f"inputs[{i}]: expected {length} time steps like inputs[0], got {x.shape[1]}"
+                )
         if self.burn_in > length or any(o > length for o in self.state_offsets):
             raise ValueError(
                 f"inputs: {length} time steps is shorter than burn_in={self.burn_in} "
                 f"or state_offsets={self.state_offsets}"
             )
+        specs = getattr(self.model, "inputs", None)
+        if specs and len(specs) == len(converted):
+            for i, (x, spec) in enumerate(zip(converted, specs)):
+                want = tuple(spec.shape)
+                got = tuple(x.shape)
+                if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want[2:], got[2:])):
+                    raise ValueError(f"inputs[{i}]: expected shape {want} (batch, time, ...), got {got}")
         inputs = tf.nest.pack_sequence_as(inputs, converted)
         if mask is not None:
             mask = tf.convert_to_tensor(mask)
@@ -204,7 +214,8 @@ class BurnInRunner:
                 from burnin.state import _validated
 
                 states = tuple(
-                    tuple(tf.convert_to_tensor(a) for a in arrays) for _, arrays in _validated(self.model, states)
+                    tuple(tf.convert_to_tensor(a) for a in arrays)
+                    for _, arrays in _validated(self.model, states)
                 )
         return inputs, states, mask
 
@@ -244,7 +255,7 @@ class BurnInRunner:
         cuts = sorted({0, length, self.burn_in, *self.state_offsets})
         at: dict[int, TensorState] = {0: self._read()} if 0 in (self.burn_in, *self.state_offsets) else {}
         outputs = []
-        for start, stop in zip(cuts[:-1], cuts[1:]):
+        for start, stop in itertools.pairwise(cuts):
             seg = tf.nest.map_structure(lambda x, a=start, b=stop: x[:, a:b], inputs)
             seg_mask = None if mask is None else mask[:, start:stop]
             if stop <= self.burn_in:

@@ -96,7 +96,7 @@ def get_states(model: keras.layers.Layer) -> RecurrentState:
     The arrays are copies: later calls of the model do not change them.
     """
     return tuple(
-        tuple(np.array(keras.ops.convert_to_numpy(v), copy=True) for v in _state_variables(layer))
+        tuple(np.array(v.numpy(), copy=True) for v in _state_variables(layer))
         for layer in stateful_layers(model)
     )
 
@@ -197,7 +197,7 @@ def reset_rows(model: keras.layers.Layer, rows: Any) -> None:
     if idx.size == 0:
         return
     for var in variables:
-        arr = np.array(keras.ops.convert_to_numpy(var), copy=True)
+        arr = np.array(var.numpy(), copy=True)
         arr[idx] = 0
         var.assign(arr)
 
@@ -212,9 +212,7 @@ def broadcast_row(states: RecurrentState, row: int) -> RecurrentState:
         for j, value in enumerate(entry):
             arr = np.asarray(value)
             if arr.ndim < 1 or not 0 <= row < arr.shape[0]:
-                raise ValueError(
-                    f"row: {row} is out of range for states[{i}][{j}] of shape {arr.shape}"
-                )
+                raise ValueError(f"row: {row} is out of range for states[{i}][{j}] of shape {arr.shape}")
             arrays.append(np.broadcast_to(arr[row : row + 1], arr.shape).copy())
         out.append(tuple(arrays))
     return tuple(out)
