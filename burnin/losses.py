@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import tensorflow as tf
 
 __all__ = [
+    "LossExtras",
     "double_q_bootstrap",
+    "forward_fill",
     "n_step_returns",
     "priority_mixture",
+    "r2d2_loss",
     "r2d2_targets",
     "td_errors",
     "value_rescale",
@@ -42,6 +47,28 @@ def double_q_bootstrap(q_online_t: tf.Tensor, q_target_t: tf.Tensor) -> tf.Tenso
     """
     a_star = tf.argmax(q_online_t, axis=-1, output_type=tf.int32)  # [B, T]
     return tf.gather(q_target_t, a_star, axis=-1, batch_dims=2)  # [B, T]
+
+
+def forward_fill(x_t: tf.Tensor, valid_t: tf.Tensor) -> tf.Tensor:
+    """y_t = x_{j(t)} with j(t) = max{ j <= t : valid_j }; steps before the first valid one keep x_t.
+
+    Args:
+        x_t: ``[B, T]`` values.
+        valid_t: ``[B, T]`` bool.
+    Returns:
+        ``[B, T]``: every invalid step carries the last valid value forward.
+    """
+    x_t = tf.convert_to_tensor(x_t)
+    valid_t = tf.cast(valid_t, tf.bool)
+    steps = tf.range(tf.shape(x_t)[1])[None, :]  # [1, T]
+    source = tf.where(valid_t, steps, -1)  # [B, T]
+    # Running max over j <= t as a masked max over a [T, T] lower triangle: T is a
+    # window length (tens to hundreds), and this stays one fused op under XLA.
+    length = tf.shape(x_t)[1]
+    lower = tf.range(length)[:, None] >= tf.range(length)[None, :]  # [T(t), T(j)]
+    source = tf.reduce_max(tf.where(lower[None], source[:, None, :], -1), axis=2)  # [B, T]
+    source = tf.where(source < 0, tf.broadcast_to(steps, tf.shape(source)), source)
+    return tf.gather(x_t, source, axis=1, batch_dims=1)
 
 
 def n_step_returns(r_t: tf.Tensor, pcont_t: tf.Tensor, v_t: tf.Tensor, *, n: int) -> tf.Tensor:
@@ -89,6 +116,7 @@ def r2d2_targets(
     *,
     n: int,
     rescale_eps: float | None = 1e-3,
+    valid_t: tf.Tensor | None = None,
 ) -> tf.Tensor:
     """R2D2 targets: y_t = h( Σ_k (Π pcont) r_{t+k} + (Π pcont) · h⁻¹( q_target(s_{t+n}, argmax q_online(s_{t+n})) ) ).
 
@@ -99,10 +127,15 @@ def r2d2_targets(
         q_target_t: ``[B, T + n, A]`` target-network Q-values.
         n: bootstrap horizon.
         rescale_eps: ε of the value rescaling h; ``None`` turns rescaling off.
+        valid_t: optional ``[B, T + n]`` bool; bootstrap values of invalid (right-padded)
+            steps are replaced by the last valid step's, so an episode that ends
+            inside the n steps bootstraps from its final observation.
     Returns:
         ``[B, T]`` targets, with gradients stopped.
     """
     v_t = double_q_bootstrap(tf.stop_gradient(q_online_t), tf.stop_gradient(q_target_t))  # [B, T+n]
+    if valid_t is not None:
+        v_t = forward_fill(v_t, valid_t)
     if rescale_eps is not None:
         v_t = value_rescale_inverse(v_t, rescale_eps)
     g_t = n_step_returns(r_t, pcont_t, v_t, n=n)  # [B, T]
@@ -145,3 +178,63 @@ def priority_mixture(td_abs_t: tf.Tensor, mask_t: tf.Tensor, *, eta: float = 0.9
     # |δ| >= 0, so masking to 0 cannot raise the max above the true masked max.
     maximum = tf.reduce_max(masked, axis=1)
     return eta * maximum + (1.0 - eta) * mean
+
+
+class LossExtras(NamedTuple):
+    """What :func:`r2d2_loss` returns beside the scalar loss."""
+
+    td_errors: tf.Tensor
+    """``[B, U]`` TD errors on the trained steps (0 where not learned)."""
+    targets: tf.Tensor
+    """``[B, U]`` rescaled n-step double-Q targets."""
+    priorities: tf.Tensor
+    """``[B]`` R2D2 priorities η·max|δ| + (1−η)·mean|δ| over the learn mask."""
+
+
+def r2d2_loss(
+    q_online_t: tf.Tensor,
+    q_target_t: tf.Tensor,
+    a_t: tf.Tensor,
+    r_t: tf.Tensor,
+    pcont_t: tf.Tensor,
+    valid_t: tf.Tensor,
+    learn_mask_t: tf.Tensor,
+    weights: tf.Tensor,
+    *,
+    n: int,
+    rescale_eps: float | None = 1e-3,
+    priority_eta: float = 0.9,
+) -> tuple[tf.Tensor, LossExtras]:
+    """Importance-weighted, masked squared TD loss of one batch of windows, with priorities.
+
+    Over the unrolled part of a window of ``U + n`` steps (trained steps first):
+
+        y_t   = r2d2_targets(r, pcont, q_online, q_target)_t            t in [0, U)
+        δ_t   = y_t − q_online_t[a_t]
+        loss  = mean_b  w_b · Σ_t m_bt · ½ δ_bt² / Σ_t m_bt
+
+    Args:
+        q_online_t: ``[B, U + n, A]`` online Q-values (gradients flow through the first U steps).
+        q_target_t: ``[B, U + n, A]`` target-network Q-values.
+        a_t: ``[B, U + n]`` actions taken at step t.
+        r_t: ``[B, U + n]`` rewards of those actions (0 where there is no action).
+        pcont_t: ``[B, U + n]`` γ·discount (1 where there is no action).
+        valid_t: ``[B, U + n]`` step exists (final observation included).
+        learn_mask_t: ``[B, U]`` trained steps.
+        weights: ``[B]`` importance-sampling weights.
+        n: bootstrap horizon; ``U`` is inferred as ``T − n``.
+        rescale_eps: ε of the value rescaling, or None.
+        priority_eta: η of the priority mixture.
+    Returns:
+        ``(loss, LossExtras)``.
+    """
+    targets = r2d2_targets(
+        r_t, pcont_t, q_online_t, q_target_t, n=n, rescale_eps=rescale_eps, valid_t=valid_t
+    )  # [B, U]
+    unroll = targets.shape[1]
+    m = tf.cast(learn_mask_t, q_online_t.dtype)  # [B, U]
+    td = td_errors(q_online_t[:, :unroll], a_t[:, :unroll], targets) * m  # [B, U]
+    per_row = tf.math.divide_no_nan(tf.reduce_sum(0.5 * tf.square(td), axis=1), tf.reduce_sum(m, axis=1))
+    loss = tf.reduce_mean(tf.cast(weights, per_row.dtype) * per_row)
+    priorities = priority_mixture(tf.abs(tf.stop_gradient(td)), learn_mask_t, eta=priority_eta)
+    return loss, LossExtras(td_errors=tf.stop_gradient(td), targets=targets, priorities=priorities)

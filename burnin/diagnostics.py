@@ -1,0 +1,34 @@
+"""Recurrent-state staleness diagnostics: the R2D2 paper's ΔQ."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+__all__ = ["delta_q"]
+
+
+def delta_q(q_hat_t: tf.Tensor, q_t: tf.Tensor, q_hat_seq: tf.Tensor, seq_mask: tf.Tensor) -> tf.Tensor:
+    """ΔQ = ‖q(ĥ_t; θ) − q(h_t; θ)‖₂ / |max_{a,j} q(ĥ_j; θ)_a|   (Kapturowski et al. 2019, eq. 1).
+
+    ``h_t`` is the state the actor stored at step t, ``ĥ_t`` the state the
+    learner recomputed for the same step (zero or stored start, plus burn-in,
+    with the current parameters θ). Both Q-vectors use the same θ, so ΔQ
+    isolates the difference in recurrent state.
+
+    Args:
+        q_hat_t: ``[B, A]`` Q-values at step t from the recomputed state ĥ_t.
+        q_t: ``[B, A]`` Q-values at step t from the stored state h_t.
+        q_hat_seq: ``[B, T, A]`` Q-values from the recomputed states over the sequence (the j of the max).
+        seq_mask: ``[B, T]`` bool, the steps j that take part in the max.
+    Returns:
+        ``[B]`` ΔQ per sequence; NaN for a row whose max is 0 or whose mask is empty.
+    """
+    q_hat_t = tf.convert_to_tensor(q_hat_t)
+    q_t = tf.convert_to_tensor(q_t, dtype=q_hat_t.dtype)
+    q_hat_seq = tf.convert_to_tensor(q_hat_seq, dtype=q_hat_t.dtype)
+    diff = tf.norm(q_hat_t - q_t, ord="euclidean", axis=-1)  # [B]
+    neg_inf = tf.constant(float("-inf"), dtype=q_hat_seq.dtype)
+    masked = tf.where(tf.cast(seq_mask, tf.bool)[..., None], q_hat_seq, neg_inf)  # [B, T, A]
+    scale = tf.abs(tf.reduce_max(masked, axis=[1, 2]))  # [B]
+    nan = tf.constant(float("nan"), dtype=q_hat_t.dtype)
+    return tf.where((scale > 0) & tf.math.is_finite(scale), diff / scale, nan)
