@@ -28,7 +28,9 @@ STATE_SHAPES = (((2,), (3,)),)
 
 def replay_for(spec: SequenceSpec, *, lanes: int = 1, capacity: int = 64, **kwargs: Any) -> SequenceReplay:
     kwargs.setdefault("state_shapes", STATE_SHAPES)
-    return SequenceReplay(spec, num_lanes=lanes, lane_capacity=capacity, obs_shape=(1,), seed=0, **kwargs)
+    if "rng" not in kwargs:
+        kwargs.setdefault("seed", 0)
+    return SequenceReplay(spec, num_lanes=lanes, lane_capacity=capacity, obs_shape=(1,), **kwargs)
 
 
 def state_of(ids: np.ndarray) -> tuple[tuple[np.ndarray, ...], ...]:
