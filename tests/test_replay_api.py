@@ -94,7 +94,8 @@ def test_zero_priority_windows_are_never_sampled_and_new_windows_get_the_max() -
     assert set(batch.keys.tolist()) == {int(keys[1])}
     np.testing.assert_array_equal(batch.probabilities, 1.0)
     np.testing.assert_array_equal(batch.weights, 1.0)
-    long_episode(replay, 0, 9, 1)  # one more window (k=3, complete at step 8): it starts at the running max, 4
+    # One more window (k=3, complete at step 8): it starts at the running max, 4.
+    long_episode(replay, 0, 9, 1)
     new_key = replay._live_keys()[-1]
     assert replay._tree.values([new_key % replay._num_slots])[0] == 4.0
     assert replay.stats()["max_priority"] == 4.0
