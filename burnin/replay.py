@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import numba
 import numpy as np
 
-from burnin.sumtree import SumTree, tree_find, tree_rebuild, tree_set
+from burnin.sumtree import SumTree, tree_find, tree_rebuild, tree_set, tree_set_many
 
 __all__ = [
     "FORMAT_VERSION",
@@ -554,16 +554,19 @@ def _close_lanes(lanes, lt, win, alive, act, rew, flags, spos, sown, tree, toffs
 @numba.njit(cache=True, nogil=True)
 def _update_priorities(keys, prio, leaves, win, alive, tree, toffs, fanout, num_slots):
     """Apply in order (a repeated key keeps its last priority); return (stale count, largest applied)."""
-    stale = 0
+    slots = np.empty(keys.size, dtype=np.int64)
+    values = np.empty(keys.size, dtype=np.float64)
+    m = 0
     largest = 0.0
     for i in range(keys.size):
         slot = keys[i] % num_slots
         if alive[slot] and win[slot, _W_GEN] == keys[i] // num_slots:
-            tree_set(tree, toffs, fanout, slot, leaves[i])
+            slots[m] = slot
+            values[m] = leaves[i]
+            m += 1
             largest = max(largest, prio[i])
-        else:
-            stale += 1
-    return stale, largest
+    tree_set_many(tree, toffs, fanout, slots[:m], values[:m])
+    return keys.size - m, largest
 
 
 @numba.njit(cache=True, nogil=True)

@@ -43,9 +43,21 @@ def tree_set(tree: np.ndarray, offsets: np.ndarray, fanout: int, leaf: int, valu
 def tree_set_many(
     tree: np.ndarray, offsets: np.ndarray, fanout: int, leaves: np.ndarray, values: np.ndarray
 ) -> None:
-    """Set leaves in order (a repeated leaf keeps its last value)."""
+    """Set leaves in order (a repeated leaf keeps its last value), then recompute each changed ancestor once."""
+    if leaves.size == 0:
+        return
     for q in range(leaves.size):
-        tree_set(tree, offsets, fanout, leaves[q], values[q])
+        tree[leaves[q]] = values[q]
+    nodes = leaves
+    for lvl in range(1, offsets.size - 1):
+        # Random leaves rarely share a parent, but all share the upper levels: dedupe per level.
+        nodes = np.unique(nodes // fanout)
+        for i in nodes:
+            base = offsets[lvl - 1] + i * fanout
+            s = 0.0
+            for j in range(fanout):
+                s += tree[base + j]
+            tree[offsets[lvl] + i] = s
 
 
 @numba.njit(cache=True, nogil=True)
