@@ -424,3 +424,25 @@ def test_default_sizes() -> None:
     assert config.state_slots_per_lane == 25 + 2
     no_burn_in = ReplayConfig(SequenceSpec(0, 4, 2, 1), 1, 100, (4,), np.float32, (), np.float32, 0.9, 0.6)
     assert no_burn_in.state_slots_per_lane == no_burn_in.windows_per_lane == 2 * 50 + 2
+
+
+def test_replay_modules_stay_numpy_only() -> None:
+    # The replay runs in a Ray replay server without TensorFlow: its modules must not import it.
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "burnin"
+    for name in ("replay.py", "sumtree.py"):
+        tree = ast.parse((root / name).read_text())
+        imported = {
+            alias.name.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        }
+        imported |= {
+            node.module.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module
+        }
+        assert not imported & {"tensorflow", "keras", "gymnasium", "ray"}, (name, imported)

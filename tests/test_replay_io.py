@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -284,3 +286,35 @@ def test_threads_write_sample_update_and_save_concurrently(tmp_path: Path) -> No
     # so the stored states match too.
     assert_same(a, b, except_names=("tree", "counters", "max_priority", "rng"))
     assert replay.stats()["steps_added"] == 3 * 2 * 400
+
+
+# -- benchmark ----------------------------------------------------------------------------
+
+
+def test_benchmark_quick_run_writes_its_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.replay_throughput", "--quick", "--json", str(out)],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "naive ÷ ours" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["quick"] is True and report["lanes"] == 64 and report["batch"] == 64
+    assert report["spec"] == {"burn_in": 40, "unroll": 80, "period": 40, "n_step": 5}
+    assert [r["obs_shape"] for r in report["results"]] == [[4], [64]]
+    figures = {"add_steps_per_s", "sample_update_per_s", "bytes_per_step"}
+    for result in report["results"]:
+        assert figures | {
+            "raw_step_bytes",
+            "bytes_per_step_target",
+            "naive",
+            "copy_ratio",
+            "meets_targets",
+        } <= set(result)
+        assert set(result["naive"]) == figures and set(result["copy_ratio"]) == figures
+        assert all(result[k] > 0 for k in figures)
+        # Storing each step once must beat copying every window on memory, whatever the timing noise.
+        assert result["copy_ratio"]["bytes_per_step"] > 1.5
+        assert result["meets_targets"]["bytes_per_step"]
