@@ -9,6 +9,7 @@ from burnin.losses import (
     value_rescale,
     value_rescale_inverse,
 )
+from burnin.replay import ReplayConfig, SequenceBatch, SequenceReplay, SequenceSpec
 from burnin.runner import BurnInRunner, RunnerOutput
 from burnin.state import (
     RecurrentState,
@@ -27,7 +28,11 @@ __version__ = "0.1.0"
 __all__ = [
     "BurnInRunner",
     "RecurrentState",
+    "ReplayConfig",
     "RunnerOutput",
+    "SequenceBatch",
+    "SequenceReplay",
+    "SequenceSpec",
     "broadcast_row",
     "double_q_bootstrap",
     "get_states",
