@@ -115,7 +115,7 @@ class SequenceSpec:
         return self.burn_in + self.unroll + self.n_step
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ReplayConfig:
     """Everything that fixes the layout of a :class:`SequenceReplay` (saved in its checkpoints)."""
 
@@ -195,10 +195,12 @@ class ReplayConfig:
     def state_slots_per_lane(self) -> int:
         """Stored-state slots per lane: ceil(C/period) + 2 with a burn-in, else one per window slot.
 
-        With ``burn_in >= 1`` the states of one episode sit ``period`` steps apart
-        and none lies in its last ``burn_in`` steps, so at most that many states
-        can still be needed by windows whose steps are stored. With
-        ``burn_in == 0`` every window, even one of a 1-step episode, has its own.
+        With ``burn_in >= 1`` the states of one episode sit ``period`` steps apart,
+        none in its last ``burn_in`` steps, and states of windows that never came
+        to exist are released when the episode ends; so the states that windows
+        with stored steps can still need are at most ceil(C/period) + 2 (one more
+        for each of the oldest and the open episode). With ``burn_in == 0``
+        every window, even one of a 1-step episode, has its own state.
         """
         if self.spec.burn_in == 0:
             return self.windows_per_lane
@@ -740,7 +742,8 @@ class SequenceReplay:
     step it reads (including the step before its first one, for ``prev_action``)
     or its stored state is overwritten. Stored states live in a per-lane ring of
     ``config.state_slots_per_lane`` slots and windows in one of
-    ``config.windows_per_lane`` slots. If either fills before the step ring does
+    ``config.windows_per_lane`` slots (by default ``2·ceil(C/P) + ceil(b/P) + 2``
+    for ``C = lane_capacity``). If either fills before the step ring does
     (episodes averaging under about ``period / 2`` steps), the oldest window of
     the lane is evicted early and counted in ``stats()["early_evictions"]``.
 
@@ -753,6 +756,9 @@ class SequenceReplay:
     :meth:`save` may be called from several threads. One lock guards the buffer;
     argument checks run before it is taken. Bad input raises before anything
     is written, so the buffer is unchanged.
+
+    The bookkeeping runs in numba kernels, compiled on first use (a few seconds
+    once; cached on disk next to this module afterwards).
     """
 
     def __init__(

@@ -418,11 +418,19 @@ def test_bad_spec(fields: tuple[Any, ...], error: type[Exception], match: str) -
 
 def test_default_sizes() -> None:
     spec = SequenceSpec(burn_in=40, unroll=80, period=40, n_step=5)
-    config = ReplayConfig(spec, 1, 1000, (4,), np.float32, (((512,), (512,)),), np.float32, 0.9, 0.6)
+    base = {
+        "num_lanes": 1,
+        "obs_shape": (4,),
+        "obs_dtype": np.float32,
+        "state_dtype": np.float32,
+        "alpha": 0.9,
+        "beta": 0.6,
+    }
+    config = ReplayConfig(spec=spec, lane_capacity=1000, state_shapes=(((512,), (512,)),), **base)
     assert spec.length == 125
     assert config.windows_per_lane == 2 * 25 + 1 + 2
     assert config.state_slots_per_lane == 25 + 2
-    no_burn_in = ReplayConfig(SequenceSpec(0, 4, 2, 1), 1, 100, (4,), np.float32, (), np.float32, 0.9, 0.6)
+    no_burn_in = ReplayConfig(spec=SequenceSpec(0, 4, 2, 1), lane_capacity=100, state_shapes=(), **base)
     assert no_burn_in.state_slots_per_lane == no_burn_in.windows_per_lane == 2 * 50 + 2
 
 
