@@ -259,6 +259,8 @@ class SequenceBatch(NamedTuple):
     """[B, L] bool: step t exists in the episode (the final observation included)."""
     learn_mask: np.ndarray
     """[B, L] bool: t in [burn_in, burn_in + unroll) and step t has an action."""
+    final: np.ndarray
+    """[B, L] bool: step t is the final observation of its episode (terminated or truncated): it has no action."""
     terminal: np.ndarray
     """[B, L] bool: step t is the final observation of a terminated episode."""
     keys: np.ndarray
@@ -581,11 +583,14 @@ def _zero_steps(obs, act, rew, disc, pact, prew, mask, learn, term, width, lo, h
         v = arr[lo:hi]
         for y in range(v.size):
             v[y] = 0
+    v = term[lo:hi]
+    for y in range(v.size):
+        v[y] = 0
     for arr in (rew, disc, prew):
         v = arr[lo:hi]
         for y in range(v.size):
             v[y] = 0.0
-    for arr in (mask, learn, term):
+    for arr in (mask, learn):
         v = arr[lo:hi]
         for y in range(v.size):
             v[y] = False
@@ -659,7 +664,8 @@ def _gather(
                 d_disc[y] = 1.0 if acts and (fl & _TERMINATED) == 0 else 0.0
                 d_mask[y] = True
                 d_learn[y] = acts and learn_lo <= y < learn_hi
-                d_term[y] = (fl & _FINAL_TERMINATED) != 0
+                # 0: not a final observation, 1: final of a truncated episode, 2: of a terminated one.
+                d_term[y] = ((fl & _FINAL) != 0) + ((fl & _FINAL_TERMINATED) != 0)
             t += run
             ring = 0
         if left < right:
@@ -1213,7 +1219,7 @@ class SequenceReplay:
         prev_reward = np.empty((B, L), dtype=np.float32)
         mask = np.empty((B, L), dtype=np.bool_)
         learn_mask = np.empty((B, L), dtype=np.bool_)
-        terminal = np.empty((B, L), dtype=np.bool_)
+        final_code = np.empty((B, L), dtype=np.uint8)
         keys = np.empty(B, dtype=np.int64)
         srow = np.empty(B, dtype=np.int64)
         spad = np.empty(B, dtype=np.bool_)
@@ -1222,7 +1228,7 @@ class SequenceReplay:
         _gather(
             slots, offsets, self._win, self._act, self._rew, self._flags, self._obs1d, self._spos,
             self._params, self._num_slots,
-            obs, action, reward, discount, prev_action, prev_reward, mask, learn_mask, terminal,
+            obs, action, reward, discount, prev_action, prev_reward, mask, learn_mask, final_code,
             keys, srow, spad, xrow, xok,
         )  # fmt: skip
         return {
@@ -1235,7 +1241,8 @@ class SequenceReplay:
             "state": self._read_states(srow, spad),
             "mask": mask,
             "learn_mask": learn_mask,
-            "terminal": terminal,
+            "final": final_code >= 1,
+            "terminal": final_code == 2,
             "keys": keys,
             "extra_states": tuple(self._read_states(xrow[:, c], ~xok[:, c]) for c in range(K)),
             "extra_state_mask": xok,

@@ -74,6 +74,27 @@ def play(replay: SequenceReplay, stream: list[str]) -> dict[str, Any]:
     return {"counts": counts, **memo}
 
 
+def final_ids_by_lane(stream: list[str]) -> dict[int, set[int]]:
+    """Observation ids stored as a final observation: 'F' tokens, and the last step of a closed lane."""
+    final: dict[int, set[int]] = {}
+    last: dict[int, tuple[int, str]] = {}
+    for call in stream:
+        if call.startswith("close:"):
+            for lane in (int(x) for x in call[6:].split(",")):
+                if lane in last and last[lane][1] != "F":
+                    final.setdefault(lane, set()).add(last[lane][0])
+                    last[lane] = (last[lane][0], "F")
+        elif call not in ("keys", "stale"):
+            for token in call.split():
+                lane_text, rest = token.split(":")
+                flag = rest[-1] if rest[-1] in "TtF" else ""
+                ident = int(rest.rstrip("TtF"))
+                last[int(lane_text)] = (ident, flag)
+                if flag == "F":
+                    final.setdefault(int(lane_text), set()).add(ident)
+    return final
+
+
 @dataclasses.dataclass(frozen=True)
 class W:
     """One expected window, written by hand. Rows are space-separated; '-' marks an invalid step."""
@@ -301,6 +322,10 @@ def test_window_table(case: Case) -> None:
         np.testing.assert_array_equal(
             batch.terminal[i], marks(w.term.ljust(L, ".")), err_msg=f"window {i} terminal"
         )
+        final_ids = final_ids_by_lane(case.stream).get(w.lane, set())
+        np.testing.assert_array_equal(
+            batch.final[i], mask & np.isin(obs, list(final_ids)), err_msg=f"window {i} final"
+        )
         expected_state = state_of(np.array([w.state if w.state is not None else 0]))
         if w.state is None:
             expected_state = tuple(tuple(np.zeros_like(a) for a in layer) for layer in expected_state)
@@ -394,7 +419,7 @@ class Reference:
         b, u, P, L = self.spec.burn_in, self.spec.unroll, self.spec.period, self.spec.length
         steps = self.steps[lane]
         c = {name: np.zeros(L) for name in ("obs", "act", "rew", "disc", "pact", "prew")}
-        c.update({name: np.zeros(L, bool) for name in ("mask", "learn", "term")})
+        c.update({name: np.zeros(L, bool) for name in ("mask", "learn", "term", "final")})
         for t in range(L):
             e = sp + t
             if e < 0 or start + e > last:
@@ -405,6 +430,7 @@ class Reference:
             c["disc"][t] = 0.0 if s["final"] or s["term"] else 1.0
             c["learn"][t] = not s["final"] and b <= t < b + u
             c["term"][t] = s["final"] and steps[start + e - 1]["term"] if e > 0 else False
+            c["final"][t] = s["final"]
             if e > 0:
                 c["pact"][t], c["prew"][t] = steps[start + e - 1]["action"], steps[start + e - 1]["reward"]
         c["state"] = steps[start + sp]["id"] if sp >= 0 else None
@@ -544,6 +570,7 @@ def check_against_reference(spec: SequenceSpec, capacity: int, events: list[tupl
         np.testing.assert_array_equal(batch.prev_reward[i], want["prew"])
         np.testing.assert_array_equal(batch.learn_mask[i], want["learn"])
         np.testing.assert_array_equal(batch.terminal[i], want["term"])
+        np.testing.assert_array_equal(batch.final[i], want["final"])
         # The stored state is the one the actor passed at the window's first step (zeros if padding).
         want_id = want["state"] if want["state"] is not None else None
         for layer_got, layer_want in zip(batch.state, state_of(np.array([want_id or 0]))):
