@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m agents.article $(ARGS)
+	$(BIN)/python -m agents.cartpole $(ARGS)
 
 article: $(STAMP)
 	$(BIN)/python -m agents.article

@@ -41,6 +41,7 @@ class NetworkConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
+            object.__setattr__(self, name, int(value))  # Keras rejects numpy ints as layer sizes
         if not isinstance(self.torso_units, tuple) or any(
             isinstance(u, bool) or not isinstance(u, (int, np.integer)) or u < 1 for u in self.torso_units
         ):

@@ -1,0 +1,297 @@
+"""Tests for the R2D2 agent: actor/learner equivalence, ΔQ, resume, determinism, bad input, strategies."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import burnin
+from agents.envs import make_vector_env
+from agents.r2d2 import Actor, Learner, R2D2Config, TrainLoop, apex_epsilons, make_replay
+
+SMALL = dict(
+    torso_units=(16,),
+    core_units=16,
+    head_units=16,
+    burn_in=4,
+    unroll=8,
+    period=4,
+    n_step=2,
+    batch_size=8,
+    replay_capacity=4 * 500,
+    min_replay_steps=100,
+    env_steps_per_update=4.0,
+    num_envs=4,
+    actor_update_period=5,
+    target_update_period=10,
+    learning_rate=1e-3,
+)
+
+
+def small_config(**overrides) -> R2D2Config:
+    return R2D2Config(**{**SMALL, **overrides})
+
+
+def test_apex_epsilons():
+    eps = apex_epsilons(8, 0.4, 7.0)
+    np.testing.assert_allclose(eps, 0.4 ** (1 + 7 * np.arange(8) / 7))
+    assert eps[0] == pytest.approx(0.4) and eps[-1] == pytest.approx(0.4**8)
+    np.testing.assert_allclose(apex_epsilons(1), [0.4])
+
+
+class Recorder:
+    """Wraps replay.add to keep, per lane, every step's observation, Q-values and state as the actor saw them."""
+
+    def __init__(self, actor: Actor) -> None:
+        self.actor = actor
+        self.obs: dict[int, list[np.ndarray]] = {int(lane): [] for lane in actor.lanes}
+        self.q: dict[int, list[np.ndarray]] = {int(lane): [] for lane in actor.lanes}
+        self.states: list = []
+        self.new_episode: list[np.ndarray] = []
+        original = actor.replay.add
+
+        def add(lanes, **kwargs):
+            for row, lane in enumerate(lanes):
+                self.obs[int(lane)].append(kwargs["observation"][row].copy())
+                self.q[int(lane)].append(actor.last_q[row].copy())
+            self.states.append(kwargs["states"])
+            self.new_episode.append(actor.new_episode.copy())
+            return original(lanes, **kwargs)
+
+        actor.replay.add = add
+
+    def find(self, obs_window: np.ndarray, mask: np.ndarray) -> tuple[int, int]:
+        """(lane, index in that lane's stream) of the window's first valid step."""
+        first = int(np.flatnonzero(mask)[0])
+        for lane, stream in self.obs.items():
+            for i, o in enumerate(stream):
+                if np.array_equal(o, obs_window[first]):
+                    return lane, i - first
+        raise AssertionError("window not found in the recorded stream")
+
+
+def filled(config: R2D2Config, steps: int, *, seed: int = 0):
+    env = make_vector_env(config.num_envs, seed=seed)
+    replay = make_replay(config, 2, 2, seed=seed)
+    learner = Learner(config, 2, 2, seed=seed)
+    actor = Actor(config, env, replay=replay, seed=seed + 1)
+    actor.set_weights(learner.get_weights())
+    recorder = Recorder(actor)
+    for _ in range(steps):
+        actor.step()
+    return learner, actor, replay, recorder
+
+
+def test_actor_resets_state_rows_at_episode_start():
+    config = small_config()
+    _, _actor, _, rec = filled(config, 120)
+    starts = 0
+    for states, new in zip(rec.states, rec.new_episode):
+        for arr in states[0]:
+            assert not arr[new].any()  # zeroed rows exactly where an episode starts
+        starts += int(new.sum())
+        if (~new).any():
+            assert states[0][0][~new].any()
+    assert starts > config.num_envs  # episodes ended and restarted during the run
+
+
+def test_learner_reproduces_actor_q_values_and_zero_delta_q():
+    """Same parameters: burned-in learner Q equals the actor's Q at every valid unrolled step; ΔQ is 0."""
+    config = small_config()
+    learner, _actor, replay, rec = filled(config, 150)
+    batch = replay.sample(config.batch_size, extra_state_offsets=learner.extra_state_offsets)
+    inputs = [batch.observation, batch.prev_action, batch.prev_reward]
+    out = learner.online_runner(inputs, batch.state, mask=batch.mask)
+    q = out.outputs.numpy()  # [B, U + n, A] for window steps [burn_in, L)
+    b = config.burn_in
+    compared = 0
+    for row in range(config.batch_size):
+        lane, start = rec.find(batch.observation[row], batch.mask[row])
+        for t in range(b, config.sequence_spec.length):
+            if batch.mask[row, t]:
+                np.testing.assert_allclose(q[row, t - b], rec.q[lane][start + t], rtol=1e-5, atol=1e-7)
+                compared += 1
+    assert compared > config.batch_size * config.unroll // 2
+    step = learner.update(batch)
+    assert step.delta_q_first == pytest.approx(0.0, abs=1e-6)
+    assert step.delta_q_last == pytest.approx(0.0, abs=1e-6)
+    # After the update the parameters moved, so the same window now shows a discrepancy.
+    assert learner.update(batch).delta_q_last > 0
+
+
+def test_zero_strategy_has_nonzero_delta_q():
+    config = small_config(state_strategy="zero", burn_in=0)
+    learner, _, replay, _ = filled(config, 150)
+    dq = [learner.step(replay).delta_q_first for _ in range(3)]
+    assert np.nanmax(dq) > 1e-3  # zero start vs the actor's stored state
+
+
+def run_loop(config: R2D2Config, iterations: int, seed: int = 0):
+    env = make_vector_env(config.num_envs, seed=seed)
+    loop = TrainLoop(config, env, seed=seed)
+    losses = []
+    for _ in range(iterations):
+        stats = loop.iterate()
+        if stats.learner is not None:
+            losses.append(stats.learner.loss)
+    return loop, losses
+
+
+def test_same_seed_same_run():
+    config = small_config()
+    _, a = run_loop(config, 60)
+    _, b = run_loop(config, 60)
+    assert len(a) > 10
+    assert a == b  # bitwise, on the CPU with op determinism
+
+
+def test_resume_loses_nothing(tmp_path):
+    config = small_config()
+    loop, _ = run_loop(config, 60)
+    loop.save(tmp_path / "ckpt")
+    fresh = TrainLoop(config, make_vector_env(config.num_envs, seed=123), seed=0)
+    fresh.load(tmp_path / "ckpt")
+    assert fresh.learner.num_updates == loop.learner.num_updates
+    for _ in range(12):  # crosses a target-network copy (every 10 updates)
+        a, b = loop.learner.step(loop.replay), fresh.learner.step(fresh.replay)
+        assert a.loss == b.loss
+        np.testing.assert_array_equal(a.priorities, b.priorities)
+    for wa, wb in zip(loop.learner.online.get_weights(), fresh.learner.online.get_weights()):
+        np.testing.assert_array_equal(wa, wb)
+    for wa, wb in zip(loop.learner.target.get_weights(), fresh.learner.target.get_weights()):
+        np.testing.assert_array_equal(wa, wb)
+    for va, vb in zip(loop.learner.optimizer.variables, fresh.learner.optimizer.variables):
+        np.testing.assert_array_equal(va.numpy(), vb.numpy())
+
+
+def test_checkpoint_from_another_config_is_rejected(tmp_path):
+    config = small_config()
+    loop, _ = run_loop(config, 5)
+    loop.save(tmp_path / "ckpt")
+    other = TrainLoop(small_config(gamma=0.95), make_vector_env(4, seed=0), seed=0)
+    with pytest.raises(ValueError, match="config field 'gamma' is 0.99 in the checkpoint but 0.95 here"):
+        other.load(tmp_path / "ckpt")
+
+
+def test_save_is_atomic_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    config = small_config()
+    loop, _ = run_loop(config, 5)
+    loop.save(tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(loop.replay, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        loop.save(tmp_path / "ckpt")
+    after = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+    assert after == before
+
+
+@pytest.mark.parametrize("core", ["lstm", "dense"])
+def test_loop_trains_both_cores(core):
+    loop, losses = run_loop(small_config(core=core), 60)
+    assert losses and all(np.isfinite(losses))
+    assert loop.replay.num_sampleable > 0
+
+
+def test_refresh_writes_states_back():
+    config = small_config(refresh_states=True)
+    learner, _, replay, _ = filled(config, 150)
+    written = sum(learner.step(replay).refreshed for _ in range(4))
+    assert written > 0
+
+
+BAD_CONFIG = {
+    "unroll": 0,
+    "burn_in": -1,
+    "period": 9,  # > unroll 8
+    "gamma": 1.5,
+    "learning_rate": 0.0,
+    "core": "gru",
+    "state_strategy": "random",
+    "torso_units": (16, 0),
+    "batch_size": 2.5,
+    "replay_capacity": 10,
+    "env_steps_per_update": float("nan"),
+}
+
+
+@pytest.mark.parametrize("field", sorted(BAD_CONFIG))
+def test_bad_config_names_the_field(field):
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        small_config(**{field: BAD_CONFIG[field]})
+
+
+def test_refresh_needs_stored_strategy():
+    with pytest.raises(ValueError, match="^refresh_states: "):
+        small_config(refresh_states=True, state_strategy="zero")
+
+
+def test_config_json_round_trip():
+    config = small_config(torso_units=(8, 4))
+    assert R2D2Config.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match="config: unknown fields \\['bogus'\\]"):
+        R2D2Config.from_json({**config.to_json(), "bogus": 1})
+
+
+class WrongShapeEnv:
+    """Stands in for a user's env whose observations do not have the declared shape."""
+
+    def __init__(self, env) -> None:
+        self._env = env
+        self.num_envs = env.num_envs
+        self.single_observation_space = env.single_observation_space
+        self.single_action_space = env.single_action_space
+
+    def reset(self, **kwargs):
+        obs, info = self._env.reset(**kwargs)
+        return obs, info
+
+    def step(self, action):
+        obs, *rest = self._env.step(action)
+        return np.concatenate([obs, obs], axis=1), *rest
+
+
+def test_mismatched_observation_shape_is_reported():
+    config = small_config()
+    env = WrongShapeEnv(make_vector_env(4, seed=0))
+    replay = make_replay(config, 2, 2)
+    actor = Actor(config, env, replay=replay)
+    with pytest.raises(ValueError, match=r"env: observation batch has shape \(4, 4\), expected \(4, 2\)"):
+        actor.step()
+    other = make_replay(config, 3, 2)
+    with pytest.raises(ValueError, match=r"env: observation shape \(2,\) does not match the replay's \(3,\)"):
+        Actor(config, make_vector_env(4, seed=0), replay=other)
+
+
+def test_env_size_must_match_config():
+    with pytest.raises(ValueError, match="env: has 3 envs, but config.num_envs is 4"):
+        TrainLoop(small_config(), make_vector_env(3, seed=0))
+
+
+def test_learner_checks_batch_shape():
+    config = small_config()
+    learner, _, replay, _ = filled(config, 150)
+    batch = replay.sample(config.batch_size, extra_state_offsets=learner.extra_state_offsets)
+    bad = batch._replace(observation=batch.observation[:, :-1])
+    with pytest.raises(ValueError, match="batch.observation: expected shape"):
+        learner.update(bad)
+
+
+def test_network_copies_share_weights_bitwise():
+    config = small_config()
+    learner, actor, _, _ = filled(config, 1)
+    for a, b in zip(learner.online.get_weights(), actor.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert burnin.state_shapes(actor.model) == (((4, 16), (4, 16)),)
+    assert burnin.state_shapes(learner.online) == (((8, 16), (8, 16)),)
+
+
+def test_config_fields_all_documented():
+    docs = R2D2Config.field_docs()
+    assert set(docs) == {f.name for f in dataclasses.fields(R2D2Config)}
+    assert all(docs.values())
