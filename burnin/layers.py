@@ -1,0 +1,94 @@
+"""HoistedLSTM: a drop-in Keras LSTM whose input projection runs as one matmul over all time steps."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+__all__ = ["HoistedLSTM"]
+
+
+class HoistedLSTM(keras.layers.LSTM):
+    """``keras.layers.LSTM`` with ``x_t @ W_x`` hoisted out of the time loop (TensorFlow backend).
+
+    Keras computes, per step, ``z_t = (x_t @ W_x + h_{t-1} @ W_h) + b``. Here
+    ``x @ W_x`` is one ``[B·T, in] × [in, 4u]`` matmul before the loop, so the
+    loop only does the recurrent matmul and the gates; reverse-mode autodiff
+    then also computes ``dW_x`` as one large matmul after the loop. The
+    arithmetic is the same, in the same order, as Keras' LSTM cell
+    (``implementation=2``), so on the CPU the outputs agree bit for bit
+    (tested); only the speed differs.
+
+    Everything else is ``keras.layers.LSTM``: statefulness (``layer.states``
+    holds ``[h, c]``, so ``burnin.state`` works unchanged), masking (a masked
+    step keeps ``h`` and ``c`` and repeats the previous output), and the
+    weights and their names. Unsupported options raise at construction:
+    dropout, recurrent dropout, ``go_backwards``, ``unroll``, and activations
+    other than tanh / sigmoid.
+    """
+
+    def __init__(self, units: int, **kwargs) -> None:
+        for option in ("dropout", "recurrent_dropout"):
+            if kwargs.get(option, 0.0):
+                raise ValueError(f"{option}: HoistedLSTM supports only 0, got {kwargs[option]!r}")
+        for option in ("go_backwards", "unroll"):
+            if kwargs.get(option, False):
+                raise ValueError(f"{option}: HoistedLSTM supports only False, got {kwargs[option]!r}")
+        if kwargs.get("activation", "tanh") != "tanh":
+            raise ValueError(f"activation: HoistedLSTM supports only 'tanh', got {kwargs['activation']!r}")
+        if kwargs.get("recurrent_activation", "sigmoid") != "sigmoid":
+            raise ValueError(
+                f"recurrent_activation: HoistedLSTM supports only 'sigmoid', got {kwargs['recurrent_activation']!r}"
+            )
+        kwargs["use_cudnn"] = False
+        super().__init__(units, **kwargs)
+
+    def inner_loop(self, sequences, initial_state, mask, training=False):
+        if isinstance(mask, (list, tuple)):
+            mask = mask[0]
+        cell = self.cell
+        h0, c0 = initial_state[0], initial_state[1]
+        steps = sequences.shape[1] if sequences.shape[1] is not None else tf.shape(sequences)[1]
+        # [B, T, in] @ [in, 4u] -> [B, T, 4u]: one matmul for every step.
+        x_proj = tf.matmul(sequences, tf.convert_to_tensor(cell.kernel))
+        # Read per step through TensorArrays: slicing a captured tensor inside the loop
+        # would make its gradient a dense [T, B, 4u] tensor per step.
+        x_ta = tf.TensorArray(x_proj.dtype, size=steps).unstack(tf.transpose(x_proj, [1, 0, 2]))
+        mask_ta = None
+        if mask is not None:
+            mask_ta = tf.TensorArray(tf.bool, size=steps).unstack(
+                tf.transpose(tf.cast(mask, tf.bool), [1, 0])
+            )
+        recurrent = tf.convert_to_tensor(cell.recurrent_kernel)
+        bias = tf.convert_to_tensor(cell.bias) if cell.use_bias else None
+        outputs = tf.TensorArray(sequences.dtype, size=steps, element_shape=h0.shape)
+
+        def body(t, h, c, prev_out, out):
+            z = x_ta.read(t) + tf.matmul(h, recurrent)
+            if bias is not None:
+                z = z + bias
+            z_i, z_f, z_c, z_o = tf.split(z, 4, axis=1)
+            i = tf.sigmoid(z_i)
+            f = tf.sigmoid(z_f)
+            c_new = f * c + i * tf.tanh(z_c)
+            o = tf.sigmoid(z_o)
+            h_new = o * tf.tanh(c_new)
+            y = h_new
+            if mask_ta is not None:
+                # As Keras: a masked step keeps the state and repeats the previous
+                # output (zeros before the first step).
+                keep = mask_ta.read(t)[:, None]
+                y = tf.where(keep, h_new, prev_out)
+                h_new = tf.where(keep, h_new, h)
+                c_new = tf.where(keep, c_new, c)
+            return t + 1, h_new, c_new, y, out.write(t, y)
+
+        _, h_last, c_last, last_out, outputs = tf.while_loop(
+            lambda t, *_: t < steps,
+            body,
+            (tf.constant(0), h0, c0, tf.zeros_like(h0), outputs),
+            parallel_iterations=1,
+            maximum_iterations=steps,  # XLA needs a bound for the TensorArray and its gradient
+        )
+        outputs = tf.transpose(outputs.stack(), [1, 0, 2])  # [B, T, u]
+        return last_out, outputs, [h_last, c_last]
