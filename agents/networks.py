@@ -8,6 +8,7 @@ from typing import Literal
 import keras
 import numpy as np
 
+from burnin.layers import HoistedLSTM
 from burnin.state import guard_batch_size
 
 __all__ = ["NetworkConfig", "build_q_network", "copy_weights", "network_inputs"]
@@ -27,6 +28,8 @@ class NetworkConfig:
     """'lstm' for the stateful recurrent core, 'dense' for the feed-forward ablation of equal width."""
     core_units: int = 64
     """Width of the core (LSTM units or Dense units)."""
+    lstm_impl: Literal["keras", "hoisted"] = "keras"
+    """'keras' for keras.layers.LSTM, 'hoisted' for burnin.layers.HoistedLSTM (same outputs, input matmul hoisted)."""
     head_units: int = 64
     """Hidden width of each dueling head (value and advantage)."""
     prev_action: bool = True
@@ -48,6 +51,8 @@ class NetworkConfig:
             raise ValueError(f"torso_units: expected a tuple of positive ints, got {self.torso_units!r}")
         if self.core not in ("lstm", "dense"):
             raise ValueError(f"core: expected 'lstm' or 'dense', got {self.core!r}")
+        if self.lstm_impl not in ("keras", "hoisted"):
+            raise ValueError(f"lstm_impl: expected 'keras' or 'hoisted', got {self.lstm_impl!r}")
         if self.dtype_policy not in ("float32", "mixed_bfloat16", "bfloat16"):
             raise ValueError(
                 f"dtype_policy: expected 'float32', 'mixed_bfloat16' or 'bfloat16', got {self.dtype_policy!r}"
@@ -169,7 +174,8 @@ def build_q_network(
     if len(features) > 1:
         x = keras.layers.Concatenate(axis=-1, name="core_input", dtype=policy)(features)
     if config.core == "lstm":
-        x = keras.layers.LSTM(
+        lstm_class = HoistedLSTM if config.lstm_impl == "hoisted" else keras.layers.LSTM
+        x = lstm_class(
             config.core_units,
             stateful=True,
             return_sequences=True,

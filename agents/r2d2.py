@@ -69,6 +69,9 @@ class R2D2Config:
     )
     core_units: int = _field(128, "LSTM (or Dense) core width (paper: 512).")
     head_units: int = _field(128, "Hidden width of each dueling head (paper: 512).")
+    lstm_impl: str = _field(
+        "keras", "'keras' (keras.layers.LSTM) or 'hoisted' (burnin.layers.HoistedLSTM: same outputs)."
+    )
     prev_action_reward: bool = _field(
         True, "Feed the previous action (one-hot) and reward to the core (paper: yes)."
     )
@@ -122,6 +125,8 @@ class R2D2Config:
             raise ValueError(f"torso_units: expected a tuple of positive ints, got {self.torso_units!r}")
         if self.core not in ("lstm", "dense"):
             raise ValueError(f"core: expected 'lstm' or 'dense', got {self.core!r}")
+        if self.lstm_impl not in ("keras", "hoisted"):
+            raise ValueError(f"lstm_impl: expected 'keras' or 'hoisted', got {self.lstm_impl!r}")
         if self.state_strategy not in {s.value for s in StateStrategy}:
             raise ValueError(f"state_strategy: expected 'stored' or 'zero', got {self.state_strategy!r}")
         if self.period > self.unroll:
@@ -164,6 +169,7 @@ class R2D2Config:
             core=self.core,
             core_units=self.core_units,
             head_units=self.head_units,
+            lstm_impl=self.lstm_impl,
             prev_action=self.prev_action_reward,
             prev_reward=self.prev_action_reward,
         )
@@ -267,8 +273,28 @@ class Learner:
     The target network is copied every ``target_update_period`` updates.
     """
 
-    def __init__(self, config: R2D2Config, obs_dim: int, num_actions: int, *, seed: int = 0) -> None:
+    def __init__(
+        self,
+        config: R2D2Config,
+        obs_dim: int,
+        num_actions: int,
+        *,
+        seed: int = 0,
+        burn_in_gradient: bool = False,
+    ) -> None:
+        """Build the networks, runners and optimizer.
+
+        Args:
+            config: hyper-parameters.
+            obs_dim: observation size.
+            num_actions: number of discrete actions.
+            seed: weight initialisation seed (the same seed gives the actor's weights).
+            burn_in_gradient: backpropagate through the burn-in as well, with the
+                burn-in only masked out of the loss, as Acme's JAX R2D2 learner and
+                RLlib do. It exists to measure what burn-in without gradient saves.
+        """
         self.config = config
+        self.burn_in_gradient = bool(burn_in_gradient)
         self.obs_dim = int(obs_dim)
         self.num_actions = int(num_actions)
         self.network_config = config.network(self.obs_dim, self.num_actions)
@@ -287,10 +313,15 @@ class Learner:
         self._extra_offsets = tuple(
             sorted(set(self.refresh_offsets) | {o for o in self.delta_q_offsets if o > 0})
         )
+        # Cutting the unroll at burn_in + unroll leaves the n-step tail outside the
+        # gradient path: it only feeds the (stopped) double-Q bootstrap.
+        tail = spec.burn_in + spec.unroll
+        cuts = sorted(set(self.refresh_offsets) | {tail} | ({spec.burn_in} if burn_in_gradient else set()))
+        self._refresh_index = [cuts.index(o) for o in self.refresh_offsets]
         self.online_runner = BurnInRunner(
             self.online,
-            burn_in=spec.burn_in,
-            state_offsets=self.refresh_offsets,
+            burn_in=0 if burn_in_gradient else spec.burn_in,
+            state_offsets=cuts,
             allow_stateless=not recurrent,
         )
         self.target_runner = BurnInRunner(self.target, burn_in=spec.burn_in, allow_stateless=not recurrent)
@@ -409,7 +440,9 @@ class Learner:
         q_target = tf.stop_gradient(self.target_runner.run(inputs, start, mask).outputs)  # [B, U+n, A]
         with tf.GradientTape() as tape:
             out = self.online_runner.run(inputs, start, mask)
-            q_online = out.outputs  # [B, U+n, A]
+            q_online = out.outputs  # [B, U+n, A] (or [B, L, A] with burn_in_gradient)
+            if self.burn_in_gradient:
+                q_online = q_online[:, burn_in:]
             actionable = feed["actionable"][:, burn_in:]
             r_t = tf.where(actionable, feed["reward"][:, burn_in:], 0.0)
             pcont_t = tf.where(actionable, cfg.gamma * feed["discount"][:, burn_in:], 1.0)
@@ -435,7 +468,7 @@ class Learner:
             "priorities": extras.priorities,
             "delta_q_first": dq_first,
             "delta_q_last": dq_last,
-            "offset_states": out.offset_states,
+            "offset_states": tuple(out.offset_states[i] for i in self._refresh_index),
         }
 
     def _delta_q(self, inputs, feed, q_hat, mask) -> tuple[tf.Tensor, tf.Tensor]:
