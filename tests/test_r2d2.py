@@ -198,11 +198,31 @@ def test_loop_trains_both_cores(core):
     assert loop.replay.num_sampleable > 0
 
 
-def test_refresh_writes_states_back():
+def test_refresh_writes_the_recomputed_states_back():
+    """After an update, the replay holds the learner's recomputed states at the later windows' starts."""
     config = small_config(refresh_states=True)
     learner, _, replay, _ = filled(config, 150)
-    written = sum(learner.step(replay).refreshed for _ in range(4))
-    assert written > 0
+    # The actor acted with these very weights, so a refresh would rewrite identical states
+    # (bit for bit); move the learner's parameters so the recomputed states differ.
+    learner.online.set_weights([w * 1.05 for w in learner.online.get_weights()])
+    offsets = learner.refresh_offsets
+    batch = replay.sample(config.batch_size, extra_state_offsets=offsets)
+    assert batch.extra_state_mask.any()
+    # The states the update will recompute: same parameters, same window, before the optimizer step.
+    inputs = [batch.observation, batch.prev_action, batch.prev_reward]
+    probe = burnin.BurnInRunner(learner.online, burn_in=config.burn_in, state_offsets=offsets)
+    expected = probe(inputs, batch.state, mask=batch.mask).offset_states
+    written = learner.update(batch, replay=replay).refreshed
+    assert written == int(batch.extra_state_mask.sum())
+    after = replay._windows(batch.keys, extra_state_offsets=offsets)
+    for k in range(len(offsets)):
+        have = batch.extra_state_mask[:, k]
+        for got, want, before in zip(after.extra_states[k][0], expected[k][0], batch.extra_states[k][0]):
+            np.testing.assert_array_equal(got[have], want.numpy()[have])
+            assert not np.array_equal(got[have], before[have])  # the actor's states were replaced
+    for got, before in zip(after.state[0], batch.state[0]):
+        np.testing.assert_array_equal(got, before)  # the windows' own start states are untouched
+    np.testing.assert_array_equal(after.observation, batch.observation)
 
 
 BAD_CONFIG = {
