@@ -28,8 +28,9 @@ class NetworkConfig:
     """'lstm' for the stateful recurrent core, 'dense' for the feed-forward ablation of equal width."""
     core_units: int = 64
     """Width of the core (LSTM units or Dense units)."""
-    lstm_impl: Literal["keras", "hoisted"] = "keras"
-    """'keras' for keras.layers.LSTM, 'hoisted' for burnin.layers.HoistedLSTM (same outputs, input matmul hoisted)."""
+    lstm_impl: Literal["keras", "hoisted", "unrolled"] = "keras"
+    """'keras': keras.layers.LSTM; 'hoisted': burnin.layers.HoistedLSTM (same outputs, input matmul hoisted);
+    'unrolled': HoistedLSTM that also unrolls every call whose length is static (the runner's segments)."""
     head_units: int = 64
     """Hidden width of each dueling head (value and advantage)."""
     prev_action: bool = True
@@ -51,8 +52,8 @@ class NetworkConfig:
             raise ValueError(f"torso_units: expected a tuple of positive ints, got {self.torso_units!r}")
         if self.core not in ("lstm", "dense"):
             raise ValueError(f"core: expected 'lstm' or 'dense', got {self.core!r}")
-        if self.lstm_impl not in ("keras", "hoisted"):
-            raise ValueError(f"lstm_impl: expected 'keras' or 'hoisted', got {self.lstm_impl!r}")
+        if self.lstm_impl not in ("keras", "hoisted", "unrolled"):
+            raise ValueError(f"lstm_impl: expected 'keras', 'hoisted' or 'unrolled', got {self.lstm_impl!r}")
         if self.dtype_policy not in ("float32", "mixed_bfloat16", "bfloat16"):
             raise ValueError(
                 f"dtype_policy: expected 'float32', 'mixed_bfloat16' or 'bfloat16', got {self.dtype_policy!r}"
@@ -174,7 +175,10 @@ def build_q_network(
     if len(features) > 1:
         x = keras.layers.Concatenate(axis=-1, name="core_input", dtype=policy)(features)
     if config.core == "lstm":
-        lstm_class = HoistedLSTM if config.lstm_impl == "hoisted" else keras.layers.LSTM
+        if config.lstm_impl == "keras":
+            lstm_class, extra = keras.layers.LSTM, {}
+        else:
+            lstm_class, extra = HoistedLSTM, {"max_unroll": 10**6 if config.lstm_impl == "unrolled" else 0}
         x = lstm_class(
             config.core_units,
             stateful=True,
@@ -183,6 +187,7 @@ def build_q_network(
             recurrent_initializer=keras.initializers.Orthogonal(seed=next_seed()),
             name="lstm",
             dtype=policy,
+            **extra,
         )(x)
     else:
         x = dense(config.core_units, "relu", "core_dense")(x)

@@ -70,7 +70,11 @@ class R2D2Config:
     core_units: int = _field(128, "LSTM (or Dense) core width (paper: 512).")
     head_units: int = _field(128, "Hidden width of each dueling head (paper: 512).")
     lstm_impl: str = _field(
-        "keras", "'keras' (keras.layers.LSTM) or 'hoisted' (burnin.layers.HoistedLSTM: same outputs)."
+        "keras",
+        "'keras' (keras.layers.LSTM), 'hoisted' or 'unrolled' (burnin.layers.HoistedLSTM: same outputs).",
+    )
+    precision: str = _field(
+        "float32", "Keras dtype policy of the networks: 'float32' or 'mixed_bfloat16' (AMX/AVX512_BF16)."
     )
     prev_action_reward: bool = _field(
         True, "Feed the previous action (one-hot) and reward to the core (paper: yes)."
@@ -125,8 +129,10 @@ class R2D2Config:
             raise ValueError(f"torso_units: expected a tuple of positive ints, got {self.torso_units!r}")
         if self.core not in ("lstm", "dense"):
             raise ValueError(f"core: expected 'lstm' or 'dense', got {self.core!r}")
-        if self.lstm_impl not in ("keras", "hoisted"):
-            raise ValueError(f"lstm_impl: expected 'keras' or 'hoisted', got {self.lstm_impl!r}")
+        if self.lstm_impl not in ("keras", "hoisted", "unrolled"):
+            raise ValueError(f"lstm_impl: expected 'keras', 'hoisted' or 'unrolled', got {self.lstm_impl!r}")
+        if self.precision not in ("float32", "mixed_bfloat16"):
+            raise ValueError(f"precision: expected 'float32' or 'mixed_bfloat16', got {self.precision!r}")
         if self.state_strategy not in {s.value for s in StateStrategy}:
             raise ValueError(f"state_strategy: expected 'stored' or 'zero', got {self.state_strategy!r}")
         if self.period > self.unroll:
@@ -170,6 +176,7 @@ class R2D2Config:
             core_units=self.core_units,
             head_units=self.head_units,
             lstm_impl=self.lstm_impl,
+            dtype_policy=self.precision,
             prev_action=self.prev_action_reward,
             prev_reward=self.prev_action_reward,
         )

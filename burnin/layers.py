@@ -27,7 +27,10 @@ class HoistedLSTM(keras.layers.LSTM):
     other than tanh / sigmoid.
     """
 
-    def __init__(self, units: int, **kwargs) -> None:
+    def __init__(self, units: int, *, max_unroll: int = 0, **kwargs) -> None:
+        """Args: as ``keras.layers.LSTM``, plus ``max_unroll``: when a call's time
+        dimension is static and at most this long, the loop is unrolled into
+        straight-line ops (no ``tf.while_loop``); 0 never unrolls."""
         for option in ("dropout", "recurrent_dropout"):
             if kwargs.get(option, 0.0):
                 raise ValueError(f"{option}: HoistedLSTM supports only 0, got {kwargs[option]!r}")
@@ -40,47 +43,65 @@ class HoistedLSTM(keras.layers.LSTM):
             raise ValueError(
                 f"recurrent_activation: HoistedLSTM supports only 'sigmoid', got {kwargs['recurrent_activation']!r}"
             )
+        if isinstance(max_unroll, bool) or not isinstance(max_unroll, int) or max_unroll < 0:
+            raise ValueError(f"max_unroll: expected an int >= 0, got {max_unroll!r}")
         kwargs["use_cudnn"] = False
         super().__init__(units, **kwargs)
+        self.max_unroll = max_unroll
+
+    def get_config(self):
+        return {**super().get_config(), "max_unroll": self.max_unroll}
+
+    def _step(self, z_x, h, c, prev_out, keep):
+        """One LSTM step from the hoisted input projection ``z_x``, in Keras' order of operations."""
+        cell = self.cell
+        z = z_x + tf.matmul(h, tf.convert_to_tensor(cell.recurrent_kernel))
+        if cell.use_bias:
+            z = z + tf.convert_to_tensor(cell.bias)
+        z_i, z_f, z_c, z_o = tf.split(z, 4, axis=1)
+        i = tf.sigmoid(z_i)
+        f = tf.sigmoid(z_f)
+        c_new = f * c + i * tf.tanh(z_c)
+        o = tf.sigmoid(z_o)
+        h_new = o * tf.tanh(c_new)
+        y = h_new
+        if keep is not None:
+            # As Keras: a masked step keeps the state and repeats the previous
+            # output (zeros before the first step).
+            keep = keep[:, None]
+            y = tf.where(keep, h_new, prev_out)
+            h_new = tf.where(keep, h_new, h)
+            c_new = tf.where(keep, c_new, c)
+        return h_new, c_new, y
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
         if isinstance(mask, (list, tuple)):
             mask = mask[0]
         cell = self.cell
         h0, c0 = initial_state[0], initial_state[1]
-        steps = sequences.shape[1] if sequences.shape[1] is not None else tf.shape(sequences)[1]
+        static_steps = sequences.shape[1]
         # [B, T, in] @ [in, 4u] -> [B, T, 4u]: one matmul for every step.
         x_proj = tf.matmul(sequences, tf.convert_to_tensor(cell.kernel))
+        mask = None if mask is None else tf.cast(mask, tf.bool)
+        if static_steps is not None and static_steps <= self.max_unroll:
+            h, c, y = h0, c0, tf.zeros_like(h0)
+            outs = []
+            for t in range(static_steps):
+                h, c, y = self._step(x_proj[:, t], h, c, y, None if mask is None else mask[:, t])
+                outs.append(y)
+            return y, tf.stack(outs, axis=1), [h, c]
+        steps = static_steps if static_steps is not None else tf.shape(sequences)[1]
         # Read per step through TensorArrays: slicing a captured tensor inside the loop
         # would make its gradient a dense [T, B, 4u] tensor per step.
         x_ta = tf.TensorArray(x_proj.dtype, size=steps).unstack(tf.transpose(x_proj, [1, 0, 2]))
         mask_ta = None
         if mask is not None:
-            mask_ta = tf.TensorArray(tf.bool, size=steps).unstack(
-                tf.transpose(tf.cast(mask, tf.bool), [1, 0])
-            )
-        recurrent = tf.convert_to_tensor(cell.recurrent_kernel)
-        bias = tf.convert_to_tensor(cell.bias) if cell.use_bias else None
+            mask_ta = tf.TensorArray(tf.bool, size=steps).unstack(tf.transpose(mask, [1, 0]))
         outputs = tf.TensorArray(sequences.dtype, size=steps, element_shape=h0.shape)
 
         def body(t, h, c, prev_out, out):
-            z = x_ta.read(t) + tf.matmul(h, recurrent)
-            if bias is not None:
-                z = z + bias
-            z_i, z_f, z_c, z_o = tf.split(z, 4, axis=1)
-            i = tf.sigmoid(z_i)
-            f = tf.sigmoid(z_f)
-            c_new = f * c + i * tf.tanh(z_c)
-            o = tf.sigmoid(z_o)
-            h_new = o * tf.tanh(c_new)
-            y = h_new
-            if mask_ta is not None:
-                # As Keras: a masked step keeps the state and repeats the previous
-                # output (zeros before the first step).
-                keep = mask_ta.read(t)[:, None]
-                y = tf.where(keep, h_new, prev_out)
-                h_new = tf.where(keep, h_new, h)
-                c_new = tf.where(keep, c_new, c)
+            keep = None if mask_ta is None else mask_ta.read(t)
+            h_new, c_new, y = self._step(x_ta.read(t), h, c, prev_out, keep)
             return t + 1, h_new, c_new, y, out.write(t, y)
 
         _, h_last, c_last, last_out, outputs = tf.while_loop(

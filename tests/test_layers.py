@@ -14,10 +14,10 @@ from burnin.layers import HoistedLSTM
 B, D, U, T = 4, 5, 8, 15
 
 
-def pair(**kwargs) -> tuple[keras.Model, keras.Model]:
+def pair(max_unroll: int = 0) -> tuple[keras.Model, keras.Model]:
     """A Keras LSTM model and the same model with HoistedLSTM, sharing weights."""
     models = []
-    for cls in (keras.layers.LSTM, HoistedLSTM):
+    for cls, kwargs in ((keras.layers.LSTM, {}), (HoistedLSTM, {"max_unroll": max_unroll})):
         keras.utils.set_random_seed(7)
         inputs = keras.Input(batch_shape=(B, None, D))
         x = cls(U, stateful=True, return_sequences=True, name="lstm", **kwargs)(inputs)
@@ -37,9 +37,13 @@ def run(request):
     return call
 
 
+UNROLL = pytest.mark.parametrize("max_unroll", [0, 64], ids=["while_loop", "unrolled"])
+
+
+@UNROLL
 @pytest.mark.parametrize("masked", [False, True])
-def test_bitwise_equal_to_keras_lstm(masked, run, rng):
-    keras_model, hoisted = pair()
+def test_bitwise_equal_to_keras_lstm(masked, max_unroll, run, rng):
+    keras_model, hoisted = pair(max_unroll)
     x = rng.standard_normal((B, T, D)).astype(np.float32)
     mask = None
     if masked:
@@ -55,8 +59,9 @@ def test_bitwise_equal_to_keras_lstm(masked, run, rng):
     assert_states_equal(states[1], states[0])
 
 
-def test_gradients_match_keras_lstm(rng):
-    keras_model, hoisted = pair()
+@UNROLL
+def test_gradients_match_keras_lstm(max_unroll, rng):
+    keras_model, hoisted = pair(max_unroll)
     x = tf.constant(rng.standard_normal((B, T, D)).astype(np.float32))
     start = random_state(keras_model, rng)
     grads = []
@@ -71,8 +76,9 @@ def test_gradients_match_keras_lstm(rng):
         np.testing.assert_allclose(g_hoisted.numpy(), g_keras.numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_runner_split_is_exact_with_hoisted_lstm(rng):
-    _, model = pair()
+@UNROLL
+def test_runner_split_is_exact_with_hoisted_lstm(max_unroll, rng):
+    _, model = pair(max_unroll)
     x = rng.standard_normal((B, T, D)).astype(np.float32)
     start = random_state(model, rng)
     burnin.set_states(model, start)
@@ -82,8 +88,9 @@ def test_runner_split_is_exact_with_hoisted_lstm(rng):
         np.testing.assert_array_equal(out.outputs.numpy(), full[:, burn_in:])
 
 
-def test_xla_within_tolerance(rng):
-    _, model = pair()
+@UNROLL
+def test_xla_within_tolerance(max_unroll, rng):
+    _, model = pair(max_unroll)
     x = rng.standard_normal((B, T, D)).astype(np.float32)
     start = random_state(model, rng)
     plain = burnin.BurnInRunner(model, burn_in=4)(x, start).outputs.numpy()
