@@ -1,0 +1,52 @@
+"""The learner and actor benchmarks run in --quick mode and report every figure the issue asks for."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import actor_throughput, burnin_throughput
+
+
+def test_burnin_throughput_quick(tmp_path):
+    out = tmp_path / "bt.json"
+    assert burnin_throughput.main(["--quick", "--no-progress", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    res = report["scales"]["cartpole"]
+    assert res["peak_gflops"] > 0
+    assert set(res["variants"]) == {"runner", "article", "full_bptt", "no_burn_in"}
+    for v in res["variants"].values():
+        for key in ("updates_per_s", "sequences_per_s", "replayed_steps_per_s", "gflops", "peak_ratio"):
+            assert v[key] > 0
+    runner = res["variants"]["runner"]
+    assert runner["vs_article"] > 0 and runner["vs_full_bptt"] > 0
+    assert res["full_bptt_flop_ratio"] > 1
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_flop_model_by_hand():
+    """r2d2 scale: the issue's ≈143 GFLOP per update and ≈1.2 full-BPTT ratio."""
+    scale = burnin_throughput.scales("fp32", "auto", False)["r2d2"]
+    cfg, obs, acts = scale.config, scale.obs_dim, scale.num_actions
+    per_step = burnin_throughput.step_flops(cfg, obs, acts)
+    b, u, core_in = 64, 512, 512 + 18 + 1
+    assert per_step["lstm"] == 2 * b * (core_in + u) * 4 * u
+    assert per_step["torso"] == 2 * b * 64 * 512
+    runner = burnin_throughput.update_flops(cfg, obs, acts, "runner")
+    # forward: online 125 + target 125 + 3 ΔQ probes; backward: the 80 trained steps, twice the forward cost
+    assert runner == pytest.approx(per_step["total"] * (125 + 125 + 3 + 2 * 80))
+    assert 140e9 < runner < 146e9
+    ratio = burnin_throughput.update_flops(cfg, obs, acts, "full_bptt") / runner
+    assert ratio == pytest.approx((253 + 2 * 120) / (253 + 2 * 80))
+
+
+def test_actor_throughput_quick(tmp_path, capsys):
+    out = tmp_path / "at.json"
+    assert actor_throughput.main(["--quick", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["env_steps_per_s"]["compiled"] > 0 and report["env_steps_per_s"]["predict"] > 0
+    assert report["vs_predict"] == pytest.approx(
+        report["env_steps_per_s"]["compiled"] / report["env_steps_per_s"]["predict"]
+    )
+    assert "vs_predict" in capsys.readouterr().out
