@@ -15,6 +15,7 @@ import gymnasium as gym
 import keras
 import numpy as np
 import tensorflow as tf
+from gymnasium.vector import AutoresetMode
 
 from agents.networks import NetworkConfig, build_q_network
 from burnin.diagnostics import delta_q
@@ -144,13 +145,19 @@ class R2D2Config:
             _check_float(name, getattr(self, name), low=0.0)
         for name in ("learning_rate", "adam_epsilon", "max_grad_norm", "env_steps_per_update"):
             _check_float(name, getattr(self, name), low=0.0, strict=True)
-        if self.replay_capacity // self.num_envs < self.sequence_spec.length:
+        for name in ("prev_action_reward", "refresh_states", "jit_compile"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
+        if self.replay_capacity // self.num_envs < self.sequence_spec.length + 1:
             raise ValueError(
-                f"replay_capacity: {self.replay_capacity} over {self.num_envs} lanes leaves fewer steps per "
-                f"lane than one window ({self.sequence_spec.length})"
+                f"replay_capacity: {self.replay_capacity} over {self.num_envs} lanes leaves "
+                f"{self.replay_capacity // self.num_envs} steps per lane, expected at least one window "
+                f"and the step before it ({self.sequence_spec.length + 1})"
             )
         if self.refresh_states and self.state_strategy != StateStrategy.STORED.value:
-            raise ValueError("refresh_states: only meaningful with state_strategy='stored'")
+            raise ValueError(
+                f"refresh_states: only meaningful with state_strategy='stored', got {self.state_strategy!r}"
+            )
 
     @property
     def sequence_spec(self) -> SequenceSpec:
@@ -240,6 +247,7 @@ def make_replay(
         state_shapes=shapes,
         alpha=config.priority_exponent,
         beta=config.importance_exponent,
+        keep_actor_states=config.refresh_states,
         seed=seed,
     )
 
@@ -320,15 +328,13 @@ class Learner:
         self._extra_offsets = tuple(
             sorted(set(self.refresh_offsets) | {o for o in self.delta_q_offsets if o > 0})
         )
-        # Cutting the unroll at burn_in + unroll leaves the n-step tail outside the
-        # gradient path: it only feeds the (stopped) double-Q bootstrap.
-        tail = spec.burn_in + spec.unroll
-        cuts = sorted(set(self.refresh_offsets) | {tail} | ({spec.burn_in} if burn_in_gradient else set()))
-        self._refresh_index = [cuts.index(o) for o in self.refresh_offsets]
+        # The n-step tail only feeds the (stopped) double-Q bootstrap, so it runs
+        # without gradient; burn_in_gradient moves the burn-in into the unroll.
         self.online_runner = BurnInRunner(
             self.online,
             burn_in=0 if burn_in_gradient else spec.burn_in,
-            state_offsets=cuts,
+            gradient_steps=spec.burn_in + spec.unroll if burn_in_gradient else spec.unroll,
+            state_offsets=self.refresh_offsets if config.refresh_states else (),
             allow_stateless=not recurrent,
         )
         self.target_runner = BurnInRunner(self.target, burn_in=spec.burn_in, allow_stateless=not recurrent)
@@ -398,13 +404,14 @@ class Learner:
 
     def _feed(self, batch: SequenceBatch) -> dict[str, Any]:
         offsets = self._extra_offsets
-        extra = {o: batch.extra_states[i] for i, o in enumerate(offsets)}
+        # ΔQ compares with the actor's own states, even where a refresh replaced them.
+        extra = {o: batch.extra_actor_states[i] for i, o in enumerate(offsets)}
         extra_mask = {o: batch.extra_state_mask[:, i] for i, o in enumerate(offsets)}
         probe_states = []
         probe_masks = []
         for o in self.delta_q_offsets:
             if o == 0:
-                probe_states.append(batch.state)
+                probe_states.append(batch.actor_state)
                 probe_masks.append(batch.mask[:, 0])
             else:
                 probe_states.append(extra[o])
@@ -444,9 +451,9 @@ class Learner:
         start = stored if cfg.strategy == StateStrategy.STORED else None
 
         # Target pass first, outside the tape: its activations are never needed for gradients.
-        q_target = tf.stop_gradient(self.target_runner.run(inputs, start, mask).outputs)  # [B, U+n, A]
+        q_target = tf.stop_gradient(self.target_runner.run(inputs, start, mask=mask).outputs)  # [B, U+n, A]
         with tf.GradientTape() as tape:
-            out = self.online_runner.run(inputs, start, mask)
+            out = self.online_runner.run(inputs, start, mask=mask)
             q_online = out.outputs  # [B, U+n, A] (or [B, L, A] with burn_in_gradient)
             if self.burn_in_gradient:
                 q_online = q_online[:, burn_in:]
@@ -475,7 +482,7 @@ class Learner:
             "priorities": extras.priorities,
             "delta_q_first": dq_first,
             "delta_q_last": dq_last,
-            "offset_states": tuple(out.offset_states[i] for i in self._refresh_index),
+            "offset_states": out.offset_states,
         }
 
     def _delta_q(self, inputs, feed, q_hat, mask) -> tuple[tf.Tensor, tf.Tensor]:
@@ -488,7 +495,7 @@ class Learner:
         values, avail = [], []
         for o, state, ok in zip(self.delta_q_offsets, feed["probe_states"], feed["probe_masks"]):
             step_inputs = [x[:, o : o + 1] for x in inputs]
-            q_stored = self.probe_runner.run(step_inputs, state, None).outputs[:, 0]  # [B, A]
+            q_stored = self.probe_runner.run(step_inputs, state).outputs[:, 0]  # [B, A]
             dq = delta_q(q_hat[:, o - burn_in], q_stored, q_hat, seq_mask)  # [B]
             ok = tf.cast(ok, tf.bool) & mask[:, o] & tf.math.is_finite(dq)
             values.append(tf.where(ok, dq, 0.0))
@@ -584,6 +591,11 @@ class Actor:
         seed: int = 0,
         epsilons: np.ndarray | None = None,
     ) -> None:
+        autoreset = getattr(env, "metadata", {}).get("autoreset_mode", AutoresetMode.NEXT_STEP)
+        if autoreset != AutoresetMode.NEXT_STEP:
+            raise ValueError(
+                f"env: autoreset mode {autoreset}, expected NEXT_STEP (the replay's step convention)"
+            )
         self.config = config
         self.env = env
         self.num_envs = int(env.num_envs)
@@ -602,7 +614,7 @@ class Actor:
         if self.lanes.shape != (self.num_envs,):
             raise ValueError(f"lanes: expected {self.num_envs} lane ids, got shape {self.lanes.shape}")
         if epsilons is None:
-            epsilons = apex_epsilons(self.num_envs, config.epsilon_base, config.epsilon_alpha)
+            epsilons = apex_epsilons(self.num_envs, base=config.epsilon_base, alpha=config.epsilon_alpha)
         self.epsilons = np.asarray(epsilons, dtype=np.float64)
         if self.epsilons.shape != (self.num_envs,):
             raise ValueError(f"epsilons: expected shape ({self.num_envs},), got {self.epsilons.shape}")
@@ -657,7 +669,7 @@ class Actor:
         q = self.model(inputs, training=False)[:, 0]  # [N, A]
         return q, before
 
-    def act(self, greedy: bool = False) -> tuple[np.ndarray, np.ndarray, Any]:
+    def act(self, *, greedy: bool = False) -> tuple[np.ndarray, np.ndarray, Any]:
         """Q-values, actions and the state before this step, for the current observations."""
         q, before = self._policy(
             tf.constant(self.obs),
@@ -678,7 +690,7 @@ class Actor:
 
     def step(self, *, greedy: bool = False) -> list[tuple[int, float, int]]:
         """One env.step for all rows; returns (row, return, length) of the episodes that ended."""
-        q, actions, states = self.act(greedy)
+        q, actions, states = self.act(greedy=greedy)
         self.last_q = q
         next_obs, reward, terminated, truncated, _ = self.env.step(actions)
         self._check_obs(next_obs)
@@ -891,7 +903,12 @@ class TrainLoop:
             self.learner.load_state_dict({k: data[k] for k in data.files})
         replay = SequenceReplay.load(path / "replay.npz")
         if replay.config != self.replay.config:
-            raise ValueError("checkpoint: the replay's layout differs from this config's")
+            saved, mine = replay.config.to_json(), self.replay.config.to_json()
+            name = next(k for k in mine if saved.get(k) != mine[k])
+            raise ValueError(
+                f"checkpoint: replay layout field {name!r} is {saved.get(name)!r} in the checkpoint "
+                f"but {mine[name]!r} here"
+            )
         self.replay = replay
         self.actor.replay = replay
         self.actor.load_state_dict(meta["actor"])

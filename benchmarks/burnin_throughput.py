@@ -83,6 +83,8 @@ def synthetic_batch(config, obs_dim: int, num_actions: int, *, length: int | Non
     def state():
         return ((rng.standard_normal((b, units)).astype(np.float32) * 0.1,) * 2,)
 
+    start = state()
+    extra = tuple(state() for _ in offsets)
     return SimpleNamespace(
         observation=rng.standard_normal((b, length, obs_dim)).astype(np.float32),
         action=rng.integers(0, num_actions, (b, length)).astype(np.int32),
@@ -90,7 +92,8 @@ def synthetic_batch(config, obs_dim: int, num_actions: int, *, length: int | Non
         discount=np.ones((b, length), np.float32),
         prev_action=rng.integers(0, num_actions, (b, length)).astype(np.int32),
         prev_reward=rng.random((b, length)).astype(np.float32),
-        state=state(),
+        state=start,
+        actor_state=start,
         mask=np.ones((b, length), bool),
         final=np.zeros((b, length), bool),
         learn_mask=learn,
@@ -98,7 +101,8 @@ def synthetic_batch(config, obs_dim: int, num_actions: int, *, length: int | Non
         keys=np.arange(b, dtype=np.int64),
         probabilities=np.full(b, 1.0 / b),
         weights=np.ones(b, np.float32),
-        extra_states=tuple(state() for _ in offsets),
+        extra_states=extra,
+        extra_actor_states=extra,
         extra_state_mask=np.ones((b, len(offsets)), bool),
     )
 

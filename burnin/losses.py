@@ -21,7 +21,9 @@ __all__ = [
 
 
 def value_rescale(x: tf.Tensor, eps: float = 1e-3) -> tf.Tensor:
-    """h(x) = sign(x) · (sqrt(|x| + 1) − 1) + eps · x   (R2D2, Pohlen et al. 2018). Elementwise."""
+    """h(x) = sign(x) · (sqrt(|x| + 1) − 1) + eps · x   (R2D2, Pohlen et al. 2018). Elementwise; eps >= 0."""
+    if not eps >= 0:
+        raise ValueError(f"eps: expected >= 0, got {eps}")
     x = tf.convert_to_tensor(x)
     return tf.sign(x) * (tf.sqrt(tf.abs(x) + 1.0) - 1.0) + eps * x
 
@@ -31,6 +33,8 @@ def value_rescale_inverse(x: tf.Tensor, eps: float = 1e-3) -> tf.Tensor:
 
     Exact inverse of :func:`value_rescale` for ``eps > 0``.
     """
+    if not eps > 0:
+        raise ValueError(f"eps: expected > 0 (the inverse divides by eps), got {eps}")
     x = tf.convert_to_tensor(x)
     root = (tf.sqrt(1.0 + 4.0 * eps * (tf.abs(x) + 1.0 + eps)) - 1.0) / (2.0 * eps)
     return tf.sign(x) * (tf.square(root) - 1.0)

@@ -139,6 +139,9 @@ class ReplayConfig:
     """Importance-sampling exponent of the weights (N·P)**-beta."""
     windows_per_lane: int | None = None
     """Window slots per lane; ``None`` at construction means 2·ceil(C/period) + ceil(burn_in/period) + 2."""
+    keep_actor_states: bool = False
+    """Also keep the actor's original states, which :meth:`SequenceReplay.update_states` never overwrites
+    (for ΔQ against the actor's state when states are refreshed); doubles the state memory."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.spec, SequenceSpec):
@@ -181,6 +184,11 @@ class ReplayConfig:
                 for i, layer in enumerate(shapes)
             ),
         )
+        if not isinstance(self.keep_actor_states, (bool, np.bool_)):
+            raise TypeError(
+                f"keep_actor_states: expected a bool, got {type(self.keep_actor_states).__name__}"
+            )
+        object.__setattr__(self, "keep_actor_states", bool(self.keep_actor_states))
         object.__setattr__(self, "alpha", _check_float("alpha", self.alpha, minimum=0.0))
         object.__setattr__(self, "beta", _check_float("beta", self.beta, minimum=0.0))
         least = -(-(spec.unroll + spec.n_step) // spec.period) + 1
@@ -219,6 +227,7 @@ class ReplayConfig:
             "alpha": self.alpha,
             "beta": self.beta,
             "windows_per_lane": self.windows_per_lane,
+            "keep_actor_states": self.keep_actor_states,
         }
 
     @classmethod
@@ -235,6 +244,7 @@ class ReplayConfig:
             alpha=data["alpha"],
             beta=data["beta"],
             windows_per_lane=data["windows_per_lane"],
+            keep_actor_states=data.get("keep_actor_states", False),
         )
 
 
@@ -273,6 +283,11 @@ class SequenceBatch(NamedTuple):
     """Per requested extra offset, the stored state before that window step; zeros where unavailable."""
     extra_state_mask: np.ndarray
     """[B, K] bool: the stored state at extra offset k exists."""
+    actor_state: RecurrentState
+    """Like ``state``, but the actor's original state even after a refresh (the same arrays
+    as ``state`` unless the replay keeps actor states)."""
+    extra_actor_states: tuple[RecurrentState, ...]
+    """Like ``extra_states``, but the actor's original states even after a refresh."""
 
 
 def _encode_json(value: Any) -> Any:
@@ -780,6 +795,7 @@ class SequenceReplay:
         alpha: float = 0.9,
         beta: float = 0.6,
         windows_per_lane: int | None = None,
+        keep_actor_states: bool = False,
         seed: int | None = None,
         rng: np.random.Generator | None = None,
     ) -> None:
@@ -794,6 +810,7 @@ class SequenceReplay:
             alpha=alpha,
             beta=beta,
             windows_per_lane=windows_per_lane,
+            keep_actor_states=keep_actor_states,
         )
         if seed is not None and rng is not None:
             raise ValueError("seed, rng: expected at most one of them, got both")
@@ -870,6 +887,8 @@ class SequenceReplay:
         for i, layer in enumerate(cfg.state_shapes):
             for j, shape in enumerate(layer):
                 specs[f"state_{i}_{j}"] = ((nl, spl, *shape), cfg.state_dtype)
+                if cfg.keep_actor_states:
+                    specs[f"actor_state_{i}_{j}"] = ((nl, spl, *shape), cfg.state_dtype)
         return specs
 
     def _bind(self, arrays: dict[str, np.ndarray], *, max_priority: float) -> None:
@@ -892,6 +911,16 @@ class SequenceReplay:
         self._states_flat = tuple(
             tuple(arrays[f"state_{i}_{j}"].reshape(nl * spl, *shape) for j, shape in enumerate(layer))
             for i, layer in enumerate(cfg.state_shapes)
+        )
+        self._actor_states_flat = (
+            tuple(
+                tuple(
+                    arrays[f"actor_state_{i}_{j}"].reshape(nl * spl, *shape) for j, shape in enumerate(layer)
+                )
+                for i, layer in enumerate(cfg.state_shapes)
+            )
+            if cfg.keep_actor_states
+            else None
         )
         self._set_max_priority(max_priority)
 
@@ -1119,21 +1148,45 @@ class SequenceReplay:
                 for buffers, layer in zip(self._states_flat, st):
                     for buf, arr in zip(buffers, layer):
                         buf[slots] = arr[rows]
+                for buffers, layer in zip(self._actor_states_flat or (), st):
+                    for buf, arr in zip(buffers, layer):
+                        buf[slots] = arr[rows]
 
     def close_lanes(self, lanes: Any) -> None:
         """End the open episode of each lane cleanly, e.g. when its writer goes away.
 
-        The last stored step becomes the final observation of a truncated
-        episode (its action and reward are dropped; the step before it now
-        bootstraps with discount 1), the episode's remaining windows become
-        sampleable, and the next :meth:`add` for the lane starts a new episode, so
-        no window ever spans the gap. Lanes without an open episode are left alone.
+        If the lane's last step terminated the episode (its final observation not
+        yet stored), a zero final observation is stored: a terminated episode
+        never bootstraps from it, so the terminating transition is kept whole.
+        Otherwise the last stored step becomes the final observation of a
+        truncated episode (its action and reward are dropped; the step before it
+        now bootstraps with discount 1). Either way the episode's remaining
+        windows become sampleable, and the next :meth:`add` for the lane starts a
+        new episode, so no window ever spans the gap. Lanes without an open
+        episode are left alone.
         """
         lanes = self._check_lanes(lanes)
         with self._lock:
             self._close(lanes)
 
     def _close(self, lanes: np.ndarray) -> None:
+        lt = self._lt
+        pending_term = (lt[lanes, _L_OPEN] != 0) & (lt[lanes, _L_PFINAL] != 0) & (lt[lanes, _L_PTERM] != 0)
+        if pending_term.any():
+            # A terminated episode never bootstraps from its final observation (discount 0):
+            # store a zero one, so that the terminating transition and its reward are kept.
+            ends = lanes[pending_term]
+            n = ends.size
+            no = np.zeros(n, np.bool_)
+            bad, m = _plan_add(ends, no, lt, self._params, self._rows_buf)
+            assert not bad and m == 0
+            _add_steps(
+                ends, np.zeros(n, np.int32), np.zeros(n, np.float32), no, no,
+                lt, self._win, self._alive, self._act, self._rew, self._flags, self._spos, self._sown,
+                self._tree._tree, self._tree._offsets, self._params, self._new_leaf, self._counters,
+                self._flat_buf, self._sslot_buf,
+            )  # fmt: skip
+            self._obs_flat[self._flat_buf[:n]] = 0
         _close_lanes(
             lanes, self._lt, self._win, self._alive, self._act, self._rew, self._flags, self._spos, self._sown,
             self._tree._tree, self._tree._offsets, self._params, self._new_leaf, self._counters,
@@ -1231,6 +1284,8 @@ class SequenceReplay:
             obs, action, reward, discount, prev_action, prev_reward, mask, learn_mask, final_code,
             keys, srow, spad, xrow, xok,
         )  # fmt: skip
+        state = self._read_states(srow, spad)
+        extra = tuple(self._read_states(xrow[:, c], ~xok[:, c]) for c in range(K))
         return {
             "observation": obs.reshape(B, L, *cfg.obs_shape),
             "action": action,
@@ -1238,20 +1293,26 @@ class SequenceReplay:
             "discount": discount,
             "prev_action": prev_action,
             "prev_reward": prev_reward,
-            "state": self._read_states(srow, spad),
+            "state": state,
             "mask": mask,
             "learn_mask": learn_mask,
             "final": final_code >= 1,
             "terminal": final_code == 2,
             "keys": keys,
-            "extra_states": tuple(self._read_states(xrow[:, c], ~xok[:, c]) for c in range(K)),
+            "extra_states": extra,
             "extra_state_mask": xok,
+            "actor_state": self._read_states(srow, spad, actor=True) if self._actor_states_flat else state,
+            "extra_actor_states": (
+                tuple(self._read_states(xrow[:, c], ~xok[:, c], actor=True) for c in range(K))
+                if self._actor_states_flat
+                else extra
+            ),
         }
 
-    def _read_states(self, rows: np.ndarray, zero: np.ndarray) -> RecurrentState:
+    def _read_states(self, rows: np.ndarray, zero: np.ndarray, *, actor: bool = False) -> RecurrentState:
         any_zero = bool(zero.any())
         out = []
-        for buffers in self._states_flat:
+        for buffers in self._actor_states_flat if actor else self._states_flat:
             arrays = []
             for buf in buffers:
                 arr = buf[rows]

@@ -22,7 +22,8 @@ class RunnerOutput(NamedTuple):
     """What one burn-in pass returns. ``B`` is the model's fixed batch, ``T`` the window length."""
 
     outputs: Any
-    """Model outputs on steps ``[burn_in, T)``, same structure as the model's output; each ``[B, T - burn_in, ...]``."""
+    """Model outputs on steps ``[burn_in, T)``, same structure as the model's output; each ``[B, T - burn_in, ...]``.
+    Only the first ``gradient_steps`` of them carry gradient."""
     burn_in_state: TensorState
     """Recurrent state before step ``burn_in`` (after the burn-in prefix)."""
     offset_states: tuple[TensorState, ...]
@@ -34,19 +35,28 @@ class RunnerOutput(NamedTuple):
 class BurnInRunner:
     """Run a fixed-batch stateful Keras model over a window with an R2D2 burn-in.
 
-    Timeline of one window of ``T`` steps (``b = burn_in``)::
+    Timeline of one window of ``T`` steps (``b = burn_in``, ``g = gradient_steps``)::
 
-        step:   0 ........ b-1 | b ................ T-1
-                restore    burn-in (no gradient)  | unroll (caller's GradientTape)
-                stored     state flows only        outputs returned
-                state      through the variables
+        step:   0 ........ b-1 | b ............. b+g-1 | b+g ....... T-1
+                burn-in        | unroll                | tail
+                no gradient    | caller's tape records | no gradient
+                outputs dropped| outputs returned      | outputs returned, stopped
 
-    The state before step 0 is restored into the model's stateful RNN layers,
-    steps ``[0, b)`` run with their inputs behind ``tf.stop_gradient`` and their
-    outputs dropped, and steps ``[b, T)`` run normally so that a tape around the
-    call records them. The sequence is cut at ``b`` and at each of
-    ``state_offsets``; cutting is exact because a stateful layer carries its
-    state across calls (tested bit for bit).
+    The state before step 0 is restored into the model's stateful RNN layers.
+    The burn-in runs with its inputs behind ``tf.stop_gradient`` and its
+    outputs dropped; between calls the state flows only through the layers'
+    state variables, which a tape does not differentiate through, so no
+    gradient reaches the burn-in. The unroll is one model call, so back-
+    propagation through time covers all of it. The optional tail (for n-step
+    bootstrap targets) runs after it without gradient. ``gradient_steps=None``
+    makes the unroll run to the end (no tail).
+
+    ``state_offsets`` asks for the state before chosen window steps. Offsets in
+    the burn-in or the tail cost nothing: those parts are cut there, which is
+    exact (a stateful layer carries its state across calls; tested bit for
+    bit). Cutting the unroll would cut the gradient, so offsets inside it are
+    recomputed by a second, gradient-free pass from the burned-in state, which
+    costs the forward pass up to the last such offset.
 
     A per-step validity ``mask [B, T]`` is passed to the model; masked steps
     leave the state unchanged, so a left-padded window with a zero stored
@@ -62,8 +72,10 @@ class BurnInRunner:
     Args:
         model: a Keras model (or a single layer) with fixed-batch stateful RNN layers.
         burn_in: number of leading steps run without gradient.
-        state_offsets: extra window positions at which to return the state
-            (for stored-state refresh and ΔQ). Each must be ``<= T`` at call time.
+        gradient_steps: number of steps after the burn-in that the caller's tape
+            records; the rest (the tail) runs without gradient. None: all of them.
+        state_offsets: window positions at which to also return the state (for
+            stored-state refresh and ΔQ). Each must be ``<= T`` at call time.
         jit_compile: compile with XLA. Results then match the eager ones only
             to about 1e-6 relative, not bitwise.
         allow_stateless: accept a model with no stateful RNN layer (states are then ``()``).
@@ -74,6 +86,7 @@ class BurnInRunner:
         model: keras.layers.Layer,
         *,
         burn_in: int,
+        gradient_steps: int | None = None,
         state_offsets: Sequence[int] = (),
         jit_compile: bool = False,
         allow_stateless: bool = False,
@@ -89,6 +102,13 @@ class BurnInRunner:
             offsets.append(int(o))
         if len(set(offsets)) != len(offsets):
             raise ValueError(f"state_offsets: expected distinct offsets, got {tuple(offsets)}")
+        if gradient_steps is not None and (
+            isinstance(gradient_steps, bool)
+            or not isinstance(gradient_steps, (int, np.integer))
+            or gradient_steps < 1
+        ):
+            raise ValueError(f"gradient_steps: expected None or an int >= 1, got {gradient_steps!r}")
+        self.gradient_steps = None if gradient_steps is None else int(gradient_steps)
         self.model = model
         self.burn_in = int(burn_in)
         self.state_offsets = tuple(offsets)
@@ -127,7 +147,7 @@ class BurnInRunner:
             self.check_masking(inputs)
         return self._compiled(inputs, states, mask)
 
-    def run(self, inputs: Any, states: Any = None, mask: Any = None) -> RunnerOutput:
+    def run(self, inputs: Any, states: Any = None, *, mask: Any = None) -> RunnerOutput:
         """The same pass without compiling it; for use inside the caller's ``tf.function``."""
         return self._pass(inputs, states, mask)
 
@@ -186,10 +206,11 @@ class BurnInRunner:
                 raise ValueError(
                     f"inputs[{i}]: expected {length} time steps like inputs[0], got {x.shape[1]}"
                 )
-        if self.burn_in > length or any(o > length for o in self.state_offsets):
+        needed = self.burn_in + (self.gradient_steps or 0)
+        if needed > length or any(o > length for o in self.state_offsets):
             raise ValueError(
-                f"inputs: {length} time steps is shorter than burn_in={self.burn_in} "
-                f"or state_offsets={self.state_offsets}"
+                f"inputs: {length} time steps is shorter than burn_in={self.burn_in} (+ gradient_steps="
+                f"{self.gradient_steps}) or state_offsets={self.state_offsets}"
             )
         specs = getattr(self.model, "inputs", None)
         if specs and len(specs) == len(converted):
@@ -246,30 +267,50 @@ class BurnInRunner:
             masks = tf.nest.map_structure(lambda _: mask, inputs)
             return self.model(inputs, mask=masks, training=False)
 
+    def _segments(self, inputs: Any, mask: Any, cuts: list[int], *, gradient: bool, at: dict) -> list[Any]:
+        """Run the model over consecutive segments between ``cuts``; record the state after each."""
+        outputs = []
+        for start, stop in itertools.pairwise(cuts):
+            seg = tf.nest.map_structure(lambda x, a=start, b=stop: x[:, a:b], inputs)
+            if not gradient:
+                seg = tf.nest.map_structure(tf.stop_gradient, seg)
+            out = self._call_model(seg, None if mask is None else mask[:, start:stop])
+            outputs.append(out if gradient else tf.nest.map_structure(tf.stop_gradient, out))
+            at[stop] = self._read()
+        return outputs
+
     def _pass(self, inputs: Any, states: Any, mask: Any) -> RunnerOutput:
         length = int(tf.nest.flatten(inputs)[0].shape[1])
+        burn_in = self.burn_in
+        grad_end = length if self.gradient_steps is None else burn_in + self.gradient_steps
         if states is None:
             self._zero()
         else:
             self._write(states)
-        cuts = sorted({0, length, self.burn_in, *self.state_offsets})
-        at: dict[int, TensorState] = {0: self._read()} if 0 in (self.burn_in, *self.state_offsets) else {}
-        outputs = []
-        for start, stop in itertools.pairwise(cuts):
-            seg = tf.nest.map_structure(lambda x, a=start, b=stop: x[:, a:b], inputs)
-            seg_mask = None if mask is None else mask[:, start:stop]
-            if stop <= self.burn_in:
-                self._call_model(tf.nest.map_structure(tf.stop_gradient, seg), seg_mask)
-            else:
-                outputs.append(self._call_model(seg, seg_mask))
-            at[stop] = self._read()
-        if outputs:
-            joined = tf.nest.map_structure(lambda *xs: tf.concat(xs, axis=1), *outputs)
-        else:
-            joined = None
+        at: dict[int, TensorState] = {0: self._read()}
+        offsets = self.state_offsets
+        # Burn-in and tail may be cut anywhere: no gradient crosses them anyway.
+        burn_cuts = sorted({0, burn_in, *(o for o in offsets if o < burn_in)})
+        self._segments(inputs, mask, burn_cuts, gradient=False, at=at)
+        outputs = (
+            self._segments(inputs, mask, [burn_in, grad_end], gradient=True, at=at)
+            if grad_end > burn_in
+            else []
+        )
+        tail_cuts = sorted({grad_end, length, *(o for o in offsets if o > grad_end)})
+        outputs += self._segments(inputs, mask, tail_cuts, gradient=False, at=at)
+        final = at[length]
+        inside = sorted(o for o in offsets if burn_in < o < grad_end)
+        if inside:
+            # A gradient-free replay of the unroll from the burned-in state, cut at the
+            # requested offsets; then the final state goes back into the variables.
+            self._write(at[burn_in])
+            self._segments(inputs, mask, [burn_in, *inside], gradient=False, at=at)
+            self._write(final)
+        joined = tf.nest.map_structure(lambda *xs: tf.concat(xs, axis=1), *outputs) if outputs else None
         return RunnerOutput(
             outputs=joined,
-            burn_in_state=at[self.burn_in],
-            offset_states=tuple(at[o] for o in self.state_offsets),
-            final_state=at[length],
+            burn_in_state=at[burn_in],
+            offset_states=tuple(at[o] for o in offsets),
+            final_state=final,
         )

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 __all__ = [
     "RecurrentState",
+    "StateStructureError",
     "broadcast_row",
     "get_states",
     "guard_batch_size",
@@ -101,11 +102,16 @@ def get_states(model: keras.layers.Layer) -> RecurrentState:
     )
 
 
+class StateStructureError(ValueError, TypeError):
+    """``states`` is not structured like a RecurrentState. A ValueError (the state
+    API's contract: a mismatch is a ValueError) that is also a TypeError."""
+
+
 def _validated(model: keras.layers.Layer, states: Any) -> list[tuple[list[Any], list[np.ndarray]]]:
     """Check ``states`` against the layers of ``model``; return (variables, arrays) pairs."""
     layers = stateful_layers(model)
     if not isinstance(states, Sequence) or isinstance(states, (str, bytes)):
-        raise TypeError(
+        raise StateStructureError(
             f"states: expected a RecurrentState (a tuple with one tuple of arrays per "
             f"stateful layer), got {type(states).__name__}"
         )
@@ -119,7 +125,7 @@ def _validated(model: keras.layers.Layer, states: Any) -> list[tuple[list[Any], 
     for layer, entry in zip(layers, states):
         variables = _state_variables(layer)
         if not isinstance(entry, Sequence) or isinstance(entry, (str, bytes)):
-            raise TypeError(
+            raise StateStructureError(
                 f"states for layer {layer.name!r}: expected a tuple of {len(variables)} "
                 f"arrays, got {type(entry).__name__}"
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import gymnasium
 import numpy as np
 import pytest
 
@@ -315,3 +316,70 @@ def test_config_fields_all_documented():
     docs = R2D2Config.field_docs()
     assert set(docs) == {f.name for f in dataclasses.fields(R2D2Config)}
     assert all(docs.values())
+
+
+def test_delta_q_uses_burn_in_offset_first_and_the_last_available_state():
+    """ΔQ_first reads the actor's state at offset burn_in; ΔQ_last the largest offset that has one."""
+    config = small_config()  # burn_in 4, period 4, length 14: candidate offsets 4, 8, 12
+    learner, _, replay, _ = filled(config, 150)
+    assert learner.delta_q_offsets == (4, 8, 12)
+    offsets = learner.extra_state_offsets
+    batch = replay.sample(config.batch_size, extra_state_offsets=offsets)
+    inputs = [batch.observation, batch.prev_action, batch.prev_reward]
+    probe = burnin.BurnInRunner(learner.online, burn_in=config.burn_in, state_offsets=offsets)
+    exact = [
+        tuple(tuple(a.numpy() for a in e) for e in s)
+        for s in probe(inputs, batch.state, mask=batch.mask).offset_states
+    ]
+    rng = np.random.default_rng(0)
+    noise = [
+        tuple(tuple(a + rng.standard_normal(a.shape).astype(np.float32) for a in e) for e in s) for s in exact
+    ]
+    # Offset 4: a wrong state (ΔQ_first > 0). Offset 8: exact and available. Offset 12: wrong, unavailable.
+    states = (noise[0], exact[1], noise[2])
+    avail = np.zeros((config.batch_size, 3), bool)
+    avail[:, :2] = batch.mask[:, [4, 8]]
+    batch = batch._replace(extra_actor_states=states, extra_states=states, extra_state_mask=avail)
+    step = learner.update(batch)
+    assert step.delta_q_first > 1e-3
+    assert step.delta_q_last == pytest.approx(0.0, abs=1e-6)
+
+
+def test_actor_stores_final_observations_under_truncation():
+    """NEXT_STEP autoreset through the Actor: truncated episodes end with the env's final observation."""
+    from agents.envs import MaskedCartPoleVectorEnv
+
+    config = small_config(burn_in=2, unroll=4, period=2, n_step=1)
+    env = MaskedCartPoleVectorEnv(num_envs=4, max_episode_steps=6)
+    replay = make_replay(config, 2, 2)
+    actor = Actor(config, env, replay=replay, seed=0)
+    finals, lengths = set(), []
+    original_step = env.step
+
+    def step(action):
+        out = original_step(action)
+        for row in np.flatnonzero(out[2] | out[3]):
+            finals.add(tuple(out[0][row]))  # the final observation gymnasium returns
+        return out
+
+    env.step = step
+    for _ in range(40):
+        lengths += [length for _, _, length in actor.step()]
+    assert lengths and max(lengths) == 6 and all(1 <= n <= 6 for n in lengths)
+    assert actor.env_steps == sum(lengths) + int(actor.episode_length.sum())  # autoreset steps not counted
+    batch = replay._windows(replay._live_keys())
+    stored_finals = {tuple(o) for o in batch.observation[batch.final]}
+    assert stored_finals and stored_finals <= finals
+    assert not (batch.learn_mask & batch.final).any()
+    # A truncated episode bootstraps: the step before its final observation keeps discount 1.
+    before_final = np.roll(batch.final, -1, axis=1) & batch.mask & ~batch.final
+    truncated_rows = before_final & ~np.roll(batch.terminal, -1, axis=1)
+    assert truncated_rows.any() and (batch.discount[truncated_rows] == 1).all()
+
+
+def test_actor_rejects_same_step_autoreset():
+    config = small_config()
+    env = make_vector_env(4, seed=0)
+    env.metadata = {**env.metadata, "autoreset_mode": gymnasium.vector.AutoresetMode.SAME_STEP}
+    with pytest.raises(ValueError, match="env: autoreset mode .*SAME_STEP.*expected NEXT_STEP"):
+        Actor(config, env)

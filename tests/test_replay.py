@@ -81,7 +81,10 @@ def final_ids_by_lane(stream: list[str]) -> dict[int, set[int]]:
     for call in stream:
         if call.startswith("close:"):
             for lane in (int(x) for x in call[6:].split(",")):
-                if lane in last and last[lane][1] != "F":
+                if lane in last and last[lane][1] == "T":
+                    final.setdefault(lane, set()).add(0)  # a zero final observation is stored
+                    last[lane] = (0, "F")
+                elif lane in last and last[lane][1] != "F":
                     final.setdefault(lane, set()).add(last[lane][0])
                     last[lane] = (last[lane][0], "F")
         elif call not in ("keys", "stale"):
@@ -245,6 +248,22 @@ CASES = [
         stats={"stale_updates": 3, "priority_updates": 0, "early_evictions": 0},
     ),
     Case(
+        # close_lanes right after a termination, before the final observation arrived: a zero
+        # final observation (id 0) is stored, so step 3 keeps its action, reward and discount 0.
+        name="close_lanes_after_termination",
+        spec=S2,
+        stream=["0:1", "0:2", "0:3T", "close:0", "0:11", "0:12", "0:13"],
+        counts=[0, 0, 1, 2, 2, 2, 3],
+        windows=[
+            W(0, obs="- 1 2 3", act="- 1 2 3", disc="- 1 1 0", prev="- 0 1 2", learn=".xx.", term="....",
+              state=None),
+            W(0, obs="2 3 0 -", act="2 3 0 -", disc="1 0 0 -", prev="1 2 3 -", learn=".x..", term="..x.",
+              state=2),
+            W(0, obs="- 11 12 13", act="- 11 12 13", disc="- 1 1 1", prev="- 0 11 12", learn=".xx.", term="....",
+              state=None),
+        ],
+    ),
+    Case(
         # close_lanes mid-episode: the last stored step (3) becomes the final observation of a
         # truncated episode, so T = 2 and only window k=0 exists; step 2 now bootstraps
         # (discount 1); the next add starts a new episode.
@@ -384,6 +403,12 @@ class Reference:
     def close(self, lane: int) -> None:
         steps, eps = self.steps[lane], self.episodes[lane]
         if not eps or eps[-1][1] is not None:
+            return
+        if self.pending[lane] and steps[-1]["term"]:
+            # Terminated, final observation not yet added: the replay stores a zero one.
+            steps.append({"id": 0, "action": 0, "reward": 0.0, "term": False, "trunc": False, "final": True})
+            eps[-1][1] = len(steps) - 1
+            self.pending[lane] = False
             return
         last = len(steps) - 1
         steps[last].update(action=0, reward=0.0, term=False, trunc=False, final=True)

@@ -187,6 +187,34 @@ def test_update_states_refreshes_by_key_and_nothing_else() -> None:
     assert replay.stats()["state_updates"] == 5
 
 
+def test_actor_states_survive_a_refresh(tmp_path) -> None:
+    """With keep_actor_states, refreshed slots still report the actor's original state; without, they match."""
+    replay = replay_for(S2, keep_actor_states=True)
+    long_episode(replay, 0, 1, 12)
+    keys = replay._live_keys()
+    untouched = replay._windows(keys, extra_state_offsets=[2])
+    for a, b in zip(untouched.extra_actor_states[0][0], untouched.extra_states[0][0]):
+        np.testing.assert_array_equal(a, b)
+    replay.update_states(keys, [2], (state_of(100 + np.arange(keys.size)),))
+    batch = replay._windows(keys, extra_state_offsets=[2])
+    np.testing.assert_array_equal(batch.extra_states[0][0][0][:, 0], 100 + np.arange(5))
+    for got, want in zip(batch.extra_actor_states[0][0], untouched.extra_states[0][0]):
+        np.testing.assert_array_equal(got, want)  # the actor's states: ids 2, 4, ... as added
+    for got, want in zip(batch.actor_state[0], untouched.state[0]):
+        np.testing.assert_array_equal(got, want)
+    replay.save(tmp_path / "r.npz")
+    loaded = SequenceReplay.load(tmp_path / "r.npz")
+    assert loaded.config.keep_actor_states
+    again = loaded._windows(keys, extra_state_offsets=[2])
+    for got, want in zip(again.extra_actor_states[0][0], batch.extra_actor_states[0][0]):
+        np.testing.assert_array_equal(got, want)
+    plain = replay_for(S2)
+    long_episode(plain, 0, 1, 12)
+    plain.update_states(keys, [2], (state_of(100 + np.arange(keys.size)),))
+    b2 = plain._windows(keys, extra_state_offsets=[2])
+    assert b2.extra_actor_states is b2.extra_states and b2.actor_state is b2.state
+
+
 def test_update_states_skips_evicted_windows_and_missing_states() -> None:
     replay = replay_for(S2, capacity=7)
     long_episode(replay, 0, 1, 8)  # live k=1..3 (k=0 and k=1 read step 0: k=0, k=1 evicted at step 7)
@@ -240,11 +268,15 @@ def test_registering_again_closes_the_owners_open_episodes() -> None:
     np.testing.assert_array_equal(again, lanes)
     stats = replay.stats()
     assert stats["open_episodes"] == 0 and stats["episodes_completed"] == 2
-    # Both last steps became final observations of truncated episodes; the step before bootstraps.
+    # Lane 0 had terminated: it gets a zero final observation and keeps its terminal step 3.
+    # Lane 1 was mid-episode: its last step became the final observation of a truncated
+    # episode, and the step before it bootstraps.
     batch = replay._windows(replay._live_keys())
-    np.testing.assert_array_equal(batch.observation[:, :, 0], [[0, 1, 2, 3], [0, 11, 12, 13]])
-    np.testing.assert_array_equal(batch.discount, [[0, 1, 1, 0], [0, 1, 1, 0]])
-    np.testing.assert_array_equal(batch.terminal, np.zeros((2, 4), bool))
+    np.testing.assert_array_equal(batch.observation[:, :, 0], [[0, 1, 2, 3], [2, 3, 0, 0], [0, 11, 12, 13]])
+    np.testing.assert_array_equal(batch.discount, [[0, 1, 1, 0], [1, 0, 0, 0], [0, 1, 1, 0]])
+    np.testing.assert_array_equal(batch.reward[1], [20, 30, 0, 0])
+    np.testing.assert_array_equal(batch.terminal, [[0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(batch.final, [[0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
     # The restarted writer starts new episodes: its first add is step 0, not a final observation.
     play(replay, ["0:21 1:31", "0:22 1:32", "0:23 1:33"])
     keys = replay._live_keys()

@@ -149,6 +149,66 @@ def test_no_gradient_reaches_burn_in(burn_in, mode, rng):
         np.testing.assert_allclose(g.numpy(), r.numpy(), rtol=1e-6, atol=1e-7)
 
 
+def unroll_gradients(runner, mode, x, start):
+    """d loss / d (inputs, weights) for loss = Σ outputs² over the differentiable steps."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = run(runner, mode, x, start)
+        steps = runner.gradient_steps or out.outputs.shape[1]
+        loss = tf.reduce_sum(tf.square(out.outputs[:, :steps]))
+    return out, tape.gradient(loss, [x, *runner.model.trainable_variables])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("offsets", [(5,), (4, 7, 9), (2, 6, T)])
+def test_offsets_inside_the_unroll_do_not_cut_the_gradient(offsets, mode, rng):
+    """Asking for states inside the unroll changes neither outputs nor gradients, bit for bit."""
+    model = stacked_model()
+    x = tf.constant(rng.standard_normal((4, T, 3)).astype(np.float32))
+    start = random_state(model, rng)
+    plain_out, plain = unroll_gradients(burnin.BurnInRunner(model, burn_in=3), mode, x, start)
+    runner = burnin.BurnInRunner(model, burn_in=3, state_offsets=offsets)
+    out, grads = unroll_gradients(runner, mode, x, start)
+    np.testing.assert_array_equal(out.outputs.numpy(), plain_out.outputs.numpy())
+    for g, p in zip(grads, plain):
+        np.testing.assert_array_equal(g.numpy(), p.numpy())
+    # The loss at the last step still reaches inputs before every offset (full BPTT).
+    first_inside = min(o for o in offsets if o > 3)
+    assert np.abs(grads[0].numpy()[:, 3:first_inside]).max() > 0
+    # The offset states are still exact, and the model ends in the final state.
+    for o, state in zip(offsets, out.offset_states):
+        _, expected = reference(model, x.numpy()[:, :o], start)
+        assert_states_equal(np_states(state), expected)
+    _, final = reference(model, x.numpy(), start)
+    assert_states_equal(np_states(out.final_state), final)
+    runner_final = run(runner, mode, x, start).final_state
+    assert_states_equal(burnin.get_states(model), np_states(runner_final))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tail_runs_without_gradient(mode, rng):
+    model = lstm_model()
+    x = tf.constant(rng.standard_normal((4, T, 3)).astype(np.float32))
+    start = random_state(model, rng)
+    full, final = reference(model, x.numpy(), start)
+    runner = burnin.BurnInRunner(model, burn_in=2, gradient_steps=6, state_offsets=(10,))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        out = run(runner, mode, x, start)
+        head = tf.reduce_sum(tf.square(out.outputs[:, :6]))
+        tail = tf.reduce_sum(tf.square(out.outputs[:, 6:]))
+    np.testing.assert_array_equal(out.outputs.numpy(), full[:, 2:])
+    assert_states_equal(np_states(out.final_state), final)
+    # The tail reaches no weight (zeros, not None: the concatenation links it to the unroll).
+    assert all(g is None or not np.any(g.numpy()) for g in tape.gradient(tail, model.trainable_variables))
+    grad_x = tape.gradient(head, x).numpy()
+    assert not grad_x[:, :2].any() and not grad_x[:, 8:].any() and grad_x[:, 2:8].any()
+    # Same weight gradients as a runner without a tail, on the same 6 steps.
+    _, plain = unroll_gradients(burnin.BurnInRunner(model, burn_in=2), mode, x[:, :8], start)
+    for g, p in zip(tape.gradient(head, model.trainable_variables), plain[1:]):
+        np.testing.assert_array_equal(g.numpy(), p.numpy())
+
+
 def test_trace_count_stays_one(rng):
     model = stacked_model()
     runner = burnin.BurnInRunner(model, burn_in=3, state_offsets=(6,))
@@ -234,6 +294,11 @@ BAD_CONSTRUCT = {
         "state_offsets: expected ints >= 0, got -2",
     ),
     "duplicate_offsets": ({"burn_in": 1, "state_offsets": (3, 3)}, ValueError, "expected distinct offsets"),
+    "gradient_steps": (
+        {"burn_in": 1, "gradient_steps": 0},
+        ValueError,
+        "gradient_steps: expected None or an int >= 1, got 0",
+    ),
 }
 
 

@@ -283,8 +283,13 @@ BAD_CALLS = {
     "not_a_model": (lambda m: burnin.get_states(np.zeros(3)), TypeError, "expected a keras.Model"),
     "states_not_sequence": (
         lambda m: burnin.set_states(m, 3.0),
-        TypeError,
+        ValueError,  # a StateStructureError, also a TypeError
         "states: expected a RecurrentState",
+    ),
+    "entry_is_one_array": (
+        lambda m: burnin.set_states(m, (np.zeros((2, 4, 8), np.float32),)),
+        ValueError,
+        "states for layer 'lstm': expected a tuple of 2 arrays, got ndarray",
     ),
     "rows_out_of_range": (
         lambda m: burnin.reset_rows(m, [0, 4]),
@@ -317,6 +322,13 @@ def test_bad_calls_raise(case):
     call, error, message = BAD_CALLS[case]
     with pytest.raises(error, match=message):
         call(model)
+
+
+def test_structure_errors_are_value_and_type_errors():
+    model = lstm_model()
+    with pytest.raises(TypeError):
+        burnin.set_states(model, 3.0)
+    assert issubclass(burnin.state.StateStructureError, ValueError)
 
 
 def test_unbuilt_layer_is_reported():
