@@ -848,27 +848,35 @@ class TrainLoop:
         """
         final = Path(directory)
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        previous = _previous(final)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        _atomic_savez(tmp / "learner.npz", self.learner.state_dict())
-        self.replay.save(tmp / "replay.npz")
-        meta = {
-            "format": CHECKPOINT_FORMAT,
-            "config": self.config.to_json(),
-            "seed": self.seed,
-            "credit": self.credit,
-            "resumes": self.resumes,
-            "actor": self.actor.state_dict(),
-            "extra": extra or {},
-        }
-        _atomic_write_text(tmp / "loop.json", json.dumps(meta, indent=1, sort_keys=True))
-        _fsync_dir(tmp)
+        try:
+            _atomic_savez(tmp / "learner.npz", self.learner.state_dict())
+            self.replay.save(tmp / "replay.npz")
+            meta = {
+                "format": CHECKPOINT_FORMAT,
+                "config": self.config.to_json(),
+                "seed": self.seed,
+                "credit": self.credit,
+                "resumes": self.resumes,
+                "actor": self.actor.state_dict(),
+                "extra": extra or {},
+            }
+            _atomic_write_text(tmp / "loop.json", json.dumps(meta, indent=1, sort_keys=True))
+            _fsync_dir(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # the last good checkpoint stays as it was
+            raise
         if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
+            # Between these two renames the good checkpoint lives at `previous`;
+            # load() falls back to it, so a crash here loses nothing.
+            if previous.exists():
+                shutil.rmtree(previous)
+            os.replace(final, previous)
             os.replace(tmp, final)
-            shutil.rmtree(old)
+            shutil.rmtree(previous)
         else:
             os.replace(tmp, final)
         _fsync_dir(final.parent)
@@ -882,6 +890,8 @@ class TrainLoop:
         time are then closed in the replay as truncated, so no window spans the gap.
         """
         path = Path(directory)
+        if not path.exists() and (_previous(path) / "loop.json").is_file():
+            path = _previous(path)  # save() was interrupted between its two renames
         meta_path = path / "loop.json"
         if not meta_path.is_file():
             raise ValueError(f"checkpoint: {path} has no loop.json (not a complete checkpoint)")
@@ -924,6 +934,11 @@ class TrainLoop:
 CHECKPOINT_FORMAT = 1
 
 
+def _previous(final: Path) -> Path:
+    """Where save() keeps the last good checkpoint while it swaps in the new one."""
+    return final.with_name(f".{final.name}.previous")
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -934,11 +949,15 @@ def _fsync_dir(path: Path) -> None:
 
 def _atomic_write_bytes(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:

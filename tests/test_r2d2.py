@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import gymnasium
 import numpy as np
@@ -190,6 +191,28 @@ def test_save_is_atomic_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
         loop.save(tmp_path / "ckpt")
     after = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
     assert after == before
+
+
+def test_crash_between_the_renames_loses_nothing(tmp_path, monkeypatch):
+    config = small_config()
+    loop, _ = run_loop(config, 5)
+    loop.save(tmp_path / "ckpt")
+    loop.iterate()
+    real_replace = os.replace
+
+    def crash_on_second(src, dst):
+        if str(dst) == str(tmp_path / "ckpt"):  # the new checkpoint's final rename
+            raise KeyboardInterrupt("power cut")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        loop.save(tmp_path / "ckpt")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not (tmp_path / "ckpt").exists()
+    fresh = TrainLoop(config, make_vector_env(4, seed=0), seed=0)
+    fresh.load(tmp_path / "ckpt")  # falls back to the previous good checkpoint
+    assert fresh.actor.steps == 5  # the state of the first save, not the interrupted one
 
 
 @pytest.mark.parametrize("core", ["lstm", "dense"])
