@@ -222,10 +222,11 @@ def test_loop_trains_both_cores(core):
     assert loop.replay.num_sampleable > 0
 
 
-def test_refresh_writes_the_recomputed_states_back():
+@pytest.mark.parametrize("seed", [0, 3])
+def test_refresh_writes_the_recomputed_states_back(seed):
     """After an update, the replay holds the learner's recomputed states at the later windows' starts."""
-    config = small_config(refresh_states=True)
-    learner, _, replay, _ = filled(config, 150)
+    config = small_config(refresh_states=True, batch_size=16)
+    learner, _, replay, _ = filled(config, 150, seed=seed)
     # The actor acted with these very weights, so a refresh would rewrite identical states
     # (bit for bit); move the learner's parameters so the recomputed states differ.
     learner.online.set_weights([w * 1.05 for w in learner.online.get_weights()])
@@ -235,17 +236,32 @@ def test_refresh_writes_the_recomputed_states_back():
     # The states the update will recompute: same parameters, same window, before the optimizer step.
     inputs = [batch.observation, batch.prev_action, batch.prev_reward]
     probe = burnin.BurnInRunner(learner.online, burn_in=config.burn_in, state_offsets=offsets)
-    expected = probe(inputs, batch.state, mask=batch.mask).offset_states
+    recomputed = probe(inputs, batch.state, mask=batch.mask).offset_states
+    # Where each (row, offset) writes: (lane, lane position). Windows k and k+1 of one
+    # episode in the same batch name the same stored state; the last (offset, row) wins.
+    slots = batch.keys % replay._num_slots
+    lanes, starts = slots // replay.config.windows_per_lane, replay._win[slots, 0]
+    written_at: dict[tuple[int, int], np.ndarray] = {}
+    for k, o in enumerate(offsets):
+        for row in np.flatnonzero(batch.extra_state_mask[:, k]):
+            written_at[(int(lanes[row]), int(starts[row]) + o)] = recomputed[k][0][0].numpy()[row]
     written = learner.update(batch, replay=replay).refreshed
-    assert written == int(batch.extra_state_mask.sum())
+    assert written == len(written_at) > 0
     after = replay._windows(batch.keys, extra_state_offsets=offsets)
+    checked = 0
+    for row in range(config.batch_size):
+        for k, o in enumerate((0, *offsets)):
+            got = after.state[0][0][row] if o == 0 else after.extra_states[k - 1][0][0][row]
+            before = batch.state[0][0][row] if o == 0 else batch.extra_states[k - 1][0][0][row]
+            want = written_at.get((int(lanes[row]), int(starts[row]) + o), before)
+            np.testing.assert_array_equal(got, want)
+            checked += (int(lanes[row]), int(starts[row]) + o) in written_at
+            if o and batch.extra_state_mask[row, k - 1]:
+                assert not np.array_equal(got, before)  # the actor's state was replaced
+    assert checked >= written
+    # The actor's own states are kept beside them for ΔQ, unchanged.
     for k in range(len(offsets)):
-        have = batch.extra_state_mask[:, k]
-        for got, want, before in zip(after.extra_states[k][0], expected[k][0], batch.extra_states[k][0]):
-            np.testing.assert_array_equal(got[have], want.numpy()[have])
-            assert not np.array_equal(got[have], before[have])  # the actor's states were replaced
-    for got, before in zip(after.state[0], batch.state[0]):
-        np.testing.assert_array_equal(got, before)  # the windows' own start states are untouched
+        np.testing.assert_array_equal(after.extra_actor_states[k][0][0], batch.extra_actor_states[k][0][0])
     np.testing.assert_array_equal(after.observation, batch.observation)
 
 
