@@ -242,13 +242,15 @@ def test_refresh_writes_the_recomputed_states_back(seed):
     slots = batch.keys % replay._num_slots
     lanes, starts = slots // replay.config.windows_per_lane, replay._win[slots, 0]
     written_at: dict[tuple[int, int], np.ndarray] = {}
+    writes = 0  # update_states counts distinct stored states per offset
     for k, o in enumerate(offsets):
-        for row in np.flatnonzero(batch.extra_state_mask[:, k]):
+        rows = np.flatnonzero(batch.extra_state_mask[:, k])
+        writes += len({(int(lanes[r]), int(starts[r]) + o) for r in rows})
+        for row in rows:
             written_at[(int(lanes[row]), int(starts[row]) + o)] = recomputed[k][0][0].numpy()[row]
-    written = learner.update(batch, replay=replay).refreshed
-    assert written == len(written_at) > 0
+    assert learner.update(batch, replay=replay).refreshed == writes > 0
     after = replay._windows(batch.keys, extra_state_offsets=offsets)
-    checked = 0
+    checked = changed = 0
     for row in range(config.batch_size):
         for k, o in enumerate((0, *offsets)):
             got = after.state[0][0][row] if o == 0 else after.extra_states[k - 1][0][0][row]
@@ -256,9 +258,8 @@ def test_refresh_writes_the_recomputed_states_back(seed):
             want = written_at.get((int(lanes[row]), int(starts[row]) + o), before)
             np.testing.assert_array_equal(got, want)
             checked += (int(lanes[row]), int(starts[row]) + o) in written_at
-            if o and batch.extra_state_mask[row, k - 1]:
-                assert not np.array_equal(got, before)  # the actor's state was replaced
-    assert checked >= written
+            changed += not np.array_equal(got, before)
+    assert checked >= len(written_at) and changed > 0  # (a state at an episode start stays 0)
     # The actor's own states are kept beside them for ΔQ, unchanged.
     for k in range(len(offsets)):
         np.testing.assert_array_equal(after.extra_actor_states[k][0][0], batch.extra_actor_states[k][0][0])
