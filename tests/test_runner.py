@@ -20,7 +20,7 @@ def run(runner: burnin.BurnInRunner, mode: str, x, states=None, mask=None) -> bu
     """The runner's uncompiled pass run eagerly, or its compiled tf.function."""
     if mode == "eager":
         return runner.run(
-            tf.nest.map_structure(tf.constant, x), states, None if mask is None else tf.constant(mask)
+            tf.nest.map_structure(tf.constant, x), states, mask=None if mask is None else tf.constant(mask)
         )
     return runner(x, states, mask=mask)
 
