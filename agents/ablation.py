@@ -61,6 +61,24 @@ def _run_one(
     return train(args, config)
 
 
+def finished_summary(
+    strategy: str, seed: int, env_steps: int, run_dir: Path, extra: dict[str, Any]
+) -> dict | None:
+    """A finished run's summary from disk, if it ran this strategy, seed, budget and overrides; else None."""
+    path = run_dir / f"{strategy}-s{seed}" / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    wanted = {**STRATEGIES[strategy][1], **extra}
+    recorded = {**summary.get("config", {}), **summary.get("args", {})}
+    same = all(recorded.get(k) == v for k, v in wanted.items())
+    budget = summary.get("args", {}).get("total_env_steps") == env_steps
+    if same and budget and summary.get("stop_reason") == "budget" and summary.get("seed") == seed:
+        return summary
+    return None
+
+
 def run_metrics(summary: dict[str, Any], *, solve_return: float = 475.0) -> dict[str, Any]:
     """ΔQ over the second half of training, final and best return, area under the return curve, steps to 475."""
     hist = summary["history"]
@@ -201,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FIELD=VALUE",
         help="extra R2D2Config or demo Args overrides (JSON values)",
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse finished runs found in --run-dir with the same strategy, seed, budget and overrides",
+    )
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers: expected >= 1, got {args.workers}")
@@ -214,6 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     jobs = [(s, seed) for seed in args.seeds for s in args.strategies]
     summaries: dict[str, dict[int, dict[str, Any]]] = {s: {} for s in args.strategies}
+    if args.resume:
+        for s, seed in list(jobs):
+            found = finished_summary(s, seed, args.env_steps, args.run_dir, extra)
+            if found is not None:
+                summaries[s][seed] = found
+                jobs.remove((s, seed))
+        print(f"resume: {sum(map(len, summaries.values()))} finished runs reused, {len(jobs)} to run")
     start = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")  # TensorFlow does not survive fork
     from tqdm import tqdm

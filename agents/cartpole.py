@@ -16,14 +16,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-__all__ = ["Args", "main", "parse_args", "train"]
+__all__ = [
+    "Args",
+    "History",
+    "main",
+    "parse_args",
+    "plot",
+    "run_dir",
+    "run_training",
+    "seed_everything",
+    "train",
+]
 
 
 def _arg(default: Any, doc: str) -> Any:
     return dataclasses.field(default=default, metadata={"doc": doc})
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Args:
     """Command-line arguments of the demo. Every R2D2Config field is also a flag (see --help)."""
 
@@ -42,6 +52,33 @@ class Args:
     deterministic: bool = _arg(True, "Enable TensorFlow op determinism (same seed, same run on the CPU).")
     actors: int = _arg(0, "Run N actor processes on Ray (0: everything in this process, Ray not imported).")
     address: str = _arg("", "Ray cluster address to join (default: start a local Ray).")
+
+    def __post_init__(self) -> None:
+        for name, minimum in (
+            ("seed", 0),
+            ("total_env_steps", 1),
+            ("eval_every", 1),
+            ("eval_episodes", 1),
+            ("checkpoint_every", 0),
+            ("actors", 0),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+            if value < minimum:
+                raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+        if isinstance(self.solve_return, bool) or not isinstance(self.solve_return, (int, float)):
+            raise TypeError(f"solve_return: expected a number, got {self.solve_return!r}")
+        for name in ("stop_when_solved", "progress", "deterministic"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
+        for name in ("name", "run_dir", "resume", "eval", "address"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name}: expected a str, got {getattr(self, name)!r}")
+        if not self.run_dir:
+            raise ValueError("run_dir: expected a directory path, got ''")
+        if self.address and not self.actors:
+            raise ValueError(f"address: {self.address!r} given but actors=0; expected --actors N with it")
 
 
 def _bool(text: str) -> bool:
@@ -200,22 +237,46 @@ def run_eval_only(args: Args, config) -> dict[str, Any]:
     return result
 
 
+def run_dir(args: Args, config) -> Path:
+    """RUN_DIR/NAME, created; NAME defaults to masked-cartpole-<core>[-a<actors>]-s<seed>."""
+    actors = f"-a{args.actors}" if args.actors else ""
+    name = args.name or f"masked-cartpole-{config.core}{actors}-s{args.seed}"
+    out_dir = Path(args.run_dir) / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
 def train(args: Args, config) -> dict[str, Any]:
     """Train, evaluate, checkpoint, plot; returns the JSON summary (also written to RUN_DIR/NAME/summary.json)."""
+    from agents.envs import MASKED_CARTPOLE_ID, make_vector_env
+    from agents.r2d2 import TrainLoop
+
+    out_dir = run_dir(args, config)
+    seed_everything(args.seed, deterministic=args.deterministic)
+    env = make_vector_env(config.num_envs, env_id=MASKED_CARTPOLE_ID, seed=args.seed)
+    try:
+        loop = TrainLoop(config, env, seed=args.seed)
+        title = f"R2D2 on masked CartPole ({config.core}, seed {args.seed})"
+        return run_training(args, config, loop, out_dir=out_dir, title=title)
+    finally:
+        env.close()
+
+
+def run_training(args: Args, config, loop, *, out_dir: Path, title: str) -> dict[str, Any]:
+    """The training run around ``loop``: resume, evals, progress, TensorBoard, checkpoints, summary and plot.
+
+    ``loop`` is a :class:`agents.r2d2.TrainLoop` or anything with its interface
+    (:class:`agents.distributed.DistributedLoop`): ``iterate()``, ``env_steps``,
+    ``learner``, ``replay.stats()``, ``save(dir, extra=)`` and ``load(dir)``.
+    """
     import tensorflow as tf
     from tqdm import tqdm
 
     from agents.envs import MASKED_CARTPOLE_ID, make_vector_env
-    from agents.r2d2 import Actor, TrainLoop, evaluate
+    from agents.r2d2 import Actor, evaluate
 
-    name = args.name or f"masked-cartpole-{config.core}-s{args.seed}"
-    out_dir = Path(args.run_dir) / name
-    out_dir.mkdir(parents=True, exist_ok=True)
+    name = out_dir.name
     ckpt_dir = out_dir / "checkpoint"
-    seed_everything(args.seed, deterministic=args.deterministic)
-
-    env = make_vector_env(config.num_envs, env_id=MASKED_CARTPOLE_ID, seed=args.seed)
-    loop = TrainLoop(config, env, seed=args.seed)
     history = History()
     wall_before = 0.0
     if args.resume:
@@ -230,6 +291,7 @@ def train(args: Args, config) -> dict[str, Any]:
     writer = tf.summary.create_file_writer(str(out_dir / "tb"))
 
     start = time.perf_counter()
+    start_env_steps, start_updates = loop.env_steps, loop.learner.num_updates
     recent = deque((r for _, r in history.episodes[-20:]), maxlen=20)
     solved_at = next((e["env_steps"] for e in history.evals if e["mean_return"] >= args.solve_return), None)
     next_eval = (loop.env_steps // args.eval_every + 1) * args.eval_every
@@ -335,33 +397,38 @@ def train(args: Args, config) -> dict[str, Any]:
         bar.write("interrupted: writing a final checkpoint")
     finally:
         bar.close()
+        eval_env.close()
     checkpoint()
     writer.flush()
-    wall = wall_before + time.perf_counter() - start
+    session = time.perf_counter() - start
+    wall = wall_before + session
     summary = {
         "name": name,
         "seed": args.seed,
         "stop_reason": stop_reason,
         "env_steps": loop.env_steps,
         "updates": loop.learner.num_updates,
-        "episodes": loop.actor.episodes,
+        "episodes": len(history.episodes),
         "solved_at_env_steps": solved_at,
         "final_eval_mean_return": history.evals[-1]["mean_return"] if history.evals else None,
         "best_eval_mean_return": max((e["mean_return"] for e in history.evals), default=None),
         "wall_time_s": wall,
+        "throughput": {
+            "session_s": session,
+            "env_steps_per_s": (loop.env_steps - start_env_steps) / session,
+            "updates_per_s": (loop.learner.num_updates - start_updates) / session,
+        },
         "replay": loop.replay.stats(),
         "config": config.to_json(),
         "args": dataclasses.asdict(args),
         "history": history.to_json(),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
-    plot(history, out_dir / "plot.png", f"R2D2 on masked CartPole ({config.core}, seed {args.seed})")
+    plot(history, out_dir / "plot.png", title)
     print(
         f"{stop_reason}: {loop.env_steps} env steps, {loop.learner.num_updates} updates, "
         f"solved at {solved_at}, wall {wall:.0f} s; outputs in {out_dir}"
     )
-    env.close()
-    eval_env.close()
     return summary
 
 

@@ -7,7 +7,8 @@ import enum
 import json
 import os
 import shutil
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -847,39 +848,22 @@ class TrainLoop:
         update credit, and ``extra`` (JSON, e.g. the caller's history).
         """
         final = Path(directory)
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        previous = _previous(final)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        try:
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.to_json(),
+            "seed": self.seed,
+            "credit": self.credit,
+            "resumes": self.resumes,
+            "actor": self.actor.state_dict(),
+            "extra": extra or {},
+        }
+
+        def fill(tmp: Path) -> None:
             _atomic_savez(tmp / "learner.npz", self.learner.state_dict())
             self.replay.save(tmp / "replay.npz")
-            meta = {
-                "format": CHECKPOINT_FORMAT,
-                "config": self.config.to_json(),
-                "seed": self.seed,
-                "credit": self.credit,
-                "resumes": self.resumes,
-                "actor": self.actor.state_dict(),
-                "extra": extra or {},
-            }
             _atomic_write_text(tmp / "loop.json", json.dumps(meta, indent=1, sort_keys=True))
-            _fsync_dir(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)  # the last good checkpoint stays as it was
-            raise
-        if final.exists():
-            # Between these two renames the good checkpoint lives at `previous`;
-            # load() falls back to it, so a crash here loses nothing.
-            if previous.exists():
-                shutil.rmtree(previous)
-            os.replace(final, previous)
-            os.replace(tmp, final)
-            shutil.rmtree(previous)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(final.parent)
+
+        write_checkpoint_dir(final, fill)
         return final
 
     def load(self, directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -889,9 +873,7 @@ class TrainLoop:
         of resumes) at the next :meth:`iterate`; episodes that were open at save
         time are then closed in the replay as truncated, so no window spans the gap.
         """
-        path = Path(directory)
-        if not path.exists() and (_previous(path) / "loop.json").is_file():
-            path = _previous(path)  # save() was interrupted between its two renames
+        path = readable_checkpoint(Path(directory), "loop.json")
         meta_path = path / "loop.json"
         if not meta_path.is_file():
             raise ValueError(f"checkpoint: {path} has no loop.json (not a complete checkpoint)")
@@ -937,6 +919,42 @@ CHECKPOINT_FORMAT = 1
 def _previous(final: Path) -> Path:
     """Where save() keeps the last good checkpoint while it swaps in the new one."""
     return final.with_name(f".{final.name}.previous")
+
+
+def write_checkpoint_dir(final: Path, fill: Callable[[Path], None]) -> None:
+    """Build a directory with ``fill(tmp)`` and swap it in for ``final`` atomically.
+
+    Between the two renames the last good checkpoint is at ``_previous(final)``;
+    :func:`readable_checkpoint` falls back to it, so a crash there loses nothing.
+    A failure inside ``fill`` leaves the last good checkpoint as it was.
+    """
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    previous = _previous(final)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        if previous.exists():
+            shutil.rmtree(previous)
+        os.replace(final, previous)
+        os.replace(tmp, final)
+        shutil.rmtree(previous)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def readable_checkpoint(path: Path, marker: str) -> Path:
+    """``path``, or the previous checkpoint if a save was interrupted between its two renames."""
+    if not path.exists() and (_previous(path) / marker).is_file():
+        return _previous(path)
+    return path
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Actor throughput on masked CartPole: the compiled stateful step against a naive per-step model.predict."""
+"""Actor throughput on masked CartPole: compiled step vs model.predict, or (--actors N ...) env steps/s vs Ray actors."""
 
 from __future__ import annotations
 
@@ -98,6 +98,55 @@ def measure(fn: Callable[[], int], seconds: float) -> float:
     return steps / (time.perf_counter() - start)
 
 
+def ray_scaling(
+    config, actor_counts: list[int], *, rounds: int, seconds: float, seed: int = 0
+) -> dict[str, Any]:
+    """Env steps/s of 1, 2, ... Ray actor workers pushing to one replay server (no learner, no rate limit).
+
+    The workers for the largest count are started once; a round runs, for each
+    count N (interleaved), the first N of them side by side for ``seconds``, and
+    an in-process actor with a local replay (no Ray) as the reference.
+    """
+    import ray
+
+    from agents.distributed import DistributedConfig, init_ray, spawn_server, spawn_workers
+    from agents.networks import build_q_network
+
+    most = max(actor_counts)
+    options = DistributedConfig(num_actors=most, rate_limited=False, checkpoint_seconds=0)
+    started = init_ray(num_cpus=max(os.cpu_count() or 1, most))
+    try:
+        name, server = spawn_server(config, options, obs_dim=2, num_actions=2, seed=seed)
+        weights = build_q_network(config.network(2, 2), batch_size=1, seed=seed).get_weights()
+        ray.get(server.publish.remote(1, [ray.put(weights)]))
+        workers = spawn_workers(config, options, name, seed=seed)
+        ray.get([w.run.remote(max_seconds=0.5) for w in workers])  # start-up and tracing
+        local = make_compiled(config, config.num_envs, seed)
+        for _ in range(3):
+            local()
+        rates: dict[str, list[float]] = {"in_process": [], **{str(n): [] for n in actor_counts}}
+        for _ in range(rounds):
+            rates["in_process"].append(measure(local, seconds))
+            for n in actor_counts:
+                results = ray.get([w.run.remote(max_seconds=seconds) for w in workers[:n]])
+                rates[str(n)].append(
+                    sum(r["run_env_steps"] for r in results) / max(r["run_s"] for r in results)
+                )
+        ray.get(server.stop.remote())
+        for actor in [*workers, server]:
+            ray.kill(actor)
+    finally:
+        if started:
+            ray.shutdown()
+    med = {k: float(np.median(v)) for k, v in rates.items()}
+    base = med[str(actor_counts[0])]
+    return {
+        "env_steps_per_s": med,
+        "all_env_steps_per_s": rates,
+        "speedup_vs_first": {str(n): med[str(n)] / base for n in actor_counts},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.actor_throughput", description=__doc__)
     parser.add_argument("--num-envs", type=int, default=16, help="envs per actor (network batch)")
@@ -105,14 +154,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per variant per round")
     parser.add_argument("--quick", action="store_true", help="CI run: 2 rounds of 0.5 s")
     parser.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
+    parser.add_argument(
+        "--actors",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="instead: env steps/s of N Ray actor workers (each --num-envs envs) for each N given",
+    )
     args = parser.parse_args(argv)
     if args.num_envs < 1:
         parser.error(f"--num-envs: expected >= 1, got {args.num_envs}")
+    if args.actors is not None and (not args.actors or min(args.actors) < 1):
+        parser.error(f"--actors: expected counts >= 1, got {args.actors}")
 
     from agents.r2d2 import R2D2Config
 
     config = R2D2Config(num_envs=args.num_envs)
     rounds, seconds = (2, 0.5) if args.quick else (args.rounds, args.seconds)
+    if args.actors is not None:
+        return _report_scaling(args, config, rounds, seconds)
     fns = {
         "compiled": make_compiled(config, args.num_envs, 0),
         "predict": make_predict(config, args.num_envs, 0),
@@ -135,16 +196,46 @@ def main(argv: list[str] | None = None) -> int:
         "all_env_steps_per_s": rates,
         "vs_predict": med["compiled"] / med["predict"],
         "network": {"core_units": config.core_units, "torso_units": list(config.torso_units)},
-        "machine": {
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-        },
+        "machine": _machine(),
     }
     print(f"actor on {args.num_envs} masked-CartPole envs, median of {rounds} interleaved rounds:")
     print(f"  compiled stateful step: {med['compiled']:>9.0f} env steps/s")
     print(f"  model.predict per step: {med['predict']:>9.0f} env steps/s")
     print(f"  vs_predict: {report['vs_predict']:.1f}x")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def _machine() -> dict[str, Any]:
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
+
+
+def _report_scaling(args: argparse.Namespace, config, rounds: int, seconds: float) -> int:
+    counts = sorted(set(args.actors))
+    result = ray_scaling(config, counts, rounds=rounds, seconds=seconds)
+    med = result["env_steps_per_s"]
+    report = {
+        "benchmark": "actor_throughput_ray",
+        "quick": args.quick,
+        "num_envs": args.num_envs,
+        "actors": counts,
+        "rounds": rounds,
+        "seconds_per_round": seconds,
+        **result,
+        "machine": _machine(),
+    }
+    print(
+        f"Ray actor workers of {args.num_envs} masked-CartPole envs each, pushing to one replay server; "
+        f"median of {rounds} interleaved rounds on {os.cpu_count()} CPUs:"
+    )
+    print(f"  in-process actor (no Ray): {med['in_process']:>9.0f} env steps/s")
+    for n in counts:
+        speedup = result["speedup_vs_first"][str(n)]
+        print(
+            f"  {n:>2} Ray actor{'s' if n > 1 else ' '}:              {med[str(n)]:>9.0f} env steps/s  ({speedup:.2f}x)"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))

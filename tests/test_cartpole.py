@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -71,3 +72,24 @@ def test_help_lists_every_option_with_its_doc():
 def test_bad_flag_value_names_the_field():
     with pytest.raises(ValueError, match="^unroll: expected an int >= 1, got 0"):
         parse_args(["--unroll", "0"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "error", "message"),
+    [
+        (["--total-env-steps", "0"], ValueError, "^total_env_steps: expected an int >= 1, got 0"),
+        (["--eval-episodes", "-2"], ValueError, "^eval_episodes: expected an int >= 1, got -2"),
+        (["--actors", "-1"], ValueError, "^actors: expected an int >= 0, got -1"),
+        (["--address", "ray://head:10001"], ValueError, "^address: 'ray://head:10001' given but actors=0"),
+        (["--run-dir", ""], ValueError, "^run_dir: expected a directory path"),
+    ],
+)
+def test_bad_run_argument_names_the_field(argv, error, message):
+    with pytest.raises(error, match=message):
+        parse_args(argv)
+
+
+def test_args_are_frozen():
+    args, _ = parse_args([])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        args.seed = 3  # type: ignore[misc]
