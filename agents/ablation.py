@@ -167,12 +167,17 @@ def plot(per_run_summaries: dict[str, dict[int, dict[str, Any]]], path: Path, en
         for key, ax in (("delta_q_first", ax_first), ("delta_q_last", ax_last)):
             curves = []
             for summary in runs.values():
-                pts = [(x["updates"], x[key]) for x in summary["history"]["learner"] if x[key] is not None]
+                # NaN: no ΔQ at that update (a feed-forward net, or no row with a stored state there)
+                pts = [
+                    (x["updates"], x[key])
+                    for x in summary["history"]["learner"]
+                    if x[key] is not None and np.isfinite(x[key])
+                ]
                 if pts:
                     curves.append(np.array(pts, dtype=float))
             if curves:
-                grid = np.linspace(0, min(c[-1, 0] for c in curves), 60)
-                ys = np.array([np.interp(grid, c[:, 0], np.nan_to_num(c[:, 1], nan=0.0)) for c in curves])
+                grid = np.linspace(max(c[0, 0] for c in curves), min(c[-1, 0] for c in curves), 60)
+                ys = np.array([np.interp(grid, c[:, 0], c[:, 1]) for c in curves])
                 ax.plot(grid, ys.mean(0), color=color, label=label)
                 ax.fill_between(grid, ys.min(0), ys.max(0), color=color, alpha=0.15)
         curves = []
