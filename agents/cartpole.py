@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -19,6 +20,7 @@ import numpy as np
 __all__ = [
     "Args",
     "History",
+    "interrupt_on_sigterm",
     "main",
     "parse_args",
     "plot",
@@ -440,8 +442,18 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def interrupt_on_sigterm() -> None:
+    """A scheduler's SIGTERM ends the run as Ctrl-C does: a final checkpoint, the summary, a clean shutdown."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args, config = parse_args(argv)
+    interrupt_on_sigterm()
     if args.eval:
         run_eval_only(args, config)
         return 0

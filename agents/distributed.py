@@ -1254,7 +1254,13 @@ def train_distributed(args: Any, config: R2D2Config) -> dict[str, Any]:
     in ``checkpoint/`` and the replay server's in ``replay/`` (every
     ``checkpoint_seconds`` too); ``--resume`` reloads both.
     """
-    from agents.cartpole import _json_default, run_dir, run_training, seed_everything
+    from agents.cartpole import (
+        _json_default,
+        interrupt_on_sigterm,
+        run_dir,
+        run_training,
+        seed_everything,
+    )
 
     options = DistributedConfig(num_actors=args.actors)
     options.check(config)
@@ -1262,6 +1268,7 @@ def train_distributed(args: Any, config: R2D2Config) -> dict[str, Any]:
     seed_everything(args.seed, deterministic=args.deterministic)
     local_cpus = max(os.cpu_count() or 1, math.ceil(args.actors * options.actor_cpus))
     started = init_ray(args.address, num_cpus=None if args.address else local_cpus)
+    interrupt_on_sigterm()  # ray.init installs its own SIGTERM handler, which exits without a checkpoint
     loop: DistributedLoop | None = None
     try:
         loop = DistributedLoop(config, options, seed=args.seed, replay_dir=out_dir / "replay")
