@@ -50,3 +50,16 @@ def test_actor_throughput_quick(tmp_path, capsys):
         report["env_steps_per_s"]["compiled"] / report["env_steps_per_s"]["predict"]
     )
     assert "vs_predict" in capsys.readouterr().out
+
+
+def test_lstm_step_reports_each_part_of_the_step(tmp_path):
+    from benchmarks import lstm_step
+
+    out = tmp_path / "step.json"
+    argv = ["--batch", "4", "--units", "8", "--steps", "3", "--rounds", "1", "--repeats", "1"]
+    assert lstm_step.main([*argv, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for prec in ("fp32", "bf16"):
+        assert 0 < report["matmul_share"][prec]
+        for part in ("matmul", "matmul+input+bias", "full step"):
+            assert report["per_step_us"][f"{prec} {part}"] > 0
