@@ -16,8 +16,9 @@ class HoistedLSTM(keras.layers.LSTM):
     loop only does the recurrent matmul and the gates; reverse-mode autodiff
     then also computes ``dW_x`` as one large matmul after the loop. The
     arithmetic is the same, in the same order, as Keras' LSTM cell
-    (``implementation=2``), so on the CPU the outputs agree bit for bit
-    (tested); only the speed differs.
+    (``implementation=2``), so on the CPU the outputs agree bit for bit in
+    float32 (tested); only the speed differs. Under a 16-bit policy the gate
+    math runs in float32 by default (``float32_gates``), unlike Keras.
 
     Everything else is ``keras.layers.LSTM``: statefulness (``layer.states``
     holds ``[h, c]``, so ``burnin.state`` works unchanged), masking (a masked
@@ -27,10 +28,14 @@ class HoistedLSTM(keras.layers.LSTM):
     other than tanh / sigmoid.
     """
 
-    def __init__(self, units: int, *, max_unroll: int = 0, **kwargs) -> None:
+    def __init__(self, units: int, *, max_unroll: int = 0, float32_gates: bool = True, **kwargs) -> None:
         """Args: as ``keras.layers.LSTM``, plus ``max_unroll``: when a call's time
         dimension is static and at most this long, the loop is unrolled into
-        straight-line ops (no ``tf.while_loop``); 0 never unrolls."""
+        straight-line ops (no ``tf.while_loop``); 0 never unrolls. And
+        ``float32_gates``: under a 16-bit compute dtype (``mixed_bfloat16``), the
+        matmuls stay 16-bit but the gate math and the cell state inside a call
+        run in float32, which is faster on CPUs whose 16-bit element-wise ops are
+        slow (``benchmarks/lstm_step.py``) and more accurate. No effect in float32."""
         for option in ("dropout", "recurrent_dropout"):
             if kwargs.get(option, 0.0):
                 raise ValueError(f"{option}: HoistedLSTM supports only 0, got {kwargs[option]!r}")
@@ -45,25 +50,35 @@ class HoistedLSTM(keras.layers.LSTM):
             )
         if isinstance(max_unroll, bool) or not isinstance(max_unroll, int) or max_unroll < 0:
             raise ValueError(f"max_unroll: expected an int >= 0, got {max_unroll!r}")
+        if not isinstance(float32_gates, bool):
+            raise TypeError(f"float32_gates: expected a bool, got {float32_gates!r}")
         kwargs["use_cudnn"] = False
         super().__init__(units, **kwargs)
         self.max_unroll = max_unroll
+        self.float32_gates = float32_gates
 
     def get_config(self):
-        return {**super().get_config(), "max_unroll": self.max_unroll}
+        return {**super().get_config(), "max_unroll": self.max_unroll, "float32_gates": self.float32_gates}
+
+    def _gate_dtype(self, compute_dtype: tf.DType) -> tf.DType:
+        if self.float32_gates and compute_dtype in (tf.bfloat16, tf.float16):
+            return tf.float32
+        return compute_dtype
 
     def _step(self, z_x, h, c, prev_out, keep):
         """One LSTM step from the hoisted input projection ``z_x``, in Keras' order of operations."""
         cell = self.cell
-        z = z_x + tf.matmul(h, tf.convert_to_tensor(cell.recurrent_kernel))
+        # In float32 both casts are the identity, so the arithmetic is exactly Keras'.
+        gate = c.dtype
+        z = tf.cast(z_x, gate) + tf.cast(tf.matmul(h, tf.convert_to_tensor(cell.recurrent_kernel)), gate)
         if cell.use_bias:
-            z = z + tf.convert_to_tensor(cell.bias)
+            z = z + tf.cast(tf.convert_to_tensor(cell.bias), gate)
         z_i, z_f, z_c, z_o = tf.split(z, 4, axis=1)
         i = tf.sigmoid(z_i)
         f = tf.sigmoid(z_f)
         c_new = f * c + i * tf.tanh(z_c)
         o = tf.sigmoid(z_o)
-        h_new = o * tf.tanh(c_new)
+        h_new = tf.cast(o * tf.tanh(c_new), h.dtype)
         y = h_new
         if keep is not None:
             # As Keras: a masked step keeps the state and repeats the previous
@@ -78,7 +93,8 @@ class HoistedLSTM(keras.layers.LSTM):
         if isinstance(mask, (list, tuple)):
             mask = mask[0]
         cell = self.cell
-        h0, c0 = initial_state[0], initial_state[1]
+        h0, c_in = initial_state[0], initial_state[1]
+        c0 = tf.cast(c_in, self._gate_dtype(c_in.dtype))  # the cell state's dtype sets the gate math's
         static_steps = sequences.shape[1]
         # [B, T, in] @ [in, 4u] -> [B, T, 4u]: one matmul for every step.
         x_proj = tf.matmul(sequences, tf.convert_to_tensor(cell.kernel))
@@ -89,7 +105,7 @@ class HoistedLSTM(keras.layers.LSTM):
             for t in range(static_steps):
                 h, c, y = self._step(x_proj[:, t], h, c, y, None if mask is None else mask[:, t])
                 outs.append(y)
-            return y, tf.stack(outs, axis=1), [h, c]
+            return y, tf.stack(outs, axis=1), [h, tf.cast(c, c_in.dtype)]
         steps = static_steps if static_steps is not None else tf.shape(sequences)[1]
         # Read per step through TensorArrays: slicing a captured tensor inside the loop
         # would make its gradient a dense [T, B, 4u] tensor per step.
@@ -112,4 +128,4 @@ class HoistedLSTM(keras.layers.LSTM):
             maximum_iterations=steps,  # XLA needs a bound for the TensorArray and its gradient
         )
         outputs = tf.transpose(outputs.stack(), [1, 0, 2])  # [B, T, u]
-        return last_out, outputs, [h_last, c_last]
+        return last_out, outputs, [h_last, tf.cast(c_last, c_in.dtype)]

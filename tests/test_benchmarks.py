@@ -63,3 +63,15 @@ def test_lstm_step_reports_each_part_of_the_step(tmp_path):
         assert 0 < report["matmul_share"][prec]
         for part in ("matmul", "matmul+input+bias", "full step"):
             assert report["per_step_us"][f"{prec} {part}"] > 0
+
+
+def test_float32_gates_ab_reports_both_sides(tmp_path):
+    from benchmarks import float32_gates
+
+    out = tmp_path / "gates.json"
+    assert float32_gates.main(["--scale", "cartpole", "--rounds", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["updates_per_s"]) == {"bf16_gates", "float32_gates"}
+    assert report["speedup"] == pytest.approx(
+        report["seconds_per_update"]["bf16_gates"] / report["seconds_per_update"]["float32_gates"]
+    )

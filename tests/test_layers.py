@@ -114,3 +114,39 @@ def test_xla_within_tolerance(max_unroll, rng):
 def test_unsupported_options_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         HoistedLSTM(4, **kwargs)
+
+
+@UNROLL
+def test_float32_gates_under_mixed_bfloat16_are_closer_to_float32(max_unroll, rng):
+    """bf16 matmuls with the gate math in float32 track the float32 layer better than all-bf16 math."""
+    x = rng.standard_normal((B, 40, D)).astype(np.float32)
+    layers = {
+        "f32": keras.layers.LSTM(U, return_sequences=True, return_state=True),
+        "gates32": HoistedLSTM(
+            U, max_unroll=max_unroll, return_sequences=True, return_state=True, dtype="mixed_bfloat16"
+        ),
+        "bf16": HoistedLSTM(
+            U,
+            max_unroll=max_unroll,
+            float32_gates=False,
+            return_sequences=True,
+            return_state=True,
+            dtype="mixed_bfloat16",
+        ),
+    }
+    for layer in layers.values():
+        layer.build((B, 40, D))
+    weights = layers["f32"].get_weights()
+    weights[0] = weights[0] * 3.0  # large pre-activations: bf16 rounding in the gates shows
+    for layer in layers.values():
+        layer.set_weights(weights)
+    out = {k: [np.asarray(v, np.float32) for v in layer(tf.constant(x))] for k, layer in layers.items()}
+    # Both outputs are rounded to bf16 at the end; the float32 carry shows in the mean error.
+    err = {k: np.abs(out[k][0] - out["f32"][0]).mean() for k in ("gates32", "bf16")}  # [B, T, U]
+    assert err["gates32"] < err["bf16"], err
+    np.testing.assert_allclose(out["gates32"][0], out["f32"][0], atol=0.05)
+
+
+def test_float32_gates_must_be_a_bool():
+    with pytest.raises(TypeError, match="float32_gates: expected a bool"):
+        HoistedLSTM(4, float32_gates=1)
