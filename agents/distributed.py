@@ -783,7 +783,7 @@ class ActorWorker:
         self.incarnation = registration.incarnation
         # Distinct for every (worker, incarnation); worker 0's first is seed + 1, like TrainLoop's actor.
         self.seed = seed + 1 + index + num_workers * self.incarnation
-        epsilons = apex_epsilons(num_workers * n, config.epsilon_base, config.epsilon_alpha)[
+        epsilons = apex_epsilons(num_workers * n, base=config.epsilon_base, alpha=config.epsilon_alpha)[
             index * n : (index + 1) * n
         ]
         self.writer = _ServerWriter(server, self.owner, registration, row_offset=index * n)

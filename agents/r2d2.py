@@ -224,7 +224,7 @@ def _check_float(
         raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")
 
 
-def apex_epsilons(num: int, base: float = 0.4, alpha: float = 7.0) -> np.ndarray:
+def apex_epsilons(num: int, *, base: float = 0.4, alpha: float = 7.0) -> np.ndarray:
     """Ape-X per-actor exploration: ε_i = base^(1 + alpha · i / (N − 1)), i = 0 … N−1 (ε_0 = base)."""
     _check_int("num", num, minimum=1)
     if num == 1:

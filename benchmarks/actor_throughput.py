@@ -45,7 +45,7 @@ def make_predict(config, num_envs: int, seed: int) -> Callable[[], int]:
     replay = make_replay(config, 2, 2, num_lanes=num_envs, seed=seed)
     net = config.network(2, 2)
     model = build_q_network(net, batch_size=num_envs, seed=seed)
-    eps = apex_epsilons(num_envs, config.epsilon_base, config.epsilon_alpha)
+    eps = apex_epsilons(num_envs, base=config.epsilon_base, alpha=config.epsilon_alpha)
     rng = np.random.default_rng(seed)
     lanes = np.arange(num_envs)
     state: dict[str, Any] = {}

@@ -20,7 +20,7 @@ __all__ = [
 ]
 
 
-def value_rescale(x: tf.Tensor, eps: float = 1e-3) -> tf.Tensor:
+def value_rescale(x: tf.Tensor, *, eps: float = 1e-3) -> tf.Tensor:
     """h(x) = sign(x) · (sqrt(|x| + 1) − 1) + eps · x   (R2D2, Pohlen et al. 2018). Elementwise; eps >= 0."""
     if not eps >= 0:
         raise ValueError(f"eps: expected >= 0, got {eps}")
@@ -28,7 +28,7 @@ def value_rescale(x: tf.Tensor, eps: float = 1e-3) -> tf.Tensor:
     return tf.sign(x) * (tf.sqrt(tf.abs(x) + 1.0) - 1.0) + eps * x
 
 
-def value_rescale_inverse(x: tf.Tensor, eps: float = 1e-3) -> tf.Tensor:
+def value_rescale_inverse(x: tf.Tensor, *, eps: float = 1e-3) -> tf.Tensor:
     """h⁻¹(x) = sign(x) · (((sqrt(1 + 4·eps·(|x| + 1 + eps)) − 1) / (2·eps))² − 1). Elementwise.
 
     Exact inverse of :func:`value_rescale` for ``eps > 0``.
@@ -141,10 +141,10 @@ def r2d2_targets(
     if valid_t is not None:
         v_t = forward_fill(v_t, valid_t)
     if rescale_eps is not None:
-        v_t = value_rescale_inverse(v_t, rescale_eps)
+        v_t = value_rescale_inverse(v_t, eps=rescale_eps)
     g_t = n_step_returns(r_t, pcont_t, v_t, n=n)  # [B, T]
     if rescale_eps is not None:
-        g_t = value_rescale(g_t, rescale_eps)
+        g_t = value_rescale(g_t, eps=rescale_eps)
     return tf.stop_gradient(g_t)
 
 

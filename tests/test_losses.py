@@ -42,11 +42,11 @@ def test_value_rescale_by_hand(call):
 @pytest.mark.parametrize("eps", [1e-3, 1e-2, 0.5])
 def test_value_rescale_round_trip(eps, call):
     x = np.concatenate([-np.logspace(-6, 5, 200), [0.0], np.logspace(-6, 5, 200)])
-    back = call(lambda v: losses.value_rescale_inverse(losses.value_rescale(v, eps), eps), x)
+    back = call(lambda v: losses.value_rescale_inverse(losses.value_rescale(v, eps=eps), eps=eps), x)
     np.testing.assert_allclose(back, x, rtol=1e-9, atol=1e-9)
-    y = call(losses.value_rescale, x, eps)
+    y = call(losses.value_rescale, x, eps=eps)
     np.testing.assert_allclose(
-        call(lambda v: losses.value_rescale(losses.value_rescale_inverse(v, eps), eps), y),
+        call(lambda v: losses.value_rescale(losses.value_rescale_inverse(v, eps=eps), eps=eps), y),
         y,
         rtol=1e-9,
         atol=1e-12,
@@ -109,7 +109,7 @@ def test_targets_with_value_rescaling_by_hand(call):
     valid = np.array([[True, True, True, False]])
     q = np.zeros((1, 4, 1))
     q[0, :, 0] = [2.0, 3.0, V_FINAL, -50.0]
-    h_inv_v = losses.value_rescale_inverse(np.array(V_FINAL), eps).numpy()
+    h_inv_v = losses.value_rescale_inverse(np.array(V_FINAL), eps=eps).numpy()
     want = h_np(np.array([1 + GAMMA + GAMMA**2 * h_inv_v]), eps)  # G_0 with n = 2 reaching the final obs
     got = call(losses.r2d2_targets, r, pcont, q, q, n=2, rescale_eps=eps, valid_t=valid)
     np.testing.assert_allclose(got[0, 0], want[0], rtol=1e-12)

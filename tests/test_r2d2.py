@@ -37,7 +37,7 @@ def small_config(**overrides) -> R2D2Config:
 
 
 def test_apex_epsilons():
-    eps = apex_epsilons(8, 0.4, 7.0)
+    eps = apex_epsilons(8, base=0.4, alpha=7.0)
     np.testing.assert_allclose(eps, 0.4 ** (1 + 7 * np.arange(8) / 7))
     assert eps[0] == pytest.approx(0.4) and eps[-1] == pytest.approx(0.4**8)
     np.testing.assert_allclose(apex_epsilons(1), [0.4])
