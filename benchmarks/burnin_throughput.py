@@ -461,7 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jit", action="store_true", help="compile the learner update with XLA")
     parser.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
     parser.add_argument(
-        "--png", type=Path, default=None, help="bar chart path (default: next to --json, or results/)"
+        "--png",
+        type=Path,
+        default=None,
+        help="bar chart path (default: next to --json, or results/burnin_throughput[_bf16][_quick].png)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -506,7 +509,11 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
     png = args.png or (
-        args.json.with_suffix(".png") if args.json else Path("benchmarks/results/burnin_throughput.png")
+        args.json.with_suffix(".png")
+        if args.json
+        # Never over the committed chart of a full run: a quick or bf16 run gets its own name.
+        else Path("benchmarks/results") / f"burnin_throughput{'_bf16' if args.precision == 'bf16' else ''}"
+        f"{'_quick' if args.quick else ''}.png"
     )
     plot(report, png)
     print(f"\nchart: {png}" + (f", json: {args.json}" if args.json else ""))
