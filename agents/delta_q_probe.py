@@ -1,0 +1,154 @@
+"""ΔQ of the four start strategies on one trained network and its own replay, for every run of the study."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+
+START_STRATEGIES = ("zero", "zero_burn_in", "stored", "stored_burn_in")
+"""How the probe starts the state before the first trained step t₁ = period of a window:
+
+    window step:   0 ........ t₁=P ........ t₂=2P ..... 2P+n
+    zero:                     0 ─────────────────────────▶
+    zero_burn_in:  0 ───────────────────────────────────▶
+    stored:                   h(t₁) ────────────────────▶
+    stored_burn_in: h(0) ───────────────────────────────▶
+
+ΔQ is then taken at t₁ and t₂ against the actor's stored h(t₁), h(t₂), on the
+same network and the same windows for all four.
+"""
+
+
+def probe(checkpoint: Path, *, batches: int = 20, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Mean ΔQ at t₁ = period and t₂ = 2·period for each start strategy, on ``checkpoint``'s network and replay."""
+    import tensorflow as tf
+
+    import burnin
+    from agents.envs import MASKED_CARTPOLE_ID, make_vector_env
+    from agents.r2d2 import R2D2Config, TrainLoop
+    from burnin.diagnostics import delta_q
+
+    meta = json.loads((checkpoint / "loop.json").read_text())
+    config = R2D2Config.from_json(meta["config"])
+    if config.core != "lstm":
+        raise ValueError(f"checkpoint: {checkpoint} has core {config.core!r}; ΔQ needs a recurrent core")
+    t1, t2 = config.period, 2 * config.period
+    end = t2 + config.n_step
+    if config.sequence_spec.length < end:
+        raise ValueError(f"checkpoint: windows of {config.sequence_spec.length} steps, the probe needs {end}")
+    env = make_vector_env(config.num_envs, env_id=MASKED_CARTPOLE_ID, seed=seed)
+    try:
+        loop = TrainLoop(config, env, seed=seed)
+        loop.load(checkpoint)
+    finally:
+        env.close()
+    learner = loop.learner
+    runner = burnin.BurnInRunner(learner.online, burn_in=0)
+    sums = {s: {"first": [], "last": []} for s in START_STRATEGIES}
+    for _ in range(batches):
+        batch = loop.replay.sample(config.batch_size, extra_state_offsets=(t1, t2))
+        inputs = learner._inputs(
+            {
+                "observation": batch.observation,
+                "prev_action": batch.prev_action,
+                "prev_reward": batch.prev_reward,
+            }
+        )
+        mask = tf.constant(batch.mask)
+
+        def part(lo: int, hi: int, inputs=inputs) -> list:
+            return [x[:, lo:hi] for x in inputs]
+
+        h_t1, h_t2 = batch.extra_actor_states
+        q_ref = {
+            t: runner(part(t, t + 1), h, mask=mask[:, t : t + 1]).outputs[:, 0]
+            for t, h in ((t1, h_t1), (t2, h_t2))
+        }  # [B, A], from the actor's stored state at t
+        starts = {
+            "zero": (t1, None),
+            "zero_burn_in": (0, None),
+            "stored": (t1, h_t1),
+            "stored_burn_in": (0, batch.actor_state),
+        }
+        seq_mask = mask[:, t1:end]
+        for name, (lo, state) in starts.items():
+            q = runner(part(lo, end), state, mask=mask[:, lo:end]).outputs[:, t1 - lo :]  # [B, end - t1, A]
+            for key, t, ok in (
+                ("first", t1, batch.extra_state_mask[:, 0]),
+                ("last", t2, batch.extra_state_mask[:, 1]),
+            ):
+                dq = delta_q(q[:, t - t1], q_ref[t], q, seq_mask).numpy()  # [B]
+                rows = ok & batch.mask[:, t] & np.isfinite(dq)
+                sums[name][key].extend(dq[rows].tolist())
+    return {s: {k: float(np.mean(v)) if v else float("nan") for k, v in d.items()} for s, d in sums.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m agents.delta_q_probe", description=__doc__)
+    parser.add_argument(
+        "--run-dir", type=Path, default=Path("runs/ablation"), help="the study's per-run outputs"
+    )
+    parser.add_argument("--batches", type=int, default=20, help="sampled batches per checkpoint")
+    parser.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results/delta_q_probe"), help="output prefix"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.batches < 1:
+        parser.error(f"--batches: expected >= 1, got {args.batches}")
+    checkpoints = sorted(p for p in args.run_dir.glob("*/checkpoint") if (p / "loop.json").is_file())
+    from tqdm import tqdm
+
+    runs: dict[str, Any] = {}
+    for ckpt in tqdm(checkpoints, desc="checkpoints"):
+        config = json.loads((ckpt / "loop.json").read_text())["config"]
+        if config.get("core") != "lstm":
+            continue
+        runs[ckpt.parent.name] = probe(ckpt, batches=args.batches, seed=args.seed)
+    if not runs:
+        parser.error(f"--run-dir: no recurrent checkpoint under {args.run_dir}")
+    trained = sorted({name.rsplit("-s", 1)[0] for name in runs})
+    table: dict[str, Any] = {}
+    lines = [
+        f"ΔQ on each trained network and its own replay, {args.batches} batches per checkpoint; "
+        "rows: how the network was trained, columns: how the probe starts the state; mean ± std over seeds.",
+        "",
+        "| trained as | " + " | ".join(f"{s} first / last" for s in START_STRATEGIES) + " |",
+        "| --- |" + " --- |" * len(START_STRATEGIES),
+    ]
+    for t in trained:
+        seeds = [v for name, v in runs.items() if name.rsplit("-s", 1)[0] == t]
+        row = {}
+        cells = []
+        for s in START_STRATEGIES:
+            first = np.array([r[s]["first"] for r in seeds])
+            last = np.array([r[s]["last"] for r in seeds])
+            row[s] = {
+                "first": [float(first.mean()), float(first.std())],
+                "last": [float(last.mean()), float(last.std())],
+            }
+            cells.append(f"{first.mean():.3g} ± {first.std():.2g} / {last.mean():.3g} ± {last.std():.2g}")
+        table[t] = row
+        lines.append(f"| {t} ({len(seeds)} seeds) | " + " | ".join(cells) + " |")
+    command = "python -m agents.delta_q_probe " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines += ["", f"Command: `{command.strip()}`"]
+    md = "\n".join(lines) + "\n"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"table": table, "runs": runs, "command": command}, indent=1)
+    )
+    args.out.with_suffix(".md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
