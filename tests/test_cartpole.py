@@ -18,12 +18,13 @@ SHORT = [
 ]  # fmt: skip
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m agents.cartpole ARGS`` in a subprocess, output captured."""
     return subprocess.run(
         [sys.executable, "-m", "agents.cartpole", *args],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         check=False,
     )
 

@@ -13,6 +13,9 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from test_cartpole import cli as cartpole_cli  # noqa: E402
+from test_r2d2 import SMALL as R2D2_SMALL  # noqa: E402
+
 from agents.distributed import (  # noqa: E402
     DistributedConfig,
     DistributedLoop,
@@ -23,23 +26,8 @@ from agents.distributed import (  # noqa: E402
 from agents.r2d2 import R2D2Config  # noqa: E402
 from burnin.replay import SequenceReplay  # noqa: E402
 
-SMALL = dict(
-    torso_units=(16,),
-    core_units=16,
-    head_units=16,
-    burn_in=4,
-    unroll=8,
-    period=4,
-    n_step=2,
-    batch_size=8,
-    replay_capacity=8 * 500,  # 2 workers × 4 envs = 8 lanes
-    min_replay_steps=100,
-    env_steps_per_update=4.0,
-    num_envs=4,
-    actor_update_period=5,
-    target_update_period=10,
-    learning_rate=1e-3,
-)
+# The learner tests' small config, with a lane per env of both workers.
+SMALL = {**R2D2_SMALL, "replay_capacity": 8 * 500}  # 2 workers × 4 envs = 8 lanes
 SPI = 1 / SMALL["env_steps_per_update"]
 
 
@@ -463,13 +451,7 @@ SHORT = [
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "agents.cartpole", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    return cartpole_cli(*args, timeout=600)  # Ray start-up and two worker processes
 
 
 @pytest.mark.slow
