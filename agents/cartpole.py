@@ -137,9 +137,7 @@ def parse_args(argv: list[str] | None = None):
     ns = vars(parser.parse_args(argv))
     arg_names = {f.name for f in dataclasses.fields(Args)}
     args = Args(**{k: v for k, v in ns.items() if k in arg_names})
-    values = {k: v for k, v in ns.items() if k not in arg_names}
-    values["torso_units"] = tuple(values["torso_units"])
-    config = R2D2Config(**values)
+    config = R2D2Config.from_json({k: v for k, v in ns.items() if k not in arg_names})
     return args, config
 
 
@@ -213,7 +211,7 @@ def plot(history: History, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run_eval_only(args: Args, config) -> dict[str, Any]:
+def run_eval_only(args: Args) -> dict[str, Any]:
     from agents.envs import MASKED_CARTPOLE_ID, make_vector_env
     from agents.r2d2 import Learner, R2D2Config, evaluate
 
@@ -455,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     args, config = parse_args(argv)
     interrupt_on_sigterm()
     if args.eval:
-        run_eval_only(args, config)
+        run_eval_only(args)
         return 0
     if args.actors:
         from agents.distributed import train_distributed

@@ -31,7 +31,6 @@ def probe(checkpoint: Path, *, batches: int = 20, seed: int = 0) -> dict[str, di
     """Mean ΔQ at t₁ = period and t₂ = 2·period for each start strategy, on ``checkpoint``'s network and replay."""
     import tensorflow as tf
 
-    import burnin
     from agents.envs import MASKED_CARTPOLE_ID, make_vector_env
     from agents.r2d2 import R2D2Config, TrainLoop
     from burnin.diagnostics import delta_q
@@ -51,7 +50,7 @@ def probe(checkpoint: Path, *, batches: int = 20, seed: int = 0) -> dict[str, di
     finally:
         env.close()
     learner = loop.learner
-    runner = burnin.BurnInRunner(learner.online, burn_in=0)
+    runner = learner.probe_runner  # the online network, no burn-in: the learner's own ΔQ probe
     sums = {s: {"first": [], "last": []} for s in START_STRATEGIES}
     for _ in range(batches):
         batch = loop.replay.sample(config.batch_size, extra_state_offsets=(t1, t2))

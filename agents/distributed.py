@@ -27,12 +27,13 @@ from agents.r2d2 import (
     R2D2Config,
     _atomic_savez,
     _atomic_write_text,
+    _field,
     apex_epsilons,
     make_replay,
     readable_checkpoint,
     write_checkpoint_dir,
 )
-from burnin.replay import ReplayConfig, SequenceBatch, SequenceReplay
+from burnin.replay import ReplayConfig, SequenceBatch, SequenceReplay, _check_int
 
 __all__ = [
     "ActorWorker",
@@ -54,17 +55,6 @@ log = logging.getLogger(__name__)
 
 SERVER_FORMAT = 1
 """Format of ``server.json`` beside the replay checkpoint (limiter counters, incarnations, owners)."""
-
-
-def _field(default: Any, doc: str) -> Any:
-    return dataclasses.field(default=default, metadata={"doc": doc})
-
-
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
 
 
 def _check_number(name: str, value: Any, *, low: float, strict: bool) -> None:
@@ -335,6 +325,7 @@ class ReplayServer:
         self._stopped = False
         self._incarnations: dict[str, int] = {}
         self._owners: dict[str, dict[str, Any]] = {}
+        self._lanes: dict[str, np.ndarray] = {}  # the replay's registry, kept here: checked on every push
         self._registered_since_start: set[str] = set()
         self._episodes: collections.deque = collections.deque(maxlen=100_000)
         self._episodes_total = 0
@@ -358,6 +349,7 @@ class ReplayServer:
         """Lanes for ``owner`` (see :meth:`SequenceReplay.register_lanes`) and its incarnation number."""
         with self._cond:
             lanes = self.replay.register_lanes(owner, count)
+            self._lanes[owner] = lanes
             # Timed checkpoints start with the first writer, never before a restore() could come,
             # so an empty replay never replaces the checkpoint a resumed run is reading.
             self._start_autosave()
@@ -388,7 +380,7 @@ class ReplayServer:
             return Registration(lanes, incarnation, self.replay.config, self._weights)
 
     def _check_owner(self, owner: str, lanes: np.ndarray) -> None:
-        held = self.replay.registered_lanes.get(owner)
+        held = self._lanes.get(owner)
         if held is None:
             raise ValueError(f"owner: {owner!r} has not registered lanes")
         if not np.array_equal(held, lanes):
@@ -578,6 +570,7 @@ class ReplayServer:
             if self._registered_since_start:
                 raise RuntimeError("restore: writers have already registered with this server")
             self.replay = replay
+            self._lanes = replay.registered_lanes
             self.limiter.load_state_dict(meta["limiter"])
             self._incarnations = {str(k): int(v) for k, v in meta["incarnations"].items()}
             self._owners = {str(k): dict(v) for k, v in meta["owners"].items()}

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from gymnasium.vector import AutoresetMode
 
-from agents.networks import NetworkConfig, build_q_network
+from agents.networks import NetworkConfig, build_q_network, network_inputs
 from burnin.diagnostics import delta_q
 from burnin.losses import r2d2_loss
 from burnin.replay import SequenceBatch, SequenceReplay, SequenceSpec
@@ -33,8 +33,11 @@ __all__ = [
     "StateStrategy",
     "TrainLoop",
     "apex_epsilons",
+    "delta_q_offsets",
     "evaluate",
+    "extra_state_offsets",
     "make_replay",
+    "stored_state_offsets",
 ]
 
 
@@ -233,12 +236,28 @@ def apex_epsilons(num: int, *, base: float = 0.4, alpha: float = 7.0) -> np.ndar
     return base ** (1.0 + alpha * i / (num - 1))
 
 
+def stored_state_offsets(spec: SequenceSpec) -> tuple[int, ...]:
+    """Window steps after 0 with a stored state: the multiples of ``period`` (burn-in starts of later windows)."""
+    return tuple(range(spec.period, spec.length, spec.period))
+
+
+def delta_q_offsets(spec: SequenceSpec) -> tuple[int, ...]:
+    """Window steps where ΔQ is measured: the stored-state steps (0 included) from the first trained step on."""
+    return tuple(o for o in range(0, spec.length, spec.period) if o >= spec.burn_in)
+
+
+def extra_state_offsets(spec: SequenceSpec) -> tuple[int, ...]:
+    """Window steps whose stored states the learner samples beside the window's own: the ΔQ references
+    after step 0 (a refresh writes states back by key, it reads none)."""
+    return tuple(o for o in delta_q_offsets(spec) if o > 0)
+
+
 def make_replay(
     config: R2D2Config, obs_dim: int, num_actions: int, *, num_lanes: int | None = None, seed: int = 0
 ) -> SequenceReplay:
     """A SequenceReplay sized for ``config``: one lane per env row, states shaped like the network's."""
     lanes = config.num_envs if num_lanes is None else num_lanes
-    shapes = _network_state_shapes(config, obs_dim, num_actions)
+    shapes = _network_state_shapes(config)
     return SequenceReplay(
         config.sequence_spec,
         num_lanes=lanes,
@@ -253,7 +272,7 @@ def make_replay(
     )
 
 
-def _network_state_shapes(config: R2D2Config, obs_dim: int, num_actions: int) -> tuple:
+def _network_state_shapes(config: R2D2Config) -> tuple:
     if config.core != "lstm":
         return ()
     # LSTM: [h, c], each [units]; derived from the config, no model needed.
@@ -319,16 +338,11 @@ class Learner:
         b = config.batch_size
         self.online = build_q_network(self.network_config, batch_size=b, seed=seed, name="online")
         self.target = build_q_network(self.network_config, batch_size=b, seed=seed, name="target")
-        self.target.set_weights(self.online.get_weights())
+        self.update_target()
         recurrent = self.network_config.recurrent
-        # Stored states exist only at multiples of `period` (burn-in starts of later windows).
-        self.refresh_offsets = tuple(range(spec.period, spec.length, spec.period)) if recurrent else ()
-        self.delta_q_offsets = (
-            tuple(o for o in range(0, spec.length, spec.period) if o >= spec.burn_in) if recurrent else ()
-        )
-        self._extra_offsets = tuple(
-            sorted(set(self.refresh_offsets) | {o for o in self.delta_q_offsets if o > 0})
-        )
+        self.refresh_offsets = stored_state_offsets(spec) if recurrent else ()
+        self.delta_q_offsets = delta_q_offsets(spec) if recurrent else ()
+        self._extra_offsets = extra_state_offsets(spec) if recurrent else ()
         # The n-step tail only feeds the (stopped) double-Q bootstrap, so it runs
         # without gradient; burn_in_gradient moves the burn-in into the unroll.
         self.online_runner = BurnInRunner(
@@ -435,12 +449,12 @@ class Learner:
         }
 
     def _inputs(self, feed: dict[str, Any]) -> list[tf.Tensor]:
-        inputs = [tf.cast(feed["observation"], tf.float32)]
-        if self.network_config.prev_action:
-            inputs.append(tf.cast(feed["prev_action"], tf.int32))
-        if self.network_config.prev_reward:
-            inputs.append(tf.cast(feed["prev_reward"], tf.float32))
-        return inputs
+        return network_inputs(
+            self.network_config,
+            tf.cast(feed["observation"], tf.float32),
+            tf.cast(feed["prev_action"], tf.int32),
+            tf.cast(feed["prev_reward"], tf.float32),
+        )
 
     def _update(self, feed: dict[str, Any]) -> dict[str, Any]:
         cfg = self.config
@@ -662,11 +676,7 @@ class Actor:
             # Zero only the rows that start an episode; tf.where keeps the others bit for bit.
             v.assign(tf.where(reset[:, None], tf.zeros_like(v.value), v.value))
             before.append(tf.identity(v.value))
-        inputs = [obs[:, None]]
-        if self.network_config.prev_action:
-            inputs.append(prev_action[:, None])
-        if self.network_config.prev_reward:
-            inputs.append(prev_reward[:, None])
+        inputs = network_inputs(self.network_config, obs[:, None], prev_action[:, None], prev_reward[:, None])
         q = self.model(inputs, training=False)[:, 0]  # [N, A]
         return q, before
 

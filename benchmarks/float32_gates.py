@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -24,18 +23,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--rounds: expected >= 1, got {args.rounds}")
 
     from benchmarks import burnin_throughput as bt
-    from burnin import layers
+    from burnin.layers import HoistedLSTM
+    from burnin.state import stateful_layers
 
     scale = bt.scales("bf16", "hoisted", False)[args.scale]
-    original = layers.HoistedLSTM.__init__
     updates = {}
-    try:
-        for flag in (False, True):
-            # The networks are built inside the learner; this sets the layer's default for each build.
-            layers.HoistedLSTM.__init__ = functools.partialmethod(original, float32_gates=flag)
-            updates["float32_gates" if flag else "bf16_gates"] = bt.make_runner_update(scale)
-    finally:
-        layers.HoistedLSTM.__init__ = original
+    for flag in (False, True):
+        update = bt.make_runner_update(scale)
+        # The flag is read when a call is traced, so setting it before the first update is enough.
+        hoisted = [
+            layer
+            for model in (update.learner.online, update.learner.target)
+            for layer in stateful_layers(model)
+            if isinstance(layer, HoistedLSTM)
+        ]
+        assert hoisted, "the bf16 networks are expected to use HoistedLSTM"
+        for layer in hoisted:
+            layer.float32_gates = flag
+        updates["float32_gates" if flag else "bf16_gates"] = update
     for update in updates.values():
         update()  # trace and warm up
         update()

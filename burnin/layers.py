@@ -65,14 +65,16 @@ class HoistedLSTM(keras.layers.LSTM):
             return tf.float32
         return compute_dtype
 
-    def _step(self, z_x, h, c, prev_out, keep):
-        """One LSTM step from the hoisted input projection ``z_x``, in Keras' order of operations."""
-        cell = self.cell
-        # In float32 both casts are the identity, so the arithmetic is exactly Keras'.
+    def _step(self, z_x, h, c, prev_out, keep, w_h, bias):
+        """One LSTM step from the hoisted input projection ``z_x``, in Keras' order of operations.
+
+        ``w_h`` is the recurrent kernel and ``bias`` the bias already in the gate dtype (or None),
+        both read once per call by :meth:`inner_loop`."""
+        # In float32 the casts are the identity, so the arithmetic is exactly Keras'.
         gate = c.dtype
-        z = tf.cast(z_x, gate) + tf.cast(tf.matmul(h, tf.convert_to_tensor(cell.recurrent_kernel)), gate)
-        if cell.use_bias:
-            z = z + tf.cast(tf.convert_to_tensor(cell.bias), gate)
+        z = tf.cast(z_x, gate) + tf.cast(tf.matmul(h, w_h), gate)
+        if bias is not None:
+            z = z + bias
         z_i, z_f, z_c, z_o = tf.split(z, 4, axis=1)
         i = tf.sigmoid(z_i)
         f = tf.sigmoid(z_f)
@@ -98,12 +100,14 @@ class HoistedLSTM(keras.layers.LSTM):
         static_steps = sequences.shape[1]
         # [B, T, in] @ [in, 4u] -> [B, T, 4u]: one matmul for every step.
         x_proj = tf.matmul(sequences, tf.convert_to_tensor(cell.kernel))
+        w_h = tf.convert_to_tensor(cell.recurrent_kernel)
+        bias = tf.cast(tf.convert_to_tensor(cell.bias), c0.dtype) if cell.use_bias else None
         mask = None if mask is None else tf.cast(mask, tf.bool)
         if static_steps is not None and static_steps <= self.max_unroll:
             h, c, y = h0, c0, tf.zeros_like(h0)
             outs = []
             for t in range(static_steps):
-                h, c, y = self._step(x_proj[:, t], h, c, y, None if mask is None else mask[:, t])
+                h, c, y = self._step(x_proj[:, t], h, c, y, None if mask is None else mask[:, t], w_h, bias)
                 outs.append(y)
             return y, tf.stack(outs, axis=1), [h, tf.cast(c, c_in.dtype)]
         steps = static_steps if static_steps is not None else tf.shape(sequences)[1]
@@ -117,7 +121,7 @@ class HoistedLSTM(keras.layers.LSTM):
 
         def body(t, h, c, prev_out, out):
             keep = None if mask_ta is None else mask_ta.read(t)
-            h_new, c_new, y = self._step(x_ta.read(t), h, c, prev_out, keep)
+            h_new, c_new, y = self._step(x_ta.read(t), h, c, prev_out, keep, w_h, bias)
             return t + 1, h_new, c_new, y, out.write(t, y)
 
         _, h_last, c_last, last_out, outputs = tf.while_loop(

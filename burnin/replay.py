@@ -1178,14 +1178,13 @@ class SequenceReplay:
             ends = lanes[pending_term]
             n = ends.size
             no = np.zeros(n, np.bool_)
-            bad, m = _plan_add(ends, no, lt, self._params, self._rows_buf)
-            assert not bad and m == 0
-            _add_steps(
+            kept = _add_steps(
                 ends, np.zeros(n, np.int32), np.zeros(n, np.float32), no, no,
                 lt, self._win, self._alive, self._act, self._rew, self._flags, self._spos, self._sown,
                 self._tree._tree, self._tree._offsets, self._params, self._new_leaf, self._counters,
                 self._flat_buf, self._sslot_buf,
             )  # fmt: skip
+            assert kept == 0  # a final observation never starts a window, so it keeps no state
             self._obs_flat[self._flat_buf[:n]] = 0
         _close_lanes(
             lanes, self._lt, self._win, self._alive, self._act, self._rew, self._flags, self._spos, self._sown,

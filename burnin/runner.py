@@ -287,7 +287,8 @@ class BurnInRunner:
             self._zero()
         else:
             self._write(states)
-        at: dict[int, TensorState] = {0: self._read()}
+        # Step 0's state is read only when returned; every later one is recorded by _segments.
+        at: dict[int, TensorState] = {0: self._read()} if 0 in (burn_in, *self.state_offsets) else {}
         offsets = self.state_offsets
         # Burn-in and tail may be cut anywhere: no gradient crosses them anyway.
         burn_cuts = sorted({0, burn_in, *(o for o in offsets if o < burn_in)})
