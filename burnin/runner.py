@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from burnin.state import _state_variables, get_states, set_states, stateful_layers
+from burnin.state import check_states, get_states, set_states, state_variables, stateful_layers
 
 __all__ = ["BurnInRunner", "RunnerOutput"]
 
@@ -35,39 +35,11 @@ class RunnerOutput(NamedTuple):
 class BurnInRunner:
     """Run a fixed-batch stateful Keras model over a window with an R2D2 burn-in.
 
-    Timeline of one window of ``T`` steps (``b = burn_in``, ``g = gradient_steps``)::
-
-        step:   0 ........ b-1 | b ............. b+g-1 | b+g ....... T-1
-                burn-in        | unroll                | tail
-                no gradient    | caller's tape records | no gradient
-                outputs dropped| outputs returned      | outputs returned, stopped
-
-    The state before step 0 is restored into the model's stateful RNN layers.
-    The burn-in runs with its inputs behind ``tf.stop_gradient`` and its
-    outputs dropped; between calls the state flows only through the layers'
-    state variables, which a tape does not differentiate through, so no
-    gradient reaches the burn-in. The unroll is one model call, so back-
-    propagation through time covers all of it. The optional tail (for n-step
-    bootstrap targets) runs after it without gradient. ``gradient_steps=None``
-    makes the unroll run to the end (no tail).
-
-    ``state_offsets`` asks for the state before chosen window steps. Offsets in
-    the burn-in or the tail cost nothing: those parts are cut there, which is
-    exact (a stateful layer carries its state across calls; tested bit for
-    bit). Cutting the unroll would cut the gradient, so offsets inside it are
-    recomputed by a second, gradient-free pass from the burned-in state, which
-    costs the forward pass up to the last such offset.
-
-    A per-step validity ``mask [B, T]`` is passed to the model; masked steps
-    leave the state unchanged, so a left-padded window with a zero stored
-    state equals a zero-state start at its first valid step. The first masked
-    eager call checks that the model really propagates masks to its stateful
-    layers (see :meth:`check_masking`).
-
-    Calling the runner runs a ``tf.function`` that is traced once per input
-    signature (``trace_count`` counts traces). Inside a larger ``tf.function``
-    use :meth:`run`, which is the same computation without its own
-    compilation.
+    The stored state is restored, the first ``burn_in`` steps run without
+    gradient, the next ``gradient_steps`` under the caller's tape, the tail
+    (n-step targets) without gradient; ``state_offsets`` also returns the state
+    before chosen steps. The full specification (timeline, masks, compilation,
+    offsets) is in ``docs/runner.md``.
 
     Args:
         model: a Keras model (or a single layer) with fixed-batch stateful RNN layers.
@@ -118,7 +90,7 @@ class BurnInRunner:
             if not allow_stateless:
                 raise
             self._layers = []
-        self._variables = [_state_variables(layer) for layer in self._layers]
+        self._variables = [state_variables(layer) for layer in self._layers]
         batches = {int(v.shape[0]) for vs in self._variables for v in vs}
         if len(batches) > 1:
             raise ValueError(f"model: stateful layers have different batch sizes {sorted(batches)}")
@@ -232,11 +204,9 @@ class BurnInRunner:
                 states = None
             else:
                 # Same checks (and error messages) as set_states, without writing.
-                from burnin.state import _validated
-
                 states = tuple(
                     tuple(tf.convert_to_tensor(a) for a in arrays)
-                    for _, arrays in _validated(self.model, states)
+                    for _, arrays in check_states(self.model, states)
                 )
         return inputs, states, mask
 

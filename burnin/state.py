@@ -14,12 +14,14 @@ __all__ = [
     "RecurrentState",
     "StateStructureError",
     "broadcast_row",
+    "check_states",
     "get_states",
     "guard_batch_size",
     "reset_rows",
     "reset_states",
     "set_states",
     "state_shapes",
+    "state_variables",
     "stateful_layers",
 ]
 
@@ -74,7 +76,8 @@ def stateful_layers(model: keras.layers.Layer) -> list[keras.layers.RNN]:
     return found
 
 
-def _state_variables(layer: keras.layers.RNN) -> list[Any]:
+def state_variables(layer: keras.layers.RNN) -> list[Any]:
+    """The state variables of one stateful RNN layer, flattened (``[h, c]`` for an LSTM, ``[h]`` for a GRU)."""
     if layer.states is None:
         raise ValueError(
             f"layer {layer.name!r} has no state variables yet: build the model "
@@ -86,7 +89,7 @@ def _state_variables(layer: keras.layers.RNN) -> list[Any]:
 def state_shapes(model: keras.layers.Layer) -> tuple[tuple[tuple[int, ...], ...], ...]:
     """Shapes of the state arrays, structured like a ``RecurrentState``."""
     return tuple(
-        tuple(tuple(int(d) for d in v.shape) for v in _state_variables(layer))
+        tuple(tuple(int(d) for d in v.shape) for v in state_variables(layer))
         for layer in stateful_layers(model)
     )
 
@@ -97,7 +100,7 @@ def get_states(model: keras.layers.Layer) -> RecurrentState:
     The arrays are copies: later calls of the model do not change them.
     """
     return tuple(
-        tuple(np.array(v.numpy(), copy=True) for v in _state_variables(layer))
+        tuple(np.array(v.numpy(), copy=True) for v in state_variables(layer))
         for layer in stateful_layers(model)
     )
 
@@ -107,8 +110,11 @@ class StateStructureError(ValueError, TypeError):
     API's contract: a mismatch is a ValueError) that is also a TypeError."""
 
 
-def _validated(model: keras.layers.Layer, states: Any) -> list[tuple[list[Any], list[np.ndarray]]]:
-    """Check ``states`` against the layers of ``model``; return (variables, arrays) pairs."""
+def check_states(model: keras.layers.Layer, states: Any) -> list[tuple[list[Any], list[np.ndarray]]]:
+    """Check ``states`` against the layers of ``model`` without writing; return (variables, arrays) pairs.
+
+    Raises what :func:`set_states` raises for a bad ``states``.
+    """
     layers = stateful_layers(model)
     if not isinstance(states, Sequence) or isinstance(states, (str, bytes)):
         raise StateStructureError(
@@ -123,7 +129,7 @@ def _validated(model: keras.layers.Layer, states: Any) -> list[tuple[list[Any], 
         )
     pairs = []
     for layer, entry in zip(layers, states):
-        variables = _state_variables(layer)
+        variables = state_variables(layer)
         if not isinstance(entry, Sequence) or isinstance(entry, (str, bytes)):
             raise StateStructureError(
                 f"states for layer {layer.name!r}: expected a tuple of {len(variables)} "
@@ -160,7 +166,7 @@ def set_states(model: keras.layers.Layer, states: RecurrentState) -> None:
     Everything is validated before anything is written, so a bad ``states``
     leaves the model's state unchanged.
     """
-    for variables, arrays in _validated(model, states):
+    for variables, arrays in check_states(model, states):
         for var, arr in zip(variables, arrays):
             var.assign(arr)
 
@@ -168,7 +174,7 @@ def set_states(model: keras.layers.Layer, states: RecurrentState) -> None:
 def reset_states(model: keras.layers.Layer) -> None:
     """Set every state array of every stateful RNN layer of ``model`` to zeros."""
     for layer in stateful_layers(model):
-        for var in _state_variables(layer):
+        for var in state_variables(layer):
             var.assign(np.zeros(var.shape, dtype=keras.backend.standardize_dtype(var.dtype)))
 
 
@@ -195,7 +201,7 @@ def reset_rows(model: keras.layers.Layer, rows: Any) -> None:
     ``rows`` is a bool mask ``[batch]`` or an array of int indices.
     """
     layers = stateful_layers(model)
-    variables = [v for layer in layers for v in _state_variables(layer)]
+    variables = [v for layer in layers for v in state_variables(layer)]
     batches = {int(v.shape[0]) for v in variables}
     if len(batches) != 1:
         raise ValueError(f"model: stateful layers have different batch sizes {sorted(batches)}")
@@ -254,7 +260,7 @@ def guard_batch_size(model: keras.Model) -> keras.Model:
     Returns ``model`` itself; calling it twice is harmless.
     """
     layers = stateful_layers(model)
-    batches = {int(_state_variables(layer)[0].shape[0]) for layer in layers}
+    batches = {int(state_variables(layer)[0].shape[0]) for layer in layers}
     if len(batches) != 1:
         raise ValueError(f"model: stateful layers have different batch sizes {sorted(batches)}")
     batch = batches.pop()
