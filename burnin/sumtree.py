@@ -7,6 +7,8 @@ from typing import Any
 import numba
 import numpy as np
 
+from burnin._checks import check_int
+
 __all__ = ["SumTree"]
 
 
@@ -19,10 +21,21 @@ def _level_sizes(capacity: int, fanout: int) -> list[int]:
     return sizes
 
 
-# The kernels below are shared with burnin.replay, whose own kernels update priorities in place.
+# The kernels below are shared with burnin.replay.kernels, which update priorities in place on
+# SumTree.nodes and SumTree.offsets.
 # Every internal node is recomputed as the left-to-right sum of its children, never adjusted by
 # a difference: sums do not drift, an all-zero subtree is exactly 0, and a descent that scans
 # children left to right reproduces its parent's sum bit for bit.
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _resum(tree: np.ndarray, offsets: np.ndarray, fanout: int, lvl: int, i: int) -> None:
+    """Node ``i`` of level ``lvl`` := the left-to-right sum of its children."""
+    base = offsets[lvl - 1] + i * fanout
+    s = 0.0
+    for j in range(fanout):
+        s += tree[base + j]
+    tree[offsets[lvl] + i] = s
 
 
 @numba.njit(cache=True, nogil=True)
@@ -32,11 +45,7 @@ def tree_set(tree: np.ndarray, offsets: np.ndarray, fanout: int, leaf: int, valu
     i = leaf
     for lvl in range(1, offsets.size - 1):
         i //= fanout
-        base = offsets[lvl - 1] + i * fanout
-        s = 0.0
-        for j in range(fanout):
-            s += tree[base + j]
-        tree[offsets[lvl] + i] = s
+        _resum(tree, offsets, fanout, lvl, i)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -53,11 +62,7 @@ def tree_set_many(
         # Random leaves rarely share a parent, but all share the upper levels: dedupe per level.
         nodes = np.unique(nodes // fanout)
         for i in nodes:
-            base = offsets[lvl - 1] + i * fanout
-            s = 0.0
-            for j in range(fanout):
-                s += tree[base + j]
-            tree[offsets[lvl] + i] = s
+            _resum(tree, offsets, fanout, lvl, i)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -125,19 +130,21 @@ class SumTree:
     above 250 000 leaves at fanout 64), and the compiled kernels make a batch of
     ``B`` updates or searches cost ``O(B · depth · fanout)`` with no Python per
     item.
+
+    ``nodes`` (the flat levels) and ``offsets`` (where each level starts, and
+    the end) are public so that compiled kernels elsewhere can update leaves in
+    place with :func:`tree_set` and :func:`tree_set_many`; they stay the same
+    array objects for the life of the tree.
     """
 
     def __init__(self, capacity: int, *, fanout: int = 64) -> None:
-        for name, value, minimum in (("capacity", capacity, 1), ("fanout", fanout, 2)):
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-                raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
-            if value < minimum:
-                raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
-        self._capacity = int(capacity)
-        self._fanout = int(fanout)
+        self._capacity = check_int("capacity", capacity, minimum=1)
+        self._fanout = check_int("fanout", fanout, minimum=2)
         sizes = _level_sizes(self._capacity, self._fanout)
-        self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self._tree = np.zeros(int(self._offsets[-1]), dtype=np.float64)
+        self.offsets: np.ndarray = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        """int64: start of each level in ``nodes`` (leaves first), then the end."""
+        self.nodes: np.ndarray = np.zeros(int(self.offsets[-1]), dtype=np.float64)
+        """float64: every level, leaves first, in one flat array."""
 
     @staticmethod
     def size(capacity: int, fanout: int = 64) -> int:
@@ -157,7 +164,7 @@ class SumTree:
     @property
     def nbytes(self) -> int:
         """Bytes held by the tree."""
-        return self._tree.nbytes + self._offsets.nbytes
+        return self.nodes.nbytes + self.offsets.nbytes
 
     def update(self, indices: Any, values: Any) -> None:
         """Set ``leaf[indices] = values`` (finite, >= 0), in order: with repeated indices the last value wins."""
@@ -171,17 +178,17 @@ class SumTree:
         bad = ~np.isfinite(vals) | (vals < 0)
         if bad.any():
             raise ValueError(f"values: expected finite values >= 0, got {vals[bad][:8].tolist()}")
-        tree_set_many(self._tree, self._offsets, self._fanout, idx, vals)
+        tree_set_many(self.nodes, self.offsets, self._fanout, idx, vals)
 
     def values(self, indices: Any = None) -> np.ndarray:
         """Leaf values at ``indices`` (all ``capacity`` leaves when omitted), as a new array."""
         if indices is None:
-            return self._tree[: self._capacity].copy()
-        return self._tree[self._check_indices(indices)]
+            return self.nodes[: self._capacity].copy()
+        return self.nodes[self._check_indices(indices)]
 
     def total(self) -> float:
         """Sum of all leaves."""
-        return float(tree_total(self._tree, self._offsets, self._fanout))
+        return float(tree_total(self.nodes, self.offsets, self._fanout))
 
     def find(self, targets: Any) -> np.ndarray:
         """For each target ``u`` in ``[0, total)``, the leaf ``i`` with ``sum(leaf[:i]) <= u < sum(leaf[:i+1])``.
@@ -201,12 +208,12 @@ class SumTree:
         if bad.any():
             raise ValueError(f"targets: expected values in [0, {total}), got {u[bad][:8].tolist()}")
         out = np.empty(u.size, dtype=np.int64)
-        tree_find(self._tree, self._offsets, self._fanout, u, out)
+        tree_find(self.nodes, self.offsets, self._fanout, u, out)
         return out
 
     def state(self) -> np.ndarray:
         """A copy of the flat tree, for checkpoints; :meth:`set_state` restores it."""
-        return self._tree.copy()
+        return self.nodes.copy()
 
     def set_state(self, tree: Any) -> None:
         """Restore an array from :meth:`state` of a tree with the same capacity and fanout.
@@ -215,17 +222,17 @@ class SumTree:
         non-finite values, padding leaves set, or sums that do not match the leaves.
         """
         arr = np.asarray(tree)
-        if arr.shape != self._tree.shape or arr.dtype != np.float64:
-            raise ValueError(f"tree: expected float64 {self._tree.shape}, got {arr.dtype} {arr.shape}")
+        if arr.shape != self.nodes.shape or arr.dtype != np.float64:
+            raise ValueError(f"tree: expected float64 {self.nodes.shape}, got {arr.dtype} {arr.shape}")
         if not (np.isfinite(arr).all() and (arr >= 0).all()):
             raise ValueError("tree: expected finite values >= 0")
-        if arr[self._capacity : self._offsets[1]].any():
+        if arr[self._capacity : self.offsets[1]].any():
             raise ValueError("tree: padding leaves past capacity must be 0")
         check = np.array(arr, dtype=np.float64, copy=True)
-        tree_rebuild(check, self._offsets, self._fanout)
+        tree_rebuild(check, self.offsets, self._fanout)
         if not np.array_equal(check, arr):
             raise ValueError("tree: internal sums do not match the leaves")
-        self._tree = check
+        self.nodes[:] = check
 
     def _check_indices(self, indices: Any) -> np.ndarray:
         idx = np.asarray(indices)

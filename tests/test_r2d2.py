@@ -249,7 +249,7 @@ def test_refresh_writes_the_recomputed_states_back(seed):
         for row in rows:
             written_at[(int(lanes[row]), int(starts[row]) + o)] = recomputed[k][0][0].numpy()[row]
     assert learner.update(batch, replay=replay).refreshed == writes > 0
-    after = replay._windows(batch.keys, extra_state_offsets=offsets)
+    after = replay.windows(batch.keys, extra_state_offsets=offsets)
     checked = changed = 0
     for row in range(config.batch_size):
         for k, o in enumerate((0, *offsets)):
@@ -407,7 +407,7 @@ def test_actor_stores_final_observations_under_truncation():
         lengths += [length for _, _, length in actor.step()]
     assert lengths and max(lengths) == 6 and all(1 <= n <= 6 for n in lengths)
     assert actor.env_steps == sum(lengths) + int(actor.episode_length.sum())  # autoreset steps not counted
-    batch = replay._windows(replay._live_keys())
+    batch = replay.windows(replay.live_keys())
     stored_finals = {tuple(o) for o in batch.observation[batch.final]}
     assert stored_finals and stored_finals <= finals
     assert not (batch.learn_mask & batch.final).any()

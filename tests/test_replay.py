@@ -45,7 +45,7 @@ def play(replay: SequenceReplay, stream: list[str]) -> dict[str, Any]:
         if call.startswith("close:"):
             replay.close_lanes(np.array([int(x) for x in call[6:].split(",")]))
         elif call == "keys":
-            memo["keys"] = replay._live_keys()
+            memo["keys"] = replay.live_keys()
         elif call == "stale":
             keys = memo["keys"]
             replay.update_priorities(keys, np.full(keys.size, 5.0))
@@ -69,7 +69,7 @@ def play(replay: SequenceReplay, stream: list[str]) -> dict[str, Any]:
                 truncated=np.array(trunc),
                 states=state_of(ids_arr),
             )
-        replay._check_invariants()
+        replay.check_invariants()
         counts.append(replay.num_sampleable)
     return {"counts": counts, **memo}
 
@@ -316,9 +316,9 @@ def test_window_table(case: Case) -> None:
     result = play(replay, case.stream)
     if case.counts is not None:
         assert result["counts"] == case.counts
-    keys = replay._live_keys()
+    keys = replay.live_keys()
     assert keys.size == len(case.windows)
-    batch = replay._windows(keys)
+    batch = replay.windows(keys)
     lanes = keys % replay._num_slots // replay.config.windows_per_lane
     L = case.spec.length
     for i, w in enumerate(case.windows):
@@ -568,17 +568,17 @@ def check_against_reference(spec: SequenceSpec, capacity: int, events: list[tupl
             )
             for lane, i, te, tr in zip(lane_ids, ids, term, trunc):
                 ref.add(int(lane), int(i), bool(te), bool(tr))
-        replay._check_invariants()
+        replay.check_invariants()
 
     stats = replay.stats()
     assert stats["early_evictions"] == 0
     expected = ref.windows()
-    keys = replay._live_keys()
+    keys = replay.live_keys()
     assert keys.size == len(expected)
     if keys.size == 0:
         return
     offsets = list(range(0, spec.length, spec.period))
-    batch = replay._windows(keys, extra_state_offsets=offsets)
+    batch = replay.windows(keys, extra_state_offsets=offsets)
     slots = keys % replay._num_slots
     got_lane = slots // replay.config.windows_per_lane
     got_start = replay._win[slots, 0]

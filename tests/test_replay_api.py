@@ -17,7 +17,7 @@ def snapshot(replay: SequenceReplay) -> dict[str, Any]:
     out: dict[str, Any] = {name: arr.copy() for name, arr in replay._arrays.items()}
     out["tree"] = replay._tree.state()
     out["max_priority"] = replay._max_priority
-    out["registry"] = {k: list(v) for k, v in replay._registry.items()}
+    out["registry"] = {k: v.tolist() for k, v in replay.registered_lanes.items()}
     out["rng"] = replay._rng.bit_generator.state
     return out
 
@@ -51,7 +51,7 @@ def test_sampling_frequencies_match_priority_to_the_alpha() -> None:
     replay = replay_for(S2, lanes=2, alpha=alpha, beta=0.5)
     long_episode(replay, 0, 1, 25)
     long_episode(replay, 1, 101, 25)
-    keys = replay._live_keys()
+    keys = replay.live_keys()
     K = keys.size
     assert K == 24  # 25 steps per lane: windows k = 0..11 complete at steps 2k + 2
     priorities = 0.5 + (np.arange(K) % 4)  # 0.5, 1.5, 2.5, 3.5, ...
@@ -88,7 +88,7 @@ def test_sampling_frequencies_match_priority_to_the_alpha() -> None:
 def test_zero_priority_windows_are_never_sampled_and_new_windows_get_the_max() -> None:
     replay = replay_for(S2, alpha=1.0)
     long_episode(replay, 0, 1, 8)  # windows k=0..2
-    keys = replay._live_keys()
+    keys = replay.live_keys()
     replay.update_priorities(keys, np.array([0.0, 4.0, 0.0]))
     batch = replay.sample(200)
     assert set(batch.keys.tolist()) == {int(keys[1])}
@@ -96,7 +96,7 @@ def test_zero_priority_windows_are_never_sampled_and_new_windows_get_the_max() -
     np.testing.assert_array_equal(batch.weights, 1.0)
     # One more window (k=3, complete at step 8): it starts at the running max, 4.
     long_episode(replay, 0, 9, 1)
-    new_key = replay._live_keys()[-1]
+    new_key = replay.live_keys()[-1]
     assert replay._tree.values([new_key % replay._num_slots])[0] == 4.0
     assert replay.stats()["max_priority"] == 4.0
 
@@ -161,7 +161,7 @@ def test_batch_shapes_with_image_observations() -> None:
 def refresh_setup() -> tuple[SequenceReplay, np.ndarray]:
     replay = replay_for(S2)  # P = 2, L = 4: offset 2 of window k is the burn-in start of window k+1
     long_episode(replay, 0, 1, 12)  # windows k=0..4; states at ids 2, 4, 6, 8, 10, 12
-    return replay, replay._live_keys()
+    return replay, replay.live_keys()
 
 
 def test_update_states_refreshes_by_key_and_nothing_else() -> None:
@@ -172,7 +172,7 @@ def test_update_states_refreshes_by_key_and_nothing_else() -> None:
     assert (
         written == 5
     )  # window k's offset 2 is step id 2k+2: the states of windows k+1 (k+1 = 5 not yet complete)
-    batch = replay._windows(keys, extra_state_offsets=[2])
+    batch = replay.windows(keys, extra_state_offsets=[2])
     # Window k+1 now starts from the state written through window k's key.
     for k in range(1, 5):
         np.testing.assert_array_equal(batch.state[0][0][k], 100 + k - 1)
@@ -191,12 +191,12 @@ def test_actor_states_survive_a_refresh(tmp_path) -> None:
     """With keep_actor_states, refreshed slots still report the actor's original state; without, they match."""
     replay = replay_for(S2, keep_actor_states=True)
     long_episode(replay, 0, 1, 12)
-    keys = replay._live_keys()
-    untouched = replay._windows(keys, extra_state_offsets=[2])
+    keys = replay.live_keys()
+    untouched = replay.windows(keys, extra_state_offsets=[2])
     for a, b in zip(untouched.extra_actor_states[0][0], untouched.extra_states[0][0]):
         np.testing.assert_array_equal(a, b)
     replay.update_states(keys, [2], (state_of(100 + np.arange(keys.size)),))
-    batch = replay._windows(keys, extra_state_offsets=[2])
+    batch = replay.windows(keys, extra_state_offsets=[2])
     np.testing.assert_array_equal(batch.extra_states[0][0][0][:, 0], 100 + np.arange(5))
     for got, want in zip(batch.extra_actor_states[0][0], untouched.extra_states[0][0]):
         np.testing.assert_array_equal(got, want)  # the actor's states: ids 2, 4, ... as added
@@ -205,20 +205,20 @@ def test_actor_states_survive_a_refresh(tmp_path) -> None:
     replay.save(tmp_path / "r.npz")
     loaded = SequenceReplay.load(tmp_path / "r.npz")
     assert loaded.config.keep_actor_states
-    again = loaded._windows(keys, extra_state_offsets=[2])
+    again = loaded.windows(keys, extra_state_offsets=[2])
     for got, want in zip(again.extra_actor_states[0][0], batch.extra_actor_states[0][0]):
         np.testing.assert_array_equal(got, want)
     plain = replay_for(S2)
     long_episode(plain, 0, 1, 12)
     plain.update_states(keys, [2], (state_of(100 + np.arange(keys.size)),))
-    b2 = plain._windows(keys, extra_state_offsets=[2])
+    b2 = plain.windows(keys, extra_state_offsets=[2])
     assert b2.extra_actor_states is b2.extra_states and b2.actor_state is b2.state
 
 
 def test_update_states_skips_evicted_windows_and_missing_states() -> None:
     replay = replay_for(S2, capacity=7)
     long_episode(replay, 0, 1, 8)  # live k=1..3 (k=0 and k=1 read step 0: k=0, k=1 evicted at step 7)
-    old_keys = np.array(sorted(set(replay._live_keys().tolist())))
+    old_keys = np.array(sorted(set(replay.live_keys().tolist())))
     long_episode(replay, 0, 9, 4)  # now only k=4 lives; the old keys are stale
     before = snapshot(replay)
     written = replay.update_states(old_keys, [2], (state_of(np.full(old_keys.size, 555)),))
@@ -227,7 +227,7 @@ def test_update_states_skips_evicted_windows_and_missing_states() -> None:
     # A window whose offset lies past its episode's end has no state there: skipped.
     replay2 = replay_for(S2)
     play(replay2, ["0:1", "0:2T", "0:3F"])  # T = 2: one window, its step 2 is the final observation
-    key = replay2._live_keys()
+    key = replay2.live_keys()
     assert replay2.update_states(key, [2], (state_of(np.array([9])),)) == 0
 
 
@@ -236,7 +236,7 @@ def test_update_states_last_pair_wins() -> None:
     k = keys[1:2]
     written = replay.update_states(np.r_[k, k], [2], (state_of(np.array([7, 8])),))
     assert written == 1
-    np.testing.assert_array_equal(replay._windows(keys[2:3]).state[0][0], [[8, 8]])
+    np.testing.assert_array_equal(replay.windows(keys[2:3]).state[0][0], [[8, 8]])
 
 
 # -- lanes --------------------------------------------------------------------------------
@@ -271,7 +271,7 @@ def test_registering_again_closes_the_owners_open_episodes() -> None:
     # Lane 0 had terminated: it gets a zero final observation and keeps its terminal step 3.
     # Lane 1 was mid-episode: its last step became the final observation of a truncated
     # episode, and the step before it bootstraps.
-    batch = replay._windows(replay._live_keys())
+    batch = replay.windows(replay.live_keys())
     np.testing.assert_array_equal(batch.observation[:, :, 0], [[0, 1, 2, 3], [2, 3, 0, 0], [0, 11, 12, 13]])
     np.testing.assert_array_equal(batch.discount, [[0, 1, 1, 0], [1, 0, 0, 0], [0, 1, 1, 0]])
     np.testing.assert_array_equal(batch.reward[1], [20, 30, 0, 0])
@@ -279,10 +279,10 @@ def test_registering_again_closes_the_owners_open_episodes() -> None:
     np.testing.assert_array_equal(batch.final, [[0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
     # The restarted writer starts new episodes: its first add is step 0, not a final observation.
     play(replay, ["0:21 1:31", "0:22 1:32", "0:23 1:33"])
-    keys = replay._live_keys()
+    keys = replay.live_keys()
     lane_of = keys % replay._num_slots // replay.config.windows_per_lane
     newest = [keys[lane_of == lane][-1] for lane in (0, 1)]
-    batch = replay._windows(np.array(newest))
+    batch = replay.windows(np.array(newest))
     np.testing.assert_array_equal(batch.observation[:, :, 0], [[0, 21, 22, 23], [0, 31, 32, 33]])
 
 
@@ -356,21 +356,21 @@ BAD_CALLS = [
      r"extra_state_offsets: expected multiples of period=2 in \[0, 4\), got 1"),
     ("extra_offset_too_far", lambda r: r.sample(2, extra_state_offsets=[4]), ValueError, "got 4"),
     ("extra_offset_str", lambda r: r.sample(2, extra_state_offsets="2"), TypeError, "extra_state_offsets"),
-    ("priorities_nan", lambda r: r.update_priorities(r._live_keys()[:1], [np.nan]), ValueError,
+    ("priorities_nan", lambda r: r.update_priorities(r.live_keys()[:1], [np.nan]), ValueError,
      r"priorities: expected finite values >= 0, got \[nan\]"),
-    ("priorities_inf", lambda r: r.update_priorities(r._live_keys()[:1], [np.inf]), ValueError, r"got \[inf\]"),
-    ("priorities_negative", lambda r: r.update_priorities(r._live_keys()[:1], [-1.0]), ValueError, r"got \[-1.0\]"),
-    ("priorities_shape", lambda r: r.update_priorities(r._live_keys()[:2], [1.0]), ValueError,
+    ("priorities_inf", lambda r: r.update_priorities(r.live_keys()[:1], [np.inf]), ValueError, r"got \[inf\]"),
+    ("priorities_negative", lambda r: r.update_priorities(r.live_keys()[:1], [-1.0]), ValueError, r"got \[-1.0\]"),
+    ("priorities_shape", lambda r: r.update_priorities(r.live_keys()[:2], [1.0]), ValueError,
      r"priorities: expected shape \(2,\)"),
     ("keys_float", lambda r: r.update_priorities([1.5], [1.0]), TypeError, "keys: expected integer window keys"),
     ("keys_negative", lambda r: r.update_priorities([-3], [1.0]), ValueError, r"keys: expected keys >= 0, got \[-3\]"),
-    ("refresh_offset_zero", lambda r: r.update_states(r._live_keys()[:1], [0], (state_of([1]),)), ValueError,
+    ("refresh_offset_zero", lambda r: r.update_states(r.live_keys()[:1], [0], (state_of([1]),)), ValueError,
      r"offsets: expected multiples of period=2 in \[1, 4\), got 0"),
-    ("refresh_misaligned", lambda r: r.update_states(r._live_keys()[:1], [2], ()), ValueError,
+    ("refresh_misaligned", lambda r: r.update_states(r.live_keys()[:1], [2], ()), ValueError,
      "states: expected a sequence of 1 RecurrentStates aligned with offsets, got 0 entries"),
-    ("refresh_nan", lambda r: r.update_states(r._live_keys()[:2], [2], (NAN_STATE,)), ValueError,
+    ("refresh_nan", lambda r: r.update_states(r.live_keys()[:2], [2], (NAN_STATE,)), ValueError,
      r"states\[0\]\[0\]\[0\]: expected finite values"),
-    ("refresh_batch", lambda r: r.update_states(r._live_keys()[:1], [2], (state_of([1, 2]),)), ValueError,
+    ("refresh_batch", lambda r: r.update_states(r.live_keys()[:1], [2], (state_of([1, 2]),)), ValueError,
      r"states\[0\]\[0\]\[0\]: expected shape \(1, 2\)"),
     ("close_lanes_range", lambda r: r.close_lanes([3]), ValueError, r"lanes: expected ids in \[0, 3\)"),
     ("register_owner", lambda r: r.register_lanes("", 1), TypeError, "owner: expected a non-empty str"),
@@ -472,8 +472,12 @@ def test_replay_modules_stay_numpy_only() -> None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "burnin"
-    for name in ("replay.py", "sumtree.py"):
-        tree = ast.parse((root / name).read_text())
+    paths = sorted((root / "replay").glob("*.py")) + [
+        root / name for name in ("sumtree.py", "rate_limiter.py", "_checks.py", "_io.py")
+    ]
+    assert len(paths) >= 11
+    for path in paths:
+        tree = ast.parse(path.read_text())
         imported = {
             alias.name.split(".")[0]
             for node in ast.walk(tree)
@@ -485,4 +489,4 @@ def test_replay_modules_stay_numpy_only() -> None:
             for node in ast.walk(tree)
             if isinstance(node, ast.ImportFrom) and node.module
         }
-        assert not imported & {"tensorflow", "keras", "gymnasium", "ray"}, (name, imported)
+        assert not imported & {"tensorflow", "keras", "gymnasium", "ray"}, (path.name, imported)

@@ -271,9 +271,9 @@ def test_threads_write_sample_update_and_save_concurrently(tmp_path: Path) -> No
     for t in learners:
         t.join()
     assert not errors, errors
-    replay._check_invariants()
+    replay.check_invariants()
     for i in range(3):
-        SequenceReplay.load(tmp_path / f"ckpt{i}.npz")._check_invariants()
+        SequenceReplay.load(tmp_path / f"ckpt{i}.npz").check_invariants()
 
     # Lanes are private to their writer, so the steps and windows must be exactly those of a
     # serial run of the same streams (priorities differ: the learner thread updated them).

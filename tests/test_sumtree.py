@@ -65,7 +65,7 @@ def test_target_at_the_total_falls_back_to_the_last_positive_leaf() -> None:
     out = np.empty(1, dtype=np.int64)
     from burnin.sumtree import tree_find
 
-    tree_find(tree._tree, tree._offsets, tree.fanout, np.array([tree.total()]), out)
+    tree_find(tree.nodes, tree.offsets, tree.fanout, np.array([tree.total()]), out)
     assert out[0] == 97
 
 

@@ -1,0 +1,20 @@
+"""SequenceReplay: R2D2 windows read by index from steps stored once per lane (specification: docs/replay.md).
+
+Modules: ``spec`` (SequenceSpec, ReplayConfig, SequenceBatch, argument checks),
+``kernels`` (numba bookkeeping), ``buffer`` (SequenceReplay), ``lanes`` (the
+writer registry), ``checkpoint`` (the file format), ``testing`` (invariants,
+window listing).
+"""
+
+from burnin.replay.buffer import SequenceReplay
+from burnin.replay.checkpoint import FORMAT_VERSION
+from burnin.replay.spec import RecurrentState, ReplayConfig, SequenceBatch, SequenceSpec
+
+__all__ = [
+    "FORMAT_VERSION",
+    "RecurrentState",
+    "ReplayConfig",
+    "SequenceBatch",
+    "SequenceReplay",
+    "SequenceSpec",
+]
