@@ -110,17 +110,20 @@ class StateStructureError(ValueError, TypeError):
     API's contract: a mismatch is a ValueError) that is also a TypeError."""
 
 
+def _require_sequence(value: Any, where: str, expected: str) -> None:
+    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
+        raise StateStructureError(f"{where}: expected {expected}, got {type(value).__name__}")
+
+
 def check_states(model: keras.layers.Layer, states: Any) -> list[tuple[list[Any], list[np.ndarray]]]:
     """Check ``states`` against the layers of ``model`` without writing; return (variables, arrays) pairs.
 
     Raises what :func:`set_states` raises for a bad ``states``.
     """
     layers = stateful_layers(model)
-    if not isinstance(states, Sequence) or isinstance(states, (str, bytes)):
-        raise StateStructureError(
-            f"states: expected a RecurrentState (a tuple with one tuple of arrays per "
-            f"stateful layer), got {type(states).__name__}"
-        )
+    _require_sequence(
+        states, "states", "a RecurrentState (a tuple with one tuple of arrays per stateful layer)"
+    )
     if len(states) != len(layers):
         names = [layer.name for layer in layers]
         raise ValueError(
@@ -130,11 +133,7 @@ def check_states(model: keras.layers.Layer, states: Any) -> list[tuple[list[Any]
     pairs = []
     for layer, entry in zip(layers, states):
         variables = state_variables(layer)
-        if not isinstance(entry, Sequence) or isinstance(entry, (str, bytes)):
-            raise StateStructureError(
-                f"states for layer {layer.name!r}: expected a tuple of {len(variables)} "
-                f"arrays, got {type(entry).__name__}"
-            )
+        _require_sequence(entry, f"states for layer {layer.name!r}", f"a tuple of {len(variables)} arrays")
         if len(entry) != len(variables):
             raise ValueError(
                 f"states for layer {layer.name!r}: expected {len(variables)} arrays "
