@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as futures
 import dataclasses
+import functools
 import json
 import multiprocessing
 import os
@@ -41,24 +42,33 @@ def _run_one(
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
-    from agents.cartpole import Args, train
+    from agents.envs import MASKED_CARTPOLE_ID, MASKED_CARTPOLE_SOLVED, make_vector_env
+    from agents.experiment import RunOptions, train
     from agents.r2d2 import R2D2Config
 
-    arg_names = {f.name for f in dataclasses.fields(Args)}
+    option_names = {f.name for f in dataclasses.fields(RunOptions)}
     config = R2D2Config(
-        **{**STRATEGIES[strategy][1], **{k: v for k, v in extra.items() if k not in arg_names}}
+        **{**STRATEGIES[strategy][1], **{k: v for k, v in extra.items() if k not in option_names}}
     )
-    args = Args(
-        seed=seed,
-        name=f"{strategy}-s{seed}",
-        run_dir=out_dir,
+    options = RunOptions(
         total_env_steps=env_steps,
+        solve_return=MASKED_CARTPOLE_SOLVED,
         stop_when_solved=False,  # every strategy gets the same budget
         checkpoint_every=0,
         progress=False,
-        **{k: v for k, v in extra.items() if k in arg_names},
+        **{k: v for k, v in extra.items() if k in option_names},
     )
-    return train(args, config)
+    name = f"{strategy}-s{seed}"
+    run_args = {"seed": seed, "name": name, "run_dir": out_dir, **dataclasses.asdict(options)}
+    return train(
+        config,
+        options,
+        functools.partial(make_vector_env, env_id=MASKED_CARTPOLE_ID),
+        seed=seed,
+        out_dir=Path(out_dir) / name,
+        title=f"R2D2 on masked CartPole ({config.core}, seed {seed})",
+        fields={"name": name, "seed": seed, "config": config.to_json(), "args": run_args},
+    )
 
 
 def finished_summary(
@@ -207,7 +217,8 @@ def plot(per_run_summaries: dict[str, dict[int, dict[str, Any]]], path: Path, en
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """The study's arguments, and the ``--set`` overrides as a dict."""
     parser = argparse.ArgumentParser(prog="python -m agents.ablation", description=__doc__)
     parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES))
     parser.add_argument(
@@ -222,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         default=[],
         metavar="FIELD=VALUE",
-        help="extra R2D2Config or demo Args overrides (JSON values)",
+        help="extra R2D2Config or run option (RunOptions) overrides (JSON values)",
     )
     parser.add_argument(
         "--resume",
@@ -238,7 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.set:
         key, _, value = item.partition("=")
         extra[key] = json.loads(value)
+    return args, extra
 
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = parse_args(argv)
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     jobs = [(s, seed) for seed in args.seeds for s in args.strategies]
     summaries: dict[str, dict[int, dict[str, Any]]] = {s: {} for s in args.strategies}

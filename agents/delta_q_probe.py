@@ -27,15 +27,21 @@ same network and the same windows for all four.
 """
 
 
-def probe(checkpoint: Path, *, batches: int = 20, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Mean ΔQ at t₁ = period and t₂ = 2·period for each start strategy, on ``checkpoint``'s network and replay."""
+def probe(checkpoint: Path, *, batches: int = 20) -> dict[str, dict[str, float]]:
+    """Mean ΔQ at t₁ = period and t₂ = 2·period for each start strategy, on ``checkpoint``'s network and replay.
+
+    ``checkpoint`` is a single-process checkpoint directory (``loop.json``,
+    ``learner.npz``, ``replay.npz``); no env is needed, and the batches are drawn
+    with the replay's own saved RNG.
+    """
     import tensorflow as tf
 
-    from agents.envs import MASKED_CARTPOLE_ID, make_vector_env
-    from agents.r2d2 import R2D2Config, TrainLoop
+    from agents.r2d2 import Learner, R2D2Config
+    from agents.r2d2.checkpoint import read_learner_arrays, read_meta
     from burnin.diagnostics import delta_q
+    from burnin.replay import SequenceReplay
 
-    meta = json.loads((checkpoint / "loop.json").read_text())
+    path, meta = read_meta(checkpoint)
     config = R2D2Config.from_json(meta["config"])
     if config.core != "lstm":
         raise ValueError(f"checkpoint: {checkpoint} has core {config.core!r}; ΔQ needs a recurrent core")
@@ -43,24 +49,16 @@ def probe(checkpoint: Path, *, batches: int = 20, seed: int = 0) -> dict[str, di
     end = t2 + config.n_step
     if config.sequence_spec.length < end:
         raise ValueError(f"checkpoint: windows of {config.sequence_spec.length} steps, the probe needs {end}")
-    env = make_vector_env(config.num_envs, env_id=MASKED_CARTPOLE_ID, seed=seed)
-    try:
-        loop = TrainLoop(config, env, seed=seed)
-        loop.load(checkpoint)
-    finally:
-        env.close()
-    learner = loop.learner
+    arrays = read_learner_arrays(path)
+    obs_dim, num_actions = (int(s) for s in arrays["sizes"])
+    learner = Learner(config, obs_dim, num_actions)
+    learner.load_state_dict(arrays)
+    replay = SequenceReplay.load(path / "replay.npz")
     runner = learner.probe_runner  # the online network, no burn-in: the learner's own ΔQ probe
     sums = {s: {"first": [], "last": []} for s in START_STRATEGIES}
     for _ in range(batches):
-        batch = loop.replay.sample(config.batch_size, extra_state_offsets=(t1, t2))
-        inputs = learner._inputs(
-            {
-                "observation": batch.observation,
-                "prev_action": batch.prev_action,
-                "prev_reward": batch.prev_reward,
-            }
-        )
+        batch = replay.sample(config.batch_size, extra_state_offsets=(t1, t2))
+        inputs = learner.model_inputs(batch.observation, batch.prev_action, batch.prev_reward)
         mask = tf.constant(batch.mask)
 
         def part(lo: int, hi: int, inputs=inputs) -> list:
@@ -99,7 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=Path("benchmarks/results/delta_q_probe"), help="output prefix"
     )
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.batches < 1:
         parser.error(f"--batches: expected >= 1, got {args.batches}")
@@ -111,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         config = json.loads((ckpt / "loop.json").read_text())["config"]
         if config.get("core") != "lstm":
             continue
-        runs[ckpt.parent.name] = probe(ckpt, batches=args.batches, seed=args.seed)
+        runs[ckpt.parent.name] = probe(ckpt, batches=args.batches)
     if not runs:
         parser.error(f"--run-dir: no recurrent checkpoint under {args.run_dir}")
     trained = sorted({name.rsplit("-s", 1)[0] for name in runs})

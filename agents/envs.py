@@ -10,9 +10,20 @@ from gymnasium import spaces
 from gymnasium.envs.classic_control.cartpole import CartPoleEnv, CartPoleVectorEnv
 from gymnasium.vector import AutoresetMode
 
-__all__ = ["MASKED_CARTPOLE_ID", "VISIBLE", "MaskedCartPoleEnv", "MaskedCartPoleVectorEnv", "make_vector_env"]
+from burnin._checks import check_int
+
+__all__ = [
+    "MASKED_CARTPOLE_ID",
+    "MASKED_CARTPOLE_SOLVED",
+    "VISIBLE",
+    "MaskedCartPoleEnv",
+    "MaskedCartPoleVectorEnv",
+    "make_vector_env",
+]
 
 MASKED_CARTPOLE_ID = "MaskedCartPole-v1"
+MASKED_CARTPOLE_SOLVED = 475.0
+"""Mean return that counts as solved (CartPole-v1's threshold; the env's ``reward_threshold``)."""
 VISIBLE = np.array([0, 2])
 """Indices of CartPole's observation that stay visible: cart position x and pole angle θ.
 The velocities ẋ and θ̇ (indices 1 and 3) are hidden, so a policy must infer them from
@@ -62,7 +73,7 @@ if MASKED_CARTPOLE_ID not in gym.registry:
         entry_point="agents.envs:MaskedCartPoleEnv",
         vector_entry_point="agents.envs:MaskedCartPoleVectorEnv",
         max_episode_steps=500,
-        reward_threshold=475.0,
+        reward_threshold=MASKED_CARTPOLE_SOLVED,
     )
 
 
@@ -75,8 +86,7 @@ def make_vector_env(
     ``SyncVectorEnv``. The env is reset once with ``seed`` before returning
     (call ``env.reset`` yourself to get the first observation again).
     """
-    if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
-        raise ValueError(f"num_envs: expected a positive int, got {num_envs!r}")
+    check_int("num_envs", num_envs, minimum=1)
     spec = gym.spec(env_id)
     mode = "vector_entry_point" if spec.vector_entry_point is not None else "sync"
     env = gym.make_vec(env_id, num_envs=int(num_envs), vectorization_mode=mode)

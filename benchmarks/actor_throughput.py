@@ -21,9 +21,11 @@ def make_compiled(config, num_envs: int, seed: int) -> Callable[[], int]:
     """Our Actor: one tf.function per step (state reset, snapshot, forward), replay add beside it."""
     from agents.envs import make_vector_env
     from agents.r2d2 import Actor, make_replay
+    from agents.r2d2.networks import network_state_shapes
 
     env = make_vector_env(num_envs, seed=seed)
-    replay = make_replay(config, 2, 2, num_lanes=num_envs, seed=seed)
+    shapes = network_state_shapes(config.network(2, 2))
+    replay = make_replay(config, 2, shapes, num_lanes=num_envs, seed=seed)
     actor = Actor(config, env, replay=replay, seed=seed)
 
     def step() -> int:
@@ -38,13 +40,13 @@ def make_predict(config, num_envs: int, seed: int) -> Callable[[], int]:
     """The same actor loop written with model.predict per step and the numpy state API."""
     import burnin
     from agents.envs import make_vector_env
-    from agents.networks import build_q_network
     from agents.r2d2 import apex_epsilons, make_replay
+    from agents.r2d2.networks import build_q_network, row_state_shapes
 
     env = make_vector_env(num_envs, seed=seed)
-    replay = make_replay(config, 2, 2, num_lanes=num_envs, seed=seed)
     net = config.network(2, 2)
     model = build_q_network(net, batch_size=num_envs, seed=seed)
+    replay = make_replay(config, 2, row_state_shapes(model), num_lanes=num_envs, seed=seed)
     eps = apex_epsilons(num_envs, base=config.epsilon_base, alpha=config.epsilon_alpha)
     rng = np.random.default_rng(seed)
     lanes = np.arange(num_envs)
@@ -110,14 +112,20 @@ def ray_scaling(
     import ray
 
     from agents.distributed import DistributedConfig, init_ray, spawn_server, spawn_workers
-    from agents.networks import build_q_network
+    from agents.envs import MASKED_CARTPOLE_ID
+    from agents.r2d2.networks import build_q_network, row_state_shapes
 
     most = max(actor_counts)
-    options = DistributedConfig(num_actors=most, rate_limited=False, checkpoint_seconds=0)
+    options = DistributedConfig(
+        num_actors=most, rate_limited=False, checkpoint_seconds=0, env_id=MASKED_CARTPOLE_ID
+    )
     started = init_ray(num_cpus=max(os.cpu_count() or 1, most))
     try:
-        name, server = spawn_server(config, options, obs_dim=2, num_actions=2, seed=seed)
-        weights = build_q_network(config.network(2, 2), batch_size=1, seed=seed).get_weights()
+        model = build_q_network(config.network(2, 2), batch_size=1, seed=seed)
+        name, server = spawn_server(
+            config, options, obs_dim=2, state_shapes=row_state_shapes(model), seed=seed
+        )
+        weights = model.get_weights()
         ray.get(server.publish.remote(1, [ray.put(weights)]))
         workers = spawn_workers(config, options, name, seed=seed)
         ray.get([w.run.remote(max_seconds=0.5) for w in workers])  # start-up and tracing

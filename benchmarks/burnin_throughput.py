@@ -183,7 +183,7 @@ def make_article_update(scale: Scale) -> Callable[[], None]:
     import keras
 
     import burnin
-    from agents.networks import build_q_network
+    from agents.r2d2.networks import build_q_network
 
     config = scale.config
     net = config.network(scale.obs_dim, scale.num_actions)

@@ -13,18 +13,25 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+import recording_server  # noqa: E402
+from recording_server import RecordingServer  # noqa: E402
 from test_cartpole import cli as cartpole_cli  # noqa: E402
 from test_r2d2 import SMALL as R2D2_SMALL  # noqa: E402
 
 from agents.distributed import (  # noqa: E402
     DistributedConfig,
     DistributedLoop,
-    RateLimiter,
     ReplayServer,
     init_ray,
 )
+from agents.envs import MASKED_CARTPOLE_ID  # noqa: E402
 from agents.r2d2 import R2D2Config  # noqa: E402
+from burnin.rate_limiter import RateLimiter  # noqa: E402
 from burnin.replay import SequenceReplay  # noqa: E402
+
+# Ray's workers cannot import the tests: ship the recording server's module by value.
+ray.cloudpickle.register_pickle_by_value(recording_server)
+STATE_SHAPES = (((16,), (16,)),)  # the small config's LSTM: h and c per row
 
 # The learner tests' small config, with a lane per env of both workers.
 SMALL = {**R2D2_SMALL, "replay_capacity": 8 * 500}  # 2 workers × 4 envs = 8 lanes
@@ -38,7 +45,14 @@ def small_config(**overrides) -> R2D2Config:
 def small_options(**overrides) -> DistributedConfig:
     # 4 steps × 4 envs = 16 env steps (4 updates) per push; error_buffer 5 is the least that fits.
     return DistributedConfig(
-        **{"num_actors": 2, "push_every": 4, "error_buffer": 5.0, "checkpoint_seconds": 0, **overrides}
+        **{
+            "num_actors": 2,
+            "push_every": 4,
+            "error_buffer": 5.0,
+            "checkpoint_seconds": 0,
+            "env_id": MASKED_CARTPOLE_ID,
+            **overrides,
+        }
     )
 
 
@@ -167,7 +181,7 @@ def test_options_that_do_not_fit_the_config_are_reported():
 
 def test_single_process_modules_do_not_import_ray():
     code = (
-        "import sys; import burnin, agents.r2d2, agents.envs, agents.networks, agents.cartpole; "
+        "import sys; import burnin, agents.r2d2, agents.envs, agents.experiment, agents.cartpole; "
         "agents.cartpole.parse_args([]); print('ray' in sys.modules)"
     )
     run = subprocess.run(
@@ -184,7 +198,9 @@ def first_run(cluster, tmp_path_factory):
     """A 2-worker run; worker 0 is killed after 300 env steps and the run goes on until its restarted
     incarnation has written several windows. Left open for inspection (workers idle behind the limiter)."""
     replay_dir = tmp_path_factory.mktemp("first") / "replay"
-    loop = DistributedLoop(small_config(), small_options(), seed=0, replay_dir=replay_dir)
+    loop = DistributedLoop(
+        small_config(), small_options(), seed=0, replay_dir=replay_dir, server_class=RecordingServer
+    )
     initial = loop.learner.get_weights()
 
     def both_wrote() -> bool:  # workers start a few seconds apart on a busy machine
@@ -258,7 +274,9 @@ def test_resume_reloads_the_learner_and_the_replay(first_run, tmp_path):
     # loop's workers may still push a little after the save.
     saved = SequenceReplay.load(first.replay_dir / "replay.npz").stats()
     saved_server = json.loads((first.replay_dir / "server.json").read_text())
-    loop = DistributedLoop(small_config(), small_options(), seed=0, replay_dir=tmp_path / "replay2")
+    loop = DistributedLoop(
+        small_config(), small_options(), seed=0, replay_dir=tmp_path / "replay2", server_class=RecordingServer
+    )
     try:
         assert loop.load(ckpt) == {"note": "first"}
         assert loop.learner.num_updates == first.learner.num_updates
@@ -313,7 +331,7 @@ def synthetic_steps(rng: np.random.Generator, num_steps: int, lanes: int, pendin
 def test_rate_limiter_blocks_whichever_side_is_faster():
     # The server's waiting, driven by threads as the threaded Ray actor's calls are.
     config, options = small_config(), small_options(wait_timeout=0.05)
-    server = ReplayServer(config, options, obs_dim=2, num_actions=2, seed=0)
+    server = ReplayServer(config, options, obs_dim=2, state_shapes=STATE_SHAPES, seed=0)
     reg = server.register("actor-0", 4)
     busy = []
     # One writer stream over all phases: the replay remembers where each lane's episode is.
@@ -385,8 +403,8 @@ def test_server_checkpoint_round_trips_exactly(tmp_path):
         small_config(),
         small_options(rate_limited=False),
     )  # the test adds faster than it samples
-    a = ReplayServer(config, options, obs_dim=2, num_actions=2, seed=3)
-    b = ReplayServer(config, options, obs_dim=2, num_actions=2, seed=99)
+    a = ReplayServer(config, options, obs_dim=2, state_shapes=STATE_SHAPES, seed=3)
+    b = ReplayServer(config, options, obs_dim=2, state_shapes=STATE_SHAPES, seed=99)
     rng = np.random.default_rng(0)
     pending = {o: np.zeros(4, bool) for o in ("actor-0", "actor-1")}
     regs = {o: a.register(o, 4) for o in pending}
@@ -422,7 +440,7 @@ def test_server_checkpoint_round_trips_exactly(tmp_path):
         b.restore(tmp_path / "one")
     # A save interrupted between its two renames leaves the last good checkpoint at .one.previous.
     (tmp_path / "one").rename(tmp_path / ".one.previous")
-    c = ReplayServer(config, options, obs_dim=2, num_actions=2, seed=5)
+    c = ReplayServer(config, options, obs_dim=2, state_shapes=STATE_SHAPES, seed=5)
     assert c.restore(tmp_path / "one") == counters
     (tmp_path / ".one.previous").rename(tmp_path / "one")
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
@@ -430,8 +448,8 @@ def test_server_checkpoint_round_trips_exactly(tmp_path):
 
 def test_restore_into_another_layout_names_the_cause(tmp_path):
     config = small_config()
-    ReplayServer(config, small_options(), obs_dim=2, num_actions=2).save(tmp_path / "ckpt")
-    other = ReplayServer(config, small_options(num_actors=1), obs_dim=2, num_actions=2)
+    ReplayServer(config, small_options(), obs_dim=2, state_shapes=STATE_SHAPES).save(tmp_path / "ckpt")
+    other = ReplayServer(config, small_options(num_actors=1), obs_dim=2, state_shapes=STATE_SHAPES)
     with pytest.raises(ValueError, match="^directory: the replay in .* num_actors × num_envs = 4 lanes"):
         other.restore(tmp_path / "ckpt")
     with pytest.raises(ValueError, match="^directory: .* holds no server.json"):

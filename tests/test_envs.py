@@ -45,7 +45,7 @@ def test_vector_env_matches_full_cartpole_and_autoresets():
 
 
 def test_make_vector_env_rejects_bad_input():
-    with pytest.raises(ValueError, match="num_envs: expected a positive int, got 0"):
+    with pytest.raises(ValueError, match="num_envs: expected an int >= 1, got 0"):
         envs.make_vector_env(0)
     with pytest.raises(ValueError, match="expected Discrete"):
         envs.make_vector_env(1, env_id="Pendulum-v1")

@@ -8,7 +8,7 @@ import pytest
 from helpers import random_state
 
 import burnin
-from agents.networks import NetworkConfig, build_q_network, copy_weights, network_inputs
+from agents.r2d2.networks import NetworkConfig, build_q_network, network_inputs
 
 CFG = NetworkConfig(obs_dim=3, num_actions=4, torso_units=(8,), core_units=16, head_units=8)
 
@@ -49,7 +49,7 @@ def test_copies_at_other_batch_sizes_share_weights(impl, rng):
     config = NetworkConfig(**{**CFG.__dict__, "lstm_impl": impl})
     learner = build_q_network(config, batch_size=6, seed=1)
     actor = build_q_network(config, batch_size=2, seed=2)
-    copy_weights(learner, actor)
+    actor.set_weights(learner.get_weights())
     x = inputs(config, 6, 5, rng)
     start = random_state(learner, rng)
     burnin.set_states(learner, start)
@@ -97,16 +97,18 @@ def test_mixed_bfloat16_keeps_float32_state_and_output(rng):
     assert model.get_layer("lstm").compute_dtype == "bfloat16"
 
 
+# A value of the wrong type is a TypeError, a wrong value of the right type a ValueError (burnin._checks).
 @pytest.mark.parametrize(
-    ("field", "value"),
-    [("obs_dim", 0), ("num_actions", 1.5), ("core", "gru"), ("torso_units", (8, -1)), ("lstm_impl", "cudnn"),
-     ("dtype_policy", "float16"), ("core_units", True)],
+    ("field", "value", "error"),
+    [("obs_dim", 0, ValueError), ("num_actions", 1.5, TypeError), ("core", "gru", ValueError),
+     ("torso_units", (8, -1), ValueError), ("lstm_impl", "cudnn", ValueError), ("dtype_policy", "float16", ValueError),
+     ("core_units", True, TypeError), ("core_layers", ("lstm", "rnn"), ValueError)],
 )  # fmt: skip
-def test_bad_config_names_the_field(field, value):
-    with pytest.raises(ValueError, match=f"^{field}: "):
+def test_bad_config_names_the_field(field, value, error):
+    with pytest.raises(error, match=f"^{field}: "):
         NetworkConfig(**{**CFG.__dict__, field: value})
 
 
 def test_bad_batch_size():
-    with pytest.raises(ValueError, match="batch_size: expected a positive int, got 0"):
+    with pytest.raises(ValueError, match="batch_size: expected an int >= 1, got 0"):
         build_q_network(CFG, batch_size=0)

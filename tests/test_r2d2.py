@@ -12,6 +12,7 @@ import pytest
 import burnin
 from agents.envs import make_vector_env
 from agents.r2d2 import Actor, Learner, R2D2Config, TrainLoop, apex_epsilons, make_replay
+from agents.r2d2.networks import network_state_shapes
 
 SMALL = dict(
     torso_units=(16,),
@@ -52,17 +53,25 @@ class Recorder:
         self.q: dict[int, list[np.ndarray]] = {int(lane): [] for lane in actor.lanes}
         self.states: list = []
         self.new_episode: list[np.ndarray] = []
+        self.last_q: np.ndarray | None = None
         original = actor.replay.add
+        original_act = actor.act
+
+        def act(**kwargs):  # Actor.step acts, then adds: keep the Q-values of the step being added
+            q, actions, states = original_act(**kwargs)
+            self.last_q = q
+            return q, actions, states
 
         def add(lanes, **kwargs):
             for row, lane in enumerate(lanes):
                 self.obs[int(lane)].append(kwargs["observation"][row].copy())
-                self.q[int(lane)].append(actor.last_q[row].copy())
+                self.q[int(lane)].append(self.last_q[row].copy())
             self.states.append(kwargs["states"])
             self.new_episode.append(actor.new_episode.copy())
             return original(lanes, **kwargs)
 
         actor.replay.add = add
+        actor.act = act
 
     def find(self, obs_window: np.ndarray, mask: np.ndarray) -> tuple[int, int]:
         """(lane, index in that lane's stream) of the window's first valid step."""
@@ -76,8 +85,8 @@ class Recorder:
 
 def filled(config: R2D2Config, steps: int, *, seed: int = 0):
     env = make_vector_env(config.num_envs, seed=seed)
-    replay = make_replay(config, 2, 2, seed=seed)
     learner = Learner(config, 2, 2, seed=seed)
+    replay = make_replay(config, 2, learner.state_shapes, seed=seed)
     actor = Actor(config, env, replay=replay, seed=seed + 1)
     actor.set_weights(learner.get_weights())
     recorder = Recorder(actor)
@@ -222,6 +231,27 @@ def test_loop_trains_both_cores(core):
     assert loop.replay.num_sampleable > 0
 
 
+def test_stacked_gru_lstm_core_trains_end_to_end(tmp_path):
+    """The agent takes its state layout from the network (burnin.state_shapes): a GRU under an LSTM
+    stores both layers' states, the learner reproduces the actor from them, and the loop trains,
+    checkpoints and resumes."""
+    config = small_config(core_layers=("gru", "lstm"))
+    learner, _actor, replay, rec = filled(config, 150)
+    assert replay.config.state_shapes == (((16,),), ((16,), (16,)))
+    assert [len(layer) for layer in rec.states[-1]] == [1, 2]  # GRU [h], LSTM [h, c]
+    assert [layer.name for layer in burnin.stateful_layers(learner.online)] == ["gru", "lstm_1"]
+    batch = replay.sample(config.batch_size, extra_state_offsets=learner.extra_state_offsets)
+    step = learner.update(batch)  # the actor's parameters: the recomputed states are the stored ones
+    assert step.delta_q_first == pytest.approx(0.0, abs=1e-6)
+    assert step.delta_q_last == pytest.approx(0.0, abs=1e-6)
+    loop, losses = run_loop(config, 60)
+    assert len(losses) > 5 and all(np.isfinite(losses))
+    loop.save(tmp_path / "ckpt")
+    fresh = TrainLoop(config, make_vector_env(config.num_envs, seed=0), seed=0)
+    fresh.load(tmp_path / "ckpt")
+    assert fresh.iterate().updates >= loop.learner.num_updates
+
+
 @pytest.mark.parametrize("seed", [0, 3])
 def test_refresh_writes_the_recomputed_states_back(seed):
     """After an update, the replay holds the learner's recomputed states at the later windows' starts."""
@@ -250,12 +280,16 @@ def test_refresh_writes_the_recomputed_states_back(seed):
             written_at[(int(lanes[row]), int(starts[row]) + o)] = recomputed[k][0][0].numpy()[row]
     assert learner.update(batch, replay=replay).refreshed == writes > 0
     after = replay.windows(batch.keys, extra_state_offsets=offsets)
+    lefts = replay._win[slots, 1]
     checked = changed = 0
     for row in range(config.batch_size):
         for k, o in enumerate((0, *offsets)):
             got = after.state[0][0][row] if o == 0 else after.extra_states[k - 1][0][0][row]
             before = batch.state[0][0][row] if o == 0 else batch.extra_states[k - 1][0][0][row]
-            want = written_at.get((int(lanes[row]), int(starts[row]) + o), before)
+            # A row reads a written state only where that state is its own (not padding, not past
+            # its episode's end): the same lane position may belong to a neighbouring episode.
+            own = lefts[row] == 0 if o == 0 else batch.extra_state_mask[row, k - 1]
+            want = written_at.get((int(lanes[row]), int(starts[row]) + o), before) if own else before
             np.testing.assert_array_equal(got, want)
             checked += (int(lanes[row]), int(starts[row]) + o) in written_at
             changed += not np.array_equal(got, before)
@@ -278,12 +312,16 @@ BAD_CONFIG = {
     "batch_size": 2.5,
     "replay_capacity": 10,
     "env_steps_per_update": float("nan"),
+    "core_layers": ("lstm", "rnn"),
 }
+# A value of the wrong type is a TypeError, a wrong value of the right type a ValueError (burnin._checks).
+BAD_CONFIG_TYPE = {"batch_size"}
 
 
 @pytest.mark.parametrize("field", sorted(BAD_CONFIG))
 def test_bad_config_names_the_field(field):
-    with pytest.raises(ValueError, match=f"^{field}: "):
+    error = TypeError if field in BAD_CONFIG_TYPE else ValueError
+    with pytest.raises(error, match=f"^{field}: "):
         small_config(**{field: BAD_CONFIG[field]})
 
 
@@ -320,11 +358,11 @@ class WrongShapeEnv:
 def test_mismatched_observation_shape_is_reported():
     config = small_config()
     env = WrongShapeEnv(make_vector_env(4, seed=0))
-    replay = make_replay(config, 2, 2)
+    replay = make_replay(config, 2, network_state_shapes(config.network(2, 2)))
     actor = Actor(config, env, replay=replay)
     with pytest.raises(ValueError, match=r"env: observation batch has shape \(4, 4\), expected \(4, 2\)"):
         actor.step()
-    other = make_replay(config, 3, 2)
+    other = make_replay(config, 3, network_state_shapes(config.network(3, 2)))
     with pytest.raises(ValueError, match=r"env: observation shape \(2,\) does not match the replay's \(3,\)"):
         Actor(config, make_vector_env(4, seed=0), replay=other)
 
@@ -378,7 +416,10 @@ def test_delta_q_uses_burn_in_offset_first_and_the_last_available_state():
     # Offset 4: a wrong state (ΔQ_first > 0). Offset 8: exact and available. Offset 12: wrong, unavailable.
     states = (noise[0], exact[1], noise[2])
     avail = np.zeros((config.batch_size, 3), bool)
-    avail[:, :2] = batch.mask[:, [4, 8]]
+    # Rows whose episode ends before step 8 would take their last state at 4 (the wrong one): leave them out.
+    avail[:, 0] = batch.mask[:, 4] & batch.mask[:, 8]
+    avail[:, 1] = batch.mask[:, 8]
+    assert avail[:, 0].any()
     batch = batch._replace(extra_actor_states=states, extra_states=states, extra_state_mask=avail)
     step = learner.update(batch)
     assert step.delta_q_first > 1e-3
@@ -391,7 +432,7 @@ def test_actor_stores_final_observations_under_truncation():
 
     config = small_config(burn_in=2, unroll=4, period=2, n_step=1)
     env = MaskedCartPoleVectorEnv(num_envs=4, max_episode_steps=6)
-    replay = make_replay(config, 2, 2)
+    replay = make_replay(config, 2, network_state_shapes(config.network(2, 2)))
     actor = Actor(config, env, replay=replay, seed=0)
     finals, lengths = set(), []
     original_step = env.step

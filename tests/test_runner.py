@@ -10,7 +10,7 @@ from helpers import assert_states_equal, lstm_model, random_state
 from test_state import nested_model, stacked_model
 
 import burnin
-from agents.networks import NetworkConfig, build_q_network
+from agents.r2d2.networks import NetworkConfig, build_q_network
 
 T = 12
 MODES = ["eager", "function"]

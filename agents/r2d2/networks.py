@@ -1,4 +1,5 @@
-"""Fixed-batch stateful R2D2 Q-network builder: Dense torso, stateful LSTM core, dueling heads."""
+"""Fixed-batch stateful R2D2 Q-network builder: Dense torso, stateful recurrent core (a stack of LSTM
+and GRU layers), dueling heads."""
 
 from __future__ import annotations
 
@@ -8,10 +9,52 @@ from typing import Literal
 import keras
 import numpy as np
 
+from agents.seeds import Purpose, derive_seed
+from burnin._checks import check_choice, check_int, check_int_tuple
 from burnin.layers import HoistedLSTM
-from burnin.state import guard_batch_size
+from burnin.state import guard_batch_size, state_shapes
 
-__all__ = ["NetworkConfig", "build_q_network", "copy_weights", "network_inputs"]
+__all__ = [
+    "CORES",
+    "CORE_LAYERS",
+    "DTYPE_POLICIES",
+    "LSTM_IMPLS",
+    "NetworkConfig",
+    "build_q_network",
+    "check_architecture",
+    "network_inputs",
+    "network_state_shapes",
+    "row_state_shapes",
+]
+
+CORES = ("lstm", "dense")
+"""'lstm': the stateful recurrent core (its layers: ``core_layers``); 'dense': the feed-forward ablation."""
+CORE_LAYERS = ("lstm", "gru")
+"""Kinds of stateful layers a recurrent core stacks."""
+LSTM_IMPLS = ("keras", "hoisted", "unrolled")
+"""LSTM implementations: keras.layers.LSTM, or burnin.layers.HoistedLSTM (same outputs)."""
+DTYPE_POLICIES = ("float32", "mixed_bfloat16", "bfloat16")
+"""Keras dtype policies the networks may use; state variables stay float32 under the mixed one."""
+
+
+def check_architecture(
+    torso_units: tuple[int, ...],
+    core: str,
+    core_layers: tuple[str, ...],
+    lstm_impl: str,
+    dtype_policy: str,
+    *,
+    dtype_name: str = "dtype_policy",
+) -> None:
+    """The one check of the architecture fields (NetworkConfig and R2D2Config call it)."""
+    check_int_tuple("torso_units", torso_units)
+    check_choice("core", core, CORES)
+    if not isinstance(core_layers, tuple) or not core_layers:
+        raise TypeError(f"core_layers: expected a non-empty tuple of {CORE_LAYERS}, got {core_layers!r}")
+    for kind in core_layers:
+        check_choice("core_layers", kind, CORE_LAYERS)
+    check_choice("lstm_impl", lstm_impl, LSTM_IMPLS)
+    check_choice(dtype_name, dtype_policy, DTYPE_POLICIES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +70,9 @@ class NetworkConfig:
     core: Literal["lstm", "dense"] = "lstm"
     """'lstm' for the stateful recurrent core, 'dense' for the feed-forward ablation of equal width."""
     core_units: int = 64
-    """Width of the core (LSTM units or Dense units)."""
+    """Width of the core (units of each recurrent layer, or Dense units)."""
+    core_layers: tuple[str, ...] = ("lstm",)
+    """Stateful layers of the recurrent core, input side first, each 'lstm' or 'gru' (core='lstm' only)."""
     lstm_impl: Literal["keras", "hoisted", "unrolled"] = "keras"
     """'keras': keras.layers.LSTM; 'hoisted': burnin.layers.HoistedLSTM (same outputs, input matmul hoisted);
     'unrolled': HoistedLSTM that also unrolls every call whose length is static (the runner's segments)."""
@@ -42,22 +87,9 @@ class NetworkConfig:
 
     def __post_init__(self) -> None:
         for name in ("obs_dim", "num_actions", "core_units", "head_units"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-            object.__setattr__(self, name, int(value))  # Keras rejects numpy ints as layer sizes
-        if not isinstance(self.torso_units, tuple) or any(
-            isinstance(u, bool) or not isinstance(u, (int, np.integer)) or u < 1 for u in self.torso_units
-        ):
-            raise ValueError(f"torso_units: expected a tuple of positive ints, got {self.torso_units!r}")
-        if self.core not in ("lstm", "dense"):
-            raise ValueError(f"core: expected 'lstm' or 'dense', got {self.core!r}")
-        if self.lstm_impl not in ("keras", "hoisted", "unrolled"):
-            raise ValueError(f"lstm_impl: expected 'keras', 'hoisted' or 'unrolled', got {self.lstm_impl!r}")
-        if self.dtype_policy not in ("float32", "mixed_bfloat16", "bfloat16"):
-            raise ValueError(
-                f"dtype_policy: expected 'float32', 'mixed_bfloat16' or 'bfloat16', got {self.dtype_policy!r}"
-            )
+            # Keras rejects numpy ints as layer sizes.
+            object.__setattr__(self, name, check_int(name, getattr(self, name), minimum=1))
+        check_architecture(self.torso_units, self.core, self.core_layers, self.lstm_impl, self.dtype_policy)
 
     @property
     def recurrent(self) -> bool:
@@ -117,12 +149,46 @@ class Dueling(keras.layers.Layer):
         return mask[0] if isinstance(mask, (list, tuple)) else mask
 
 
-def _seeds(seed: int | None):
+def _initializer_seeds(seed: int | None):
     # Distinct, reproducible seeds per initializer so the same `seed` gives the
     # same weights in every copy, independent of Keras' global RNG.
     base = 0 if seed is None else int(seed)
-    counter = iter(range(10_000))
-    return lambda: base * 10_000 + next(counter)
+    counter = iter(range(10**6))
+    return lambda: derive_seed(base, Purpose.WEIGHTS, next(counter))
+
+
+def _core_layer(config: NetworkConfig, kind: str, index: int, next_seed, policy) -> keras.layers.Layer:
+    """Layer ``index`` of the recurrent core: the first is named after its kind ('lstm', 'gru'), the next
+    ones ``<kind>_<index>``."""
+    options = dict(
+        stateful=True,
+        return_sequences=True,
+        kernel_initializer=keras.initializers.GlorotUniform(seed=next_seed()),
+        recurrent_initializer=keras.initializers.Orthogonal(seed=next_seed()),
+        name=kind if index == 0 else f"{kind}_{index}",
+        dtype=policy,
+    )
+    if kind == "gru":
+        return keras.layers.GRU(config.core_units, **options)
+    if config.lstm_impl == "keras":
+        return keras.layers.LSTM(config.core_units, **options)
+    return HoistedLSTM(
+        config.core_units, max_unroll=10**6 if config.lstm_impl == "unrolled" else 0, **options
+    )
+
+
+def _previous_step_inputs(config: NetworkConfig, batch_size: int, policy) -> tuple[list, list]:
+    """The previous action (one-hot) and reward inputs, when enabled, and the features they give."""
+    inputs, features = [], []
+    if config.prev_action:
+        prev_a = keras.Input(batch_shape=(batch_size, None), dtype="int32", name="prev_action")
+        inputs.append(prev_a)
+        features.append(OneHot(config.num_actions, name="prev_action_one_hot", dtype=policy)(prev_a))
+    if config.prev_reward:
+        prev_r = keras.Input(batch_shape=(batch_size, None), dtype="float32", name="prev_reward")
+        inputs.append(prev_r)
+        features.append(AsFeature(name="prev_reward_feature", dtype=policy)(prev_r))
+    return inputs, features
 
 
 def build_q_network(
@@ -132,7 +198,7 @@ def build_q_network(
     seed: int | None = 0,
     name: str = "q_network",
 ) -> keras.Model:
-    """Build the Q-network with a fixed batch (stateful LSTM core) or a feed-forward core.
+    """Build the Q-network with a fixed batch (stateful recurrent core) or a feed-forward core.
 
     Inputs, each with a free time axis so one model runs windows and single steps:
       observation ``[B, T, obs_dim]`` float32, prev_action ``[B, T]`` int32,
@@ -141,12 +207,11 @@ def build_q_network(
 
     Copies for the learner, target and actor are built with the same ``config``
     and different ``batch_size``; weights do not depend on the batch, so
-    :func:`copy_weights` (``set_weights``) shares them. The recurrent model is
+    ``set_weights(other.get_weights())`` shares them. The recurrent model is
     guarded against calls with another batch size (see ``burnin.guard_batch_size``).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
-    next_seed = _seeds(seed)
+    check_int("batch_size", batch_size, minimum=1)
+    next_seed = _initializer_seeds(seed)
     policy = keras.dtype_policies.get(config.dtype_policy)
 
     def dense(units: int, activation: str | None, layer_name: str) -> keras.layers.Dense:
@@ -163,32 +228,14 @@ def build_q_network(
     x = obs
     for i, units in enumerate(config.torso_units):
         x = dense(units, "relu", f"torso_{i}")(x)
-    features = [x]
-    if config.prev_action:
-        prev_a = keras.Input(batch_shape=(batch_size, None), dtype="int32", name="prev_action")
-        inputs.append(prev_a)
-        features.append(OneHot(config.num_actions, name="prev_action_one_hot", dtype=policy)(prev_a))
-    if config.prev_reward:
-        prev_r = keras.Input(batch_shape=(batch_size, None), dtype="float32", name="prev_reward")
-        inputs.append(prev_r)
-        features.append(AsFeature(name="prev_reward_feature", dtype=policy)(prev_r))
+    previous, features = _previous_step_inputs(config, batch_size, policy)
+    inputs += previous
+    features = [x, *features]
     if len(features) > 1:
         x = keras.layers.Concatenate(axis=-1, name="core_input", dtype=policy)(features)
-    if config.core == "lstm":
-        if config.lstm_impl == "keras":
-            lstm_class, extra = keras.layers.LSTM, {}
-        else:
-            lstm_class, extra = HoistedLSTM, {"max_unroll": 10**6 if config.lstm_impl == "unrolled" else 0}
-        x = lstm_class(
-            config.core_units,
-            stateful=True,
-            return_sequences=True,
-            kernel_initializer=keras.initializers.GlorotUniform(seed=next_seed()),
-            recurrent_initializer=keras.initializers.Orthogonal(seed=next_seed()),
-            name="lstm",
-            dtype=policy,
-            **extra,
-        )(x)
+    if config.recurrent:
+        for index, kind in enumerate(config.core_layers):
+            x = _core_layer(config, kind, index, next_seed, policy)(x)
     else:
         x = dense(config.core_units, "relu", "core_dense")(x)
     value = dense(1, None, "value")(dense(config.head_units, "relu", "value_hidden")(x))
@@ -214,6 +261,18 @@ def network_inputs(
     return inputs
 
 
-def copy_weights(source: keras.Model, target: keras.Model) -> None:
-    """Copy all weights from ``source`` to ``target`` (copies may differ in batch size)."""
-    target.set_weights(source.get_weights())
+def row_state_shapes(model: keras.Model) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """Per stateful layer and state array, its shape without the batch (``burnin.state_shapes``);
+    ``()`` for a feed-forward network. What a replay stores per row."""
+    try:
+        shapes = state_shapes(model)
+    except ValueError:  # no stateful RNN layer: the feed-forward ablation
+        return ()
+    return tuple(tuple(shape[1:] for shape in layer) for layer in shapes)
+
+
+def network_state_shapes(config: NetworkConfig) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """:func:`row_state_shapes` of the network ``config`` describes (built once at batch 1 to read them)."""
+    if not config.recurrent:
+        return ()
+    return row_state_shapes(build_q_network(config, batch_size=1, name="state_shapes"))

@@ -1,0 +1,40 @@
+"""R2D2 on burnin: config, Q-network, learner, actor, the single-process loop and its checkpoints.
+
+Modules: ``config`` (R2D2Config, StateStrategy, presets), ``networks``,
+``learner``, ``actor`` (and greedy evaluation), ``loop`` (TrainLoop, the Loop
+protocol), ``checkpoint``.
+"""
+
+from agents.r2d2.actor import Actor, ReplayWriter, apex_epsilons, evaluate
+from agents.r2d2.config import (
+    PRESETS,
+    R2D2Config,
+    StateStrategy,
+    delta_q_offsets,
+    extra_state_offsets,
+    preset,
+    stored_state_offsets,
+)
+from agents.r2d2.learner import Learner, LearnerStep, PriorityWriter
+from agents.r2d2.loop import Loop, LoopStats, TrainLoop, make_replay
+
+__all__ = [
+    "PRESETS",
+    "Actor",
+    "Learner",
+    "LearnerStep",
+    "Loop",
+    "LoopStats",
+    "PriorityWriter",
+    "R2D2Config",
+    "ReplayWriter",
+    "StateStrategy",
+    "TrainLoop",
+    "apex_epsilons",
+    "delta_q_offsets",
+    "evaluate",
+    "extra_state_offsets",
+    "make_replay",
+    "preset",
+    "stored_state_offsets",
+]

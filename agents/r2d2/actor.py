@@ -1,0 +1,240 @@
+"""The R2D2 actor: a vector env stepped by one fixed-batch stateful network, ε-greedy per row, writing
+every step and the recurrent state before it to a replay; and greedy evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import gymnasium as gym
+import numpy as np
+import tensorflow as tf
+from gymnasium.vector import AutoresetMode
+
+from agents.r2d2.config import R2D2Config
+from agents.r2d2.networks import build_q_network, network_inputs
+from burnin._checks import check_int
+from burnin.replay import RecurrentState, ReplayConfig
+from burnin.state import state_variables, stateful_layers
+
+__all__ = ["Actor", "ReplayWriter", "apex_epsilons", "evaluate"]
+
+
+class ReplayWriter(Protocol):
+    """What the actor writes its steps to: a local :class:`burnin.replay.SequenceReplay` or a remote writer.
+
+    ``config.obs_shape`` must match the env's observation; :meth:`add` takes one
+    step for each of ``lanes`` (the convention of ``docs/replay.md``), and
+    :meth:`close_lanes` ends their open episodes when the envs are reset.
+    """
+
+    @property
+    def config(self) -> ReplayConfig: ...
+
+    def add(
+        self,
+        lanes: Any,
+        *,
+        observation: Any,
+        action: Any,
+        reward: Any,
+        terminated: Any,
+        truncated: Any,
+        states: RecurrentState | None = None,
+    ) -> None: ...
+
+    def close_lanes(self, lanes: Any) -> None: ...
+
+
+def apex_epsilons(num: int, *, base: float = 0.4, alpha: float = 7.0) -> np.ndarray:
+    """Ape-X per-actor exploration: ε_i = base^(1 + alpha · i / (N − 1)), i = 0 … N−1 (ε_0 = base)."""
+    check_int("num", num, minimum=1)
+    if num == 1:
+        return np.array([base], dtype=np.float64)
+    i = np.arange(num, dtype=np.float64)
+    return base ** (1.0 + alpha * i / (num - 1))
+
+
+class Actor:
+    """Steps a gymnasium vector env of N envs with one fixed-batch stateful network of batch N.
+
+    Per env row i: ε-greedy with the Ape-X ε_i; the recurrent state row is
+    zeroed at each episode start; the state before every observation is passed
+    to the replay beside the step. gymnasium's NEXT_STEP autoreset is handled
+    explicitly: after a step that terminated or truncated, the row holds the
+    episode's final observation; the next ``env.step`` ignores that row's
+    action and returns the reset observation, and this step is what the replay
+    stores as the final observation (see :mod:`burnin.replay`).
+    """
+
+    def __init__(
+        self,
+        config: R2D2Config,
+        env: gym.vector.VectorEnv,
+        *,
+        replay: ReplayWriter | None = None,
+        lanes: Sequence[int] | None = None,
+        seed: int = 0,
+        epsilons: np.ndarray | None = None,
+    ) -> None:
+        autoreset = getattr(env, "metadata", {}).get("autoreset_mode", AutoresetMode.NEXT_STEP)
+        if autoreset != AutoresetMode.NEXT_STEP:
+            raise ValueError(
+                f"env: autoreset mode {autoreset}, expected NEXT_STEP (the replay's step convention)"
+            )
+        self.config = config
+        self.env = env
+        self.num_envs = int(env.num_envs)
+        obs_space = env.single_observation_space
+        self.obs_dim = int(np.prod(obs_space.shape))
+        self.num_actions = int(env.single_action_space.n)
+        self.network_config = config.network(self.obs_dim, self.num_actions)
+        self.model = build_q_network(self.network_config, batch_size=self.num_envs, seed=seed, name="actor")
+        self.recurrent = self.network_config.recurrent
+        if replay is not None and replay.config.obs_shape != (self.obs_dim,):
+            raise ValueError(
+                f"env: observation shape {(self.obs_dim,)} does not match the replay's {replay.config.obs_shape}"
+            )
+        self.replay = replay
+        self.lanes = np.arange(self.num_envs) if lanes is None else np.asarray(lanes, dtype=np.int64)
+        if self.lanes.shape != (self.num_envs,):
+            raise ValueError(f"lanes: expected {self.num_envs} lane ids, got shape {self.lanes.shape}")
+        if epsilons is None:
+            epsilons = apex_epsilons(self.num_envs, base=config.epsilon_base, alpha=config.epsilon_alpha)
+        self.epsilons = np.asarray(epsilons, dtype=np.float64)
+        if self.epsilons.shape != (self.num_envs,):
+            raise ValueError(f"epsilons: expected shape ({self.num_envs},), got {self.epsilons.shape}")
+        self.rng = np.random.default_rng(seed)
+        layers = stateful_layers(self.model) if self.recurrent else []
+        self._layer_sizes = [len(state_variables(layer)) for layer in layers]
+        self._variables = [v for layer in layers for v in state_variables(layer)]
+        self._policy = tf.function(self._policy_step, reduce_retracing=False)
+        self.steps = 0  # calls of step()
+        self.env_steps = 0  # real transitions (autoreset steps not counted)
+        self.episodes = 0
+        self.reset(seed=seed)
+
+    def reset(self, *, seed: int | None = None) -> None:
+        """Reset every env and start fresh episodes; the replay's open episodes in our lanes are closed."""
+        obs, _ = self.env.reset(seed=seed)
+        self._check_obs(obs)
+        if self.replay is not None:
+            self.replay.close_lanes(self.lanes)
+        n = self.num_envs
+        self.obs = obs.astype(np.float32)
+        self.prev_action = np.zeros(n, np.int32)
+        self.prev_reward = np.zeros(n, np.float32)
+        self.new_episode = np.ones(n, bool)
+        self.final_pending = np.zeros(n, bool)
+        self.episode_return = np.zeros(n, np.float64)
+        self.episode_length = np.zeros(n, np.int64)
+
+    def _check_obs(self, obs: np.ndarray) -> None:
+        if obs.shape != (self.num_envs, self.obs_dim):
+            raise ValueError(
+                f"env: observation batch has shape {obs.shape}, expected {(self.num_envs, self.obs_dim)}"
+            )
+
+    def set_weights(self, weights: list[np.ndarray]) -> None:
+        self.model.set_weights(weights)
+
+    def _policy_step(self, obs, prev_action, prev_reward, reset):
+        before = []
+        for v in self._variables:
+            # Zero only the rows that start an episode; tf.where keeps the others bit for bit.
+            v.assign(tf.where(reset[:, None], tf.zeros_like(v.value), v.value))
+            before.append(tf.identity(v.value))
+        inputs = network_inputs(self.network_config, obs[:, None], prev_action[:, None], prev_reward[:, None])
+        q = self.model(inputs, training=False)[:, 0]  # [N, A]
+        return q, before
+
+    def act(self, *, greedy: bool = False) -> tuple[np.ndarray, np.ndarray, Any]:
+        """Q-values, actions and the state before this step, for the current observations."""
+        q, before = self._policy(
+            tf.constant(self.obs),
+            tf.constant(self.prev_action),
+            tf.constant(self.prev_reward),
+            tf.constant(self.new_episode),
+        )
+        q = q.numpy()
+        greedy_actions = q.argmax(axis=1).astype(np.int32)
+        if greedy:
+            actions = greedy_actions
+        else:
+            explore = self.rng.random(self.num_envs) < self.epsilons
+            random_actions = self.rng.integers(0, self.num_actions, self.num_envs, dtype=np.int32)
+            actions = np.where(explore, random_actions, greedy_actions)
+        arrays = iter([b.numpy() for b in before])
+        states = tuple(tuple(next(arrays) for _ in range(n)) for n in self._layer_sizes)
+        return q, actions, states
+
+    def step(self, *, greedy: bool = False) -> list[tuple[int, float, int]]:
+        """One env.step for all rows; returns (row, return, length) of the episodes that ended."""
+        _, actions, states = self.act(greedy=greedy)
+        next_obs, reward, terminated, truncated, _ = self.env.step(actions)
+        self._check_obs(next_obs)
+        reward = np.asarray(reward, np.float32)
+        terminated = np.asarray(terminated, bool)
+        truncated = np.asarray(truncated, bool)
+        if self.replay is not None:
+            self.replay.add(
+                self.lanes,
+                observation=self.obs,
+                action=actions,
+                reward=reward,
+                terminated=terminated,
+                truncated=truncated,
+                states=states if self.recurrent else None,
+            )
+        real = ~self.final_pending
+        self.env_steps += int(real.sum())
+        self.episode_return += np.where(real, reward, 0.0)
+        self.episode_length += real
+        done = terminated | truncated
+        finished = [
+            (int(i), float(self.episode_return[i]), int(self.episode_length[i])) for i in np.flatnonzero(done)
+        ]
+        self.episodes += len(finished)
+        self.episode_return[done] = 0.0
+        self.episode_length[done] = 0
+        # A row that just stored its final observation starts a new episode at the next step.
+        self.new_episode = self.final_pending.copy()
+        self.final_pending = done
+        self.prev_action = np.where(self.new_episode, 0, actions).astype(np.int32)
+        self.prev_reward = np.where(self.new_episode, 0.0, reward).astype(np.float32)
+        self.obs = np.asarray(next_obs, np.float32)
+        self.steps += 1
+        return finished
+
+    # -------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and the ε RNG (envs restart from a fresh reset when resumed)."""
+        return {
+            "steps": self.steps,
+            "env_steps": self.env_steps,
+            "episodes": self.episodes,
+            "rng": self.rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        self.env_steps = int(state["env_steps"])
+        self.episodes = int(state["episodes"])
+        self.rng.bit_generator.state = state["rng"]
+
+
+def evaluate(actor: Actor, weights: list[np.ndarray], *, seed: int) -> np.ndarray:
+    """Greedy returns of one episode per env row of ``actor`` (built with zero ε), run side by side.
+
+    The actor's envs are reset with ``seed`` first; reuse one actor to keep its
+    compiled step across evaluations.
+    """
+    actor.set_weights(weights)
+    actor.reset(seed=seed)
+    returns = np.full(actor.num_envs, np.nan)
+    while np.isnan(returns).any():
+        for row, ret, _ in actor.step(greedy=True):
+            if np.isnan(returns[row]):
+                returns[row] = ret
+    return returns

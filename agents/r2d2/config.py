@@ -1,0 +1,229 @@
+"""R2D2 hyper-parameters (R2D2Config), the learner's start-state strategy, presets, and the window
+offsets the learner reads stored states at."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+from agents.r2d2.networks import NetworkConfig, check_architecture
+from burnin._checks import check_bool, check_choice, check_float, check_int
+from burnin.replay import SequenceSpec
+
+__all__ = [
+    "PRESETS",
+    "R2D2Config",
+    "StateStrategy",
+    "delta_q_offsets",
+    "documented",
+    "extra_state_offsets",
+    "preset",
+    "stored_state_offsets",
+]
+
+
+class StateStrategy(enum.Enum):
+    """Where the learner's recurrent state comes from at window step 0 (R2D2 §3).
+
+    ::
+
+        window step:  0 ......... burn_in-1 | burn_in ........... L-1
+        STORED:       h_0 = actor's stored   | trained from the burned-in state
+                      state, then burn-in    |
+        ZERO:         h_0 = 0, then burn-in  | trained from the burned-in state
+
+    With ``burn_in = 0`` the two give the paper's "stored state" and "zero
+    state" strategies; with ``burn_in > 0`` their burn-in variants.
+    """
+
+    STORED = "stored"
+    ZERO = "zero"
+
+
+def documented(default: Any, doc: str) -> Any:
+    """A dataclass field with a one-line doc (shown by ``--help``)."""
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+_field = documented
+
+
+@dataclasses.dataclass(frozen=True)
+class R2D2Config:
+    """R2D2 hyper-parameters. Defaults are tuned for masked CartPole; the paper's (Atari) values are in each doc."""
+
+    # Network (paper: conv torso, LSTM 512, dueling heads 512).
+    torso_units: tuple[int, ...] = _field((64,), "Dense ReLU torso widths (paper: conv torso).")
+    core: str = _field(
+        "lstm", "'lstm' (stateful recurrent core) or 'dense' (feed-forward ablation of equal width)."
+    )
+    core_units: int = _field(128, "Width of each recurrent core layer (or of the Dense core) (paper: 512).")
+    core_layers: tuple[str, ...] = _field(
+        ("lstm",),
+        "Stateful layers of the recurrent core, input side first: 'lstm' or 'gru' (paper: one LSTM).",
+    )
+    head_units: int = _field(128, "Hidden width of each dueling head (paper: 512).")
+    lstm_impl: str = _field(
+        "keras",
+        "'keras' (keras.layers.LSTM), 'hoisted' or 'unrolled' (burnin.layers.HoistedLSTM: same outputs).",
+    )
+    precision: str = _field(
+        "float32", "Keras dtype policy of the networks: 'float32' or 'mixed_bfloat16' (AMX/AVX512_BF16)."
+    )
+    prev_action_reward: bool = _field(
+        True, "Feed the previous action (one-hot) and reward to the core (paper: yes)."
+    )
+    # Sequences.
+    burn_in: int = _field(20, "Burn-in steps per window, no gradient (paper: 40).")
+    unroll: int = _field(40, "Trained steps per window (paper: 80).")
+    period: int = _field(20, "Steps between window starts; windows overlap by unroll-period (paper: 40).")
+    n_step: int = _field(5, "n of the n-step double-Q target (paper: 5).")
+    gamma: float = _field(0.99, "Discount γ (paper: 0.997).")
+    value_rescale_eps: float = _field(1e-3, "ε of the value rescaling h; 0 turns it off (paper: 1e-3).")
+    # Learner.
+    batch_size: int = _field(32, "Windows per learner update (paper: 64).")
+    learning_rate: float = _field(1e-3, "Adam learning rate (paper: 1e-4).")
+    adam_epsilon: float = _field(1e-3, "Adam ε (paper: 1e-3).")
+    max_grad_norm: float = _field(40.0, "Clip gradients to this global norm (paper: 40, from Ape-X).")
+    target_update_period: int = _field(400, "Learner updates between target-network copies (paper: 2500).")
+    state_strategy: str = _field("stored", "Learner start state: 'stored' (actor's) or 'zero'.")
+    refresh_states: bool = _field(False, "Write recomputed states back into the replay after each update.")
+    jit_compile: bool = _field(False, "Compile the learner update with XLA.")
+    # Replay.
+    replay_capacity: int = _field(
+        100_000, "Replay size in env steps, split evenly over the actor's lanes (paper: 1M windows)."
+    )
+    min_replay_steps: int = _field(2_000, "Env steps stored before learning starts.")
+    env_steps_per_update: float = _field(8.0, "Env steps between learner updates: the fixed replay ratio.")
+    priority_exponent: float = _field(0.9, "Priority exponent α (paper: 0.9).")
+    importance_exponent: float = _field(0.6, "Importance-sampling exponent β (paper: 0.6).")
+    priority_eta: float = _field(0.9, "η of the priority mixture η·max|δ| + (1−η)·mean|δ| (paper: 0.9).")
+    # Actor.
+    num_envs: int = _field(
+        16, "Envs stepped together by the actor, one network row each (paper: 256 actors)."
+    )
+    actor_update_period: int = _field(
+        25, "Actor steps between weight pulls from the learner (paper: 400 env steps)."
+    )
+    epsilon_base: float = _field(0.4, "Ape-X ε_i = base^(1 + alpha·i/(N−1)) (paper: 0.4).")
+    epsilon_alpha: float = _field(7.0, "Ape-X ε exponent spread (paper: 7).")
+
+    def __post_init__(self) -> None:
+        positive_ints = (
+            "core_units", "head_units", "unroll", "period", "n_step", "batch_size",
+            "target_update_period", "replay_capacity", "num_envs", "actor_update_period",
+        )  # fmt: skip
+        for name in positive_ints:
+            check_int(name, getattr(self, name), minimum=1)
+        for name in ("burn_in", "min_replay_steps"):
+            check_int(name, getattr(self, name), minimum=0)
+        check_architecture(
+            self.torso_units,
+            self.core,
+            self.core_layers,
+            self.lstm_impl,
+            self.precision,
+            dtype_name="precision",
+        )
+        check_choice("state_strategy", self.state_strategy, [s.value for s in StateStrategy])
+        if self.period > self.unroll:
+            raise ValueError(f"period: {self.period} > unroll={self.unroll} would leave steps untrained")
+        for name in ("gamma", "priority_eta", "epsilon_base"):
+            check_float(name, getattr(self, name), low=0.0, high=1.0)
+        for name in ("value_rescale_eps", "priority_exponent", "importance_exponent", "epsilon_alpha"):
+            check_float(name, getattr(self, name), low=0.0)
+        for name in ("learning_rate", "adam_epsilon", "max_grad_norm", "env_steps_per_update"):
+            check_float(name, getattr(self, name), low=0.0, strict=True)
+        for name in ("prev_action_reward", "refresh_states", "jit_compile"):
+            check_bool(name, getattr(self, name))
+        if self.replay_capacity // self.num_envs < self.sequence_spec.length + 1:
+            raise ValueError(
+                f"replay_capacity: {self.replay_capacity} over {self.num_envs} lanes leaves "
+                f"{self.replay_capacity // self.num_envs} steps per lane, expected at least one window "
+                f"and the step before it ({self.sequence_spec.length + 1})"
+            )
+        if self.refresh_states and self.state_strategy != StateStrategy.STORED.value:
+            raise ValueError(
+                f"refresh_states: only meaningful with state_strategy='stored', got {self.state_strategy!r}"
+            )
+
+    @property
+    def sequence_spec(self) -> SequenceSpec:
+        """Window layout: ``length = burn_in + unroll + n_step``."""
+        return SequenceSpec(burn_in=self.burn_in, unroll=self.unroll, period=self.period, n_step=self.n_step)
+
+    @property
+    def strategy(self) -> StateStrategy:
+        return StateStrategy(self.state_strategy)
+
+    def network(self, obs_dim: int, num_actions: int) -> NetworkConfig:
+        """The Q-network architecture for an env with these sizes."""
+        return NetworkConfig(
+            obs_dim=obs_dim,
+            num_actions=num_actions,
+            torso_units=self.torso_units,
+            core=self.core,
+            core_units=self.core_units,
+            core_layers=self.core_layers,
+            head_units=self.head_units,
+            lstm_impl=self.lstm_impl,
+            dtype_policy=self.precision,
+            prev_action=self.prev_action_reward,
+            prev_reward=self.prev_action_reward,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> R2D2Config:
+        """Inverse of :meth:`to_json`; a field missing from ``data`` (an older checkpoint) takes its default."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"config: unknown fields {unknown}")
+        values = dict(data)
+        for name in ("torso_units", "core_layers"):
+            if name in values:
+                values[name] = tuple(values[name])
+        return cls(**values)
+
+    @staticmethod
+    def field_docs() -> dict[str, str]:
+        """One-line doc of every field, for ``--help``."""
+        return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(R2D2Config)}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "masked_cartpole": {},
+    "paper": dict(
+        core_units=512, head_units=512, burn_in=40, unroll=80, period=40, n_step=5, gamma=0.997,
+        batch_size=64, learning_rate=1e-4, target_update_period=2500, replay_capacity=1_000_000,
+        actor_update_period=400,
+    ),
+}  # fmt: skip
+"""R2D2Config overrides by name: 'masked_cartpole' (the defaults) and 'paper' (the values of
+Kapturowski et al. 2019 that carry over to a vector-observation env; the torso stays Dense)."""
+
+
+def preset(name: str, **overrides: Any) -> R2D2Config:
+    """The R2D2Config of preset ``name`` (see :data:`PRESETS`), with ``overrides`` on top."""
+    check_choice("name", name, PRESETS)
+    return R2D2Config(**{**PRESETS[name], **overrides})
+
+
+def stored_state_offsets(spec: SequenceSpec) -> tuple[int, ...]:
+    """Window steps after 0 with a stored state: the multiples of ``period`` (burn-in starts of later windows)."""
+    return tuple(range(spec.period, spec.length, spec.period))
+
+
+def delta_q_offsets(spec: SequenceSpec) -> tuple[int, ...]:
+    """Window steps where ΔQ is measured: the stored-state steps (0 included) from the first trained step on."""
+    return tuple(o for o in range(0, spec.length, spec.period) if o >= spec.burn_in)
+
+
+def extra_state_offsets(spec: SequenceSpec) -> tuple[int, ...]:
+    """Window steps whose stored states the learner samples beside the window's own: the ΔQ references
+    after step 0 (a refresh writes states back by key, it reads none)."""
+    return tuple(o for o in delta_q_offsets(spec) if o > 0)

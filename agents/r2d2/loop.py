@@ -1,0 +1,189 @@
+"""The single-process R2D2 loop (one actor, one learner, one replay at a fixed replay ratio), the Loop
+protocol the run harness drives, and the replay sized for a config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import gymnasium as gym
+import numpy as np
+
+from agents.r2d2.actor import Actor
+from agents.r2d2.checkpoint import (
+    CHECKPOINT_FORMAT,
+    check_same,
+    comparable_config,
+    read_learner_arrays,
+    read_meta,
+    write_checkpoint_dir,
+    write_learner,
+    write_meta,
+)
+from agents.r2d2.config import R2D2Config
+from agents.r2d2.learner import Learner, LearnerStep
+from agents.seeds import RunSeeds
+from burnin.replay import SequenceReplay
+
+__all__ = ["Loop", "LoopStats", "TrainLoop", "make_replay"]
+
+
+class LoopStats(NamedTuple):
+    """Counters after one :meth:`Loop.iterate` step."""
+
+    env_steps: int
+    updates: int
+    episodes: int
+    finished: list[tuple[int, float, int]]
+    """(row, return, length) of the episodes that ended in this step."""
+    learner: LearnerStep | None
+    """The last learner update of this step, if any ran."""
+
+
+class ReplayStats(Protocol):
+    def stats(self) -> dict[str, Any]: ...
+
+
+class Loop(Protocol):
+    """What the run harness (:mod:`agents.experiment`) drives: :class:`TrainLoop`, or the distributed loop."""
+
+    learner: Learner
+    replay: ReplayStats
+
+    @property
+    def env_steps(self) -> int: ...
+
+    def iterate(self) -> LoopStats: ...
+
+    def save(self, directory: str | os.PathLike[str], *, extra: dict[str, Any] | None = None) -> Path: ...
+
+    def load(self, directory: str | os.PathLike[str]) -> dict[str, Any]: ...
+
+
+def make_replay(
+    config: R2D2Config,
+    obs_dim: int,
+    state_shapes: tuple[tuple[tuple[int, ...], ...], ...],
+    *,
+    num_lanes: int | None = None,
+    seed: int = 0,
+) -> SequenceReplay:
+    """A SequenceReplay sized for ``config``: one lane per env row, ``state_shapes`` per row (from
+    :func:`agents.r2d2.networks.row_state_shapes` of the network, e.g. ``Learner.state_shapes``)."""
+    lanes = config.num_envs if num_lanes is None else num_lanes
+    return SequenceReplay(
+        config.sequence_spec,
+        num_lanes=lanes,
+        lane_capacity=config.replay_capacity // lanes,
+        obs_shape=(obs_dim,),
+        obs_dtype=np.float32,
+        state_shapes=state_shapes,
+        alpha=config.priority_exponent,
+        beta=config.importance_exponent,
+        keep_actor_states=config.refresh_states,
+        seed=seed,
+    )
+
+
+class TrainLoop:
+    """Single-process R2D2: one actor (a vector env) and one learner, at a fixed replay ratio.
+
+    Every actor step adds ``num_envs`` env steps and earns ``new_steps /
+    env_steps_per_update`` learner updates, spent as soon as the replay holds
+    ``min_replay_steps`` steps; so the ratio of updates to env steps is fixed
+    and deterministic. The actor pulls the learner's weights every
+    ``actor_update_period`` actor steps. Every seed derives from ``seed``
+    (:class:`agents.seeds.RunSeeds`).
+    """
+
+    def __init__(self, config: R2D2Config, env: gym.vector.VectorEnv, *, seed: int = 0) -> None:
+        if env.num_envs != config.num_envs:
+            raise ValueError(f"env: has {env.num_envs} envs, but config.num_envs is {config.num_envs}")
+        obs_shape = env.single_observation_space.shape
+        if len(obs_shape) != 1:
+            raise ValueError(f"env: observation shape {obs_shape}, expected a vector (1-D)")
+        self.config = config
+        self.seed = int(seed)
+        self.seeds = RunSeeds(self.seed)
+        obs_dim, num_actions = int(obs_shape[0]), int(env.single_action_space.n)
+        self.learner = Learner(config, obs_dim, num_actions, seed=self.seeds.weights)
+        self.replay = make_replay(config, obs_dim, self.learner.state_shapes, seed=self.seeds.replay)
+        self.actor = Actor(config, env, replay=self.replay, seed=self.seeds.actor)
+        self.actor.set_weights(self.learner.get_weights())
+        self.credit = 0.0
+        self.resumes = 0
+        self._reset_envs_before_acting = False
+
+    @property
+    def env_steps(self) -> int:
+        return self.actor.env_steps
+
+    def iterate(self) -> LoopStats:
+        """One actor step, then the learner updates it has earned."""
+        cfg = self.config
+        if self._reset_envs_before_acting:
+            self.actor.reset(seed=self.seeds.env_reset(self.resumes))
+            self._reset_envs_before_acting = False
+        before = self.actor.env_steps
+        finished = self.actor.step()
+        last = None
+        if self.replay.num_steps >= cfg.min_replay_steps and self.replay.num_sampleable > 0:
+            self.credit += (self.actor.env_steps - before) / cfg.env_steps_per_update
+            while self.credit >= 1.0:
+                last = self.learner.step(self.replay)
+                self.credit -= 1.0
+        if self.actor.steps % cfg.actor_update_period == 0:
+            self.actor.set_weights(self.learner.get_weights())
+        return LoopStats(self.actor.env_steps, self.learner.num_updates, self.actor.episodes, finished, last)
+
+    def save(self, directory: str | os.PathLike[str], *, extra: dict[str, Any] | None = None) -> Path:
+        """Write a complete checkpoint into ``directory`` (created atomically: temp dir, then rename).
+
+        Holds the learner (online and target weights, optimizer slots,
+        counters), the replay, the actor's counters and ε RNG, the loop's
+        update credit, and ``extra`` (JSON, e.g. the caller's history).
+        """
+        final = Path(directory)
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.to_json(),
+            "seed": self.seed,
+            "credit": self.credit,
+            "resumes": self.resumes,
+            "actor": self.actor.state_dict(),
+            "extra": extra or {},
+        }
+
+        def fill(tmp: Path) -> None:
+            write_learner(tmp, self.learner.state_dict())
+            self.replay.save(tmp / "replay.npz")
+            write_meta(tmp, meta)
+
+        write_checkpoint_dir(final, fill)
+        return final
+
+    def load(self, directory: str | os.PathLike[str]) -> dict[str, Any]:
+        """Restore a checkpoint written by :meth:`save` into this loop; returns its ``extra``.
+
+        The envs restart from a fresh reset (seeded from the seed and the number
+        of resumes) at the next :meth:`iterate`; episodes that were open at save
+        time are then closed in the replay as truncated, so no window spans the gap.
+        """
+        path, meta = read_meta(directory)
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint: format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+        check_same(comparable_config(meta["config"]), comparable_config(self.config), "config field")
+        self.learner.load_state_dict(read_learner_arrays(path))
+        replay = SequenceReplay.load(path / "replay.npz")
+        check_same(replay.config.to_json(), self.replay.config.to_json(), "replay layout field")
+        self.replay = replay
+        self.actor.replay = replay
+        self.actor.load_state_dict(meta["actor"])
+        self.credit = float(meta["credit"])
+        self.resumes = int(meta["resumes"]) + 1
+        self.actor.set_weights(self.learner.get_weights())
+        # The envs restart from a fresh reset when acting resumes; until then the
+        # loaded replay is exactly what was saved.
+        self._reset_envs_before_acting = True
+        return meta.get("extra", {})
