@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from burnin._checks import check_bool, check_int
+
 __all__ = ["HoistedLSTM"]
 
 
@@ -48,10 +50,8 @@ class HoistedLSTM(keras.layers.LSTM):
             raise ValueError(
                 f"recurrent_activation: HoistedLSTM supports only 'sigmoid', got {kwargs['recurrent_activation']!r}"
             )
-        if isinstance(max_unroll, bool) or not isinstance(max_unroll, int) or max_unroll < 0:
-            raise ValueError(f"max_unroll: expected an int >= 0, got {max_unroll!r}")
-        if not isinstance(float32_gates, bool):
-            raise TypeError(f"float32_gates: expected a bool, got {float32_gates!r}")
+        max_unroll = check_int("max_unroll", max_unroll, minimum=0)
+        float32_gates = check_bool("float32_gates", float32_gates)
         kwargs["use_cudnn"] = False
         super().__init__(units, **kwargs)
         self.max_unroll = max_unroll

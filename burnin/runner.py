@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from burnin._checks import check_int
 from burnin.state import check_states, get_states, set_states, state_variables, stateful_layers
 
 __all__ = ["BurnInRunner", "RunnerOutput"]
@@ -65,21 +66,12 @@ class BurnInRunner:
     ) -> None:
         if not isinstance(model, keras.layers.Layer):
             raise TypeError(f"model: expected a keras.Model, got {type(model).__name__}")
-        if isinstance(burn_in, bool) or not isinstance(burn_in, (int, np.integer)) or burn_in < 0:
-            raise ValueError(f"burn_in: expected an int >= 0, got {burn_in!r}")
-        offsets = []
-        for o in state_offsets:
-            if isinstance(o, bool) or not isinstance(o, (int, np.integer)) or o < 0:
-                raise ValueError(f"state_offsets: expected ints >= 0, got {o!r}")
-            offsets.append(int(o))
+        check_int("burn_in", burn_in, minimum=0)
+        offsets = [check_int("state_offsets", o, minimum=0) for o in state_offsets]
         if len(set(offsets)) != len(offsets):
             raise ValueError(f"state_offsets: expected distinct offsets, got {tuple(offsets)}")
-        if gradient_steps is not None and (
-            isinstance(gradient_steps, bool)
-            or not isinstance(gradient_steps, (int, np.integer))
-            or gradient_steps < 1
-        ):
-            raise ValueError(f"gradient_steps: expected None or an int >= 1, got {gradient_steps!r}")
+        if gradient_steps is not None:
+            check_int("gradient_steps", gradient_steps, minimum=1)
         self.gradient_steps = None if gradient_steps is None else int(gradient_steps)
         self.model = model
         self.burn_in = int(burn_in)

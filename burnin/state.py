@@ -10,6 +10,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from burnin._checks import check_int
+
 __all__ = [
     "RecurrentState",
     "StateStructureError",
@@ -215,8 +217,7 @@ def reset_rows(model: keras.layers.Layer, rows: Any) -> None:
 
 def broadcast_row(states: RecurrentState, row: int) -> RecurrentState:
     """Return a copy of ``states`` where every row equals row ``row`` (article case 5)."""
-    if isinstance(row, (bool, np.bool_)) or not isinstance(row, (int, np.integer)):
-        raise TypeError(f"row: expected an int, got {type(row).__name__}")
+    check_int("row", row)
     out = []
     for i, entry in enumerate(states):
         arrays = []

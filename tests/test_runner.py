@@ -287,17 +287,17 @@ def test_jit_compile_matches_within_tolerance(rng):
 
 BAD_CONSTRUCT = {
     "negative_burn_in": ({"burn_in": -1}, ValueError, "burn_in: expected an int >= 0, got -1"),
-    "float_burn_in": ({"burn_in": 2.0}, ValueError, "burn_in: expected an int >= 0, got 2.0"),
+    "float_burn_in": ({"burn_in": 2.0}, TypeError, "burn_in: expected an int, got float 2.0"),
     "negative_offset": (
         {"burn_in": 1, "state_offsets": (-2,)},
         ValueError,
-        "state_offsets: expected ints >= 0, got -2",
+        "state_offsets: expected an int >= 0, got -2",
     ),
     "duplicate_offsets": ({"burn_in": 1, "state_offsets": (3, 3)}, ValueError, "expected distinct offsets"),
     "gradient_steps": (
         {"burn_in": 1, "gradient_steps": 0},
         ValueError,
-        "gradient_steps: expected None or an int >= 1, got 0",
+        "gradient_steps: expected an int >= 1, got 0",
     ),
 }
 

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from burnin._checks import check_float, check_int, check_shape, fmt, int_vector, is_int
+from burnin._checks import check_bool, check_float, check_int, check_shape, fmt, int_vector, is_int
 from burnin.sumtree import SumTree
 
 __all__ = [
@@ -146,11 +146,7 @@ class ReplayConfig:
                 for i, layer in enumerate(shapes)
             ),
         )
-        if not isinstance(self.keep_actor_states, (bool, np.bool_)):
-            raise TypeError(
-                f"keep_actor_states: expected a bool, got {type(self.keep_actor_states).__name__}"
-            )
-        object.__setattr__(self, "keep_actor_states", bool(self.keep_actor_states))
+        object.__setattr__(self, "keep_actor_states", check_bool("keep_actor_states", self.keep_actor_states))
         object.__setattr__(self, "alpha", check_float("alpha", self.alpha, low=0.0, what="float"))
         object.__setattr__(self, "beta", check_float("beta", self.beta, low=0.0, what="float"))
         least = -(-(spec.unroll + spec.n_step) // spec.period) + 1
