@@ -464,3 +464,14 @@ def test_actor_rejects_same_step_autoreset():
     env.metadata = {**env.metadata, "autoreset_mode": gymnasium.vector.AutoresetMode.SAME_STEP}
     with pytest.raises(ValueError, match="env: autoreset mode .*SAME_STEP.*expected NEXT_STEP"):
         Actor(config, env)
+
+
+def test_presets_are_valid_configs():
+    from agents.r2d2 import PRESETS, preset
+
+    assert preset("masked_cartpole") == R2D2Config()
+    paper = preset("paper", num_envs=8)
+    assert (paper.burn_in, paper.unroll, paper.period, paper.n_step, paper.gamma) == (40, 80, 40, 5, 0.997)
+    assert paper.num_envs == 8 and set(PRESETS) == {"masked_cartpole", "paper"}
+    with pytest.raises(ValueError, match="^name: expected one of"):
+        preset("atari")
