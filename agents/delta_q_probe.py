@@ -38,6 +38,7 @@ def probe(checkpoint: Path, *, batches: int = 20) -> dict[str, dict[str, float]]
 
     from agents.r2d2 import Learner, R2D2Config
     from agents.r2d2.checkpoint import read_learner_arrays, read_meta
+    from agents.r2d2.learner import saved_observation
     from burnin.diagnostics import delta_q
     from burnin.replay import SequenceReplay
 
@@ -50,8 +51,7 @@ def probe(checkpoint: Path, *, batches: int = 20) -> dict[str, dict[str, float]]
     if config.sequence_spec.length < end:
         raise ValueError(f"checkpoint: windows of {config.sequence_spec.length} steps, the probe needs {end}")
     arrays = read_learner_arrays(path)
-    obs_dim, num_actions = (int(s) for s in arrays["sizes"])
-    learner = Learner(config, obs_dim, num_actions)
+    learner = Learner(config, *saved_observation(arrays))
     learner.load_state_dict(arrays)
     replay = SequenceReplay.load(path / "replay.npz")
     runner = learner.probe_runner  # the online network, no burn-in: the learner's own ΔQ probe

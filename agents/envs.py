@@ -1,7 +1,12 @@
-"""Masked CartPole (cart position and pole angle only) as a gymnasium env id, and vector-env helpers."""
+"""Masked CartPole (cart position and pole angle only) as a gymnasium env id, and vector envs for any
+gymnasium id: ids a package registers on import (``popgym-…``, ``ALE/…``, or ``module:id``) work, and
+Atari ids get gymnasium's usual preprocessing."""
 
 from __future__ import annotations
 
+import functools
+import importlib
+import re
 from typing import Any
 
 import gymnasium as gym
@@ -9,8 +14,10 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.envs.classic_control.cartpole import CartPoleEnv, CartPoleVectorEnv
 from gymnasium.vector import AutoresetMode
+from gymnasium.wrappers import AtariPreprocessing
 
-from burnin._checks import check_int
+from agents.spaces import action_encoding, observation_encoding
+from burnin._checks import check_int, check_str
 
 __all__ = [
     "MASKED_CARTPOLE_ID",
@@ -18,8 +25,16 @@ __all__ = [
     "VISIBLE",
     "MaskedCartPoleEnv",
     "MaskedCartPoleVectorEnv",
+    "atari_preprocessing",
+    "ensure_registered",
     "make_vector_env",
+    "solve_threshold",
 ]
+
+PACKAGES = {"ALE": "ale_py"}
+"""Packages that register an id prefix (the part before the first '/' or '-') under another name;
+any other prefix is tried as a module name (``popgym-…`` → ``popgym``)."""
+INSTALL_HINTS = {"ale_py": "pip install -e '.[atari]' (ale-py ships the ROMs)"}
 
 MASKED_CARTPOLE_ID = "MaskedCartPole-v1"
 MASKED_CARTPOLE_SOLVED = 475.0
@@ -77,29 +92,95 @@ if MASKED_CARTPOLE_ID not in gym.registry:
     )
 
 
+def ensure_registered(env_id: str) -> str:
+    """The bare gymnasium id of ``env_id``, registered: ``module:id`` imports ``module`` first (as
+    ``gym.make`` does); an unknown id imports the package its prefix names (``ALE/…`` → ale_py,
+    ``popgym-…`` → popgym). ValueError when the id is still unknown."""
+    check_str("env_id", env_id, empty=False)
+    module, _, name = env_id.rpartition(":")
+    if module:
+        _import(module, env_id)
+    if name in gym.registry:
+        return name
+    prefix = re.split(r"[/-]", name, maxsplit=1)[0]
+    package = PACKAGES.get(prefix, prefix.lower())
+    try:
+        _import(package, env_id)
+    except ValueError:
+        if package in INSTALL_HINTS:
+            raise
+    if name not in gym.registry:
+        raise ValueError(
+            f"env_id: {env_id!r} is not a registered gymnasium id (nor after importing {package!r}); "
+            "expected an id gymnasium knows, or --import MODULE / 'module:id' for the package registering it"
+        )
+    return name
+
+
+def _import(module: str, env_id: str) -> None:
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        hint = INSTALL_HINTS.get(module, f"install the package providing {module!r}")
+        raise ValueError(f"env_id: {env_id!r} needs module {module!r} ({err.msg}); {hint}") from None
+
+
+def is_atari(env_id: str) -> bool:
+    """Whether ``env_id`` (bare) is an ALE id, which gets :func:`atari_preprocessing`."""
+    return env_id.startswith("ALE/")
+
+
+atari_preprocessing = functools.partial(
+    AtariPreprocessing,
+    noop_max=30,
+    frame_skip=4,
+    screen_size=84,
+    grayscale_obs=True,
+    grayscale_newaxis=True,
+    scale_obs=False,
+)
+"""The usual Atari preprocessing (gymnasium's wrapper): up to 30 no-ops at reset, frame skip 4 with
+max-pooling, 84×84 grey uint8 frames ``[84, 84, 1]``, no frame stack (the LSTM is the memory). The
+ALE env itself is made with ``frameskip=1`` so that the wrapper does the skipping."""
+
+
+def solve_threshold(env_id: str) -> float | None:
+    """The env spec's ``reward_threshold`` (None when it has none)."""
+    threshold = gym.spec(ensure_registered(env_id)).reward_threshold
+    return None if threshold is None else float(threshold)
+
+
 def make_vector_env(
     num_envs: int, *, env_id: str = MASKED_CARTPOLE_ID, seed: int | None = None
 ) -> gym.vector.VectorEnv:
     """A gymnasium vector env of ``num_envs`` copies of ``env_id``, with NEXT_STEP autoreset.
 
-    CartPole ids use gymnasium's numpy-vectorised implementation; other ids a
-    ``SyncVectorEnv``. The env is reset once with ``seed`` before returning
-    (call ``env.reset`` yourself to get the first observation again).
+    ``env_id`` may name a package to import (:func:`ensure_registered`). Ids with
+    a numpy-vectorised implementation (CartPole) use it; other ids a
+    ``SyncVectorEnv``; ALE ids get :data:`atari_preprocessing`. The env is reset
+    once with ``seed`` before returning (call ``env.reset`` yourself to get the
+    first observation again). ValueError if its spaces are ones the agent cannot
+    take (:func:`agents.spaces.observation_encoding`, :func:`agents.spaces.action_encoding`).
     """
     check_int("num_envs", num_envs, minimum=1)
-    spec = gym.spec(env_id)
-    mode = "vector_entry_point" if spec.vector_entry_point is not None else "sync"
-    env = gym.make_vec(env_id, num_envs=int(num_envs), vectorization_mode=mode)
+    name = ensure_registered(env_id)
+    spec = gym.spec(name)
+    if is_atari(name):
+        env = gym.make_vec(
+            name, num_envs=int(num_envs), vectorization_mode="sync", wrappers=[atari_preprocessing], frameskip=1
+        )
+    else:
+        mode = "vector_entry_point" if spec.vector_entry_point is not None else "sync"
+        env = gym.make_vec(name, num_envs=int(num_envs), vectorization_mode=mode)
     autoreset = env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
     if autoreset != AutoresetMode.NEXT_STEP:
         env.close()
         raise ValueError(f"env_id: {env_id!r} uses autoreset mode {autoreset}, expected NEXT_STEP")
-    if not isinstance(env.single_action_space, spaces.Discrete):
+    try:
+        observation_encoding(env.single_observation_space, where=f"env_id {env_id!r}: observation space")
+        action_encoding(env.single_action_space, where=f"env_id {env_id!r}: action space")
+    except ValueError:
         env.close()
-        raise ValueError(f"env_id: {env_id!r} has action space {env.single_action_space}, expected Discrete")
-    obs_space = env.single_observation_space
-    if not isinstance(obs_space, spaces.Box) or len(obs_space.shape) != 1:
-        env.close()
-        raise ValueError(f"env_id: {env_id!r} has observation space {obs_space}, expected a 1-D Box")
+        raise
     env.reset(seed=seed)
     return env

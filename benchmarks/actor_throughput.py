@@ -123,7 +123,7 @@ def ray_scaling(
     try:
         model = build_q_network(config.network(2, 2), batch_size=1, seed=seed)
         name, server = spawn_server(
-            config, options, obs_dim=2, state_shapes=row_state_shapes(model), seed=seed
+            config, options, observation=2, state_shapes=row_state_shapes(model), seed=seed
         )
         weights = model.get_weights()
         ray.get(server.publish.remote(1, [ray.put(weights)]))

@@ -17,9 +17,10 @@ from agents.distributed.server import PushReply, Registration, ReplayServer
 
 
 class RecordingServer(ReplayServer):
-    def __init__(self, *args: Any, obs_dim: int, **kwargs: Any) -> None:
-        super().__init__(*args, obs_dim=obs_dim, **kwargs)
-        self.last_obs = np.zeros((self.num_lanes, obs_dim), np.float32)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        cfg = self.replay.config
+        self.last_obs = np.zeros((self.num_lanes, *cfg.obs_shape), cfg.obs_dtype)
         self.observations: list[dict[str, np.ndarray]] = []  # one per entry of the fault log
         self.awaiting: dict[int, tuple[int, int]] = {}  # lane -> (fault index, row in its lanes)
 

@@ -469,9 +469,13 @@ def test_actor_rejects_same_step_autoreset():
 def test_presets_are_valid_configs():
     from agents.r2d2 import PRESETS, preset
 
-    assert preset("masked_cartpole") == R2D2Config()
-    paper = preset("paper", num_envs=8)
+    assert preset("masked-cartpole") == R2D2Config()
+    paper = preset("atari", num_envs=8)
     assert (paper.burn_in, paper.unroll, paper.period, paper.n_step, paper.gamma) == (40, 80, 40, 5, 0.997)
-    assert paper.num_envs == 8 and set(PRESETS) == {"masked_cartpole", "paper"}
+    assert (paper.core_units, paper.batch_size, paper.learning_rate, paper.target_update_period) == (
+        512, 64, 1e-4, 2500
+    )
+    assert paper.num_envs == 8 and set(PRESETS) == {"masked-cartpole", "popgym", "atari"}
+    preset("popgym")
     with pytest.raises(ValueError, match="^name: expected one of"):
-        preset("atari")
+        preset("paper")

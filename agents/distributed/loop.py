@@ -32,6 +32,7 @@ from agents.r2d2.config import R2D2Config
 from agents.r2d2.learner import Learner
 from agents.r2d2.loop import LoopStats
 from agents.seeds import RunSeeds
+from agents.spaces import action_encoding, observation_encoding
 from burnin._checks import check_int
 
 __all__ = ["DistributedLoop", "RemoteReplay", "init_ray", "spawn_server"]
@@ -48,7 +49,7 @@ def spawn_server(
 ) -> tuple[str, Any]:
     """Start a ``server_class`` (:class:`ReplayServer`) actor on this node under a fresh name; returns (name, handle).
 
-    ``server_options`` are the server's keyword arguments (``obs_dim``, ``state_shapes``, ``seed``,
+    ``server_options`` are the server's keyword arguments (``observation``, ``state_shapes``, ``seed``,
     ``checkpoint_dir``).
 
     It stays beside the learner because batches are the heaviest traffic, and
@@ -147,14 +148,14 @@ class DistributedLoop:
         self.options = options
         self.seed = int(seed)
         probe = make_vector_env(1, env_id=options.env_id)
-        self.obs_dim = int(probe.single_observation_space.shape[0])
-        self.num_actions = int(probe.single_action_space.n)
+        self.observation = observation_encoding(probe.single_observation_space)
+        self.num_actions = action_encoding(probe.single_action_space).num_actions
         probe.close()
         self.seeds = RunSeeds(self.seed)
-        self.learner = Learner(config, self.obs_dim, self.num_actions, seed=self.seeds.weights)
+        self.learner = Learner(config, self.observation, self.num_actions, seed=self.seeds.weights)
         self.replay_dir = None if replay_dir is None else Path(replay_dir).absolute()
         self.server_name, self.server = spawn_server(
-            config, options, obs_dim=self.obs_dim, state_shapes=self.learner.state_shapes,
+            config, options, observation=self.observation, state_shapes=self.learner.state_shapes,
             seed=self.seeds.replay, checkpoint_dir=None if self.replay_dir is None else str(self.replay_dir),
             server_class=server_class,
         )  # fmt: skip

@@ -17,6 +17,7 @@ import numpy as np
 from agents.distributed.config import DistributedConfig
 from agents.r2d2.config import R2D2Config
 from agents.r2d2.loop import make_replay
+from agents.spaces import ObservationEncoding
 from burnin._checks import check_int
 from burnin._io import atomic_write_text, readable_dir, write_dir_atomically
 from burnin.rate_limiter import RateLimiter
@@ -90,7 +91,7 @@ class ReplayServer:
         config: R2D2Config,
         options: DistributedConfig,
         *,
-        obs_dim: int,
+        observation: int | ObservationEncoding,
         state_shapes: tuple[tuple[tuple[int, ...], ...], ...],
         seed: int = 0,
         checkpoint_dir: str | os.PathLike[str] | None = None,
@@ -100,7 +101,7 @@ class ReplayServer:
         self.options = options
         self.num_lanes = options.num_actors * config.num_envs
         self.replay: SequenceReplay = make_replay(
-            config, obs_dim, state_shapes, num_lanes=self.num_lanes, seed=seed
+            config, observation, state_shapes, num_lanes=self.num_lanes, seed=seed
         )
         self.limiter = RateLimiter(
             options.samples_per_insert(config),

@@ -45,7 +45,7 @@ class ServerWriter:
             )
         self._steps.append(
             (
-                np.array(observation, np.float32),
+                np.array(observation, self.config.obs_dtype),
                 np.array(action, np.int32),
                 np.array(reward, np.float32),
                 np.array(terminated, bool),

@@ -7,6 +7,7 @@ protocol), ``checkpoint``.
 
 from agents.r2d2.actor import Actor, ReplayWriter, apex_epsilons, evaluate
 from agents.r2d2.config import (
+    PRESET_DOCS,
     PRESETS,
     R2D2Config,
     StateStrategy,
@@ -20,6 +21,7 @@ from agents.r2d2.loop import Loop, LoopStats, TrainLoop, make_replay
 
 __all__ = [
     "PRESETS",
+    "PRESET_DOCS",
     "Actor",
     "Learner",
     "LearnerStep",

@@ -13,6 +13,7 @@ from gymnasium.vector import AutoresetMode
 
 from agents.r2d2.config import R2D2Config
 from agents.r2d2.networks import build_q_network, network_inputs
+from agents.spaces import action_encoding, observation_encoding
 from burnin._checks import check_int
 from burnin.replay import RecurrentState, ReplayConfig
 from burnin.state import state_variables, stateful_layers
@@ -65,6 +66,11 @@ class Actor:
     episode's final observation; the next ``env.step`` ignores that row's
     action and returns the reset observation, and this step is what the replay
     stores as the final observation (see :mod:`burnin.replay`).
+
+    Observations are kept and stored in the compact form of
+    :func:`agents.spaces.observation_encoding` (the network encodes
+    them); a MultiDiscrete action space is acted on as one flat Discrete and
+    mapped back when stepping (:func:`agents.spaces.action_encoding`).
     """
 
     def __init__(
@@ -85,16 +91,22 @@ class Actor:
         self.config = config
         self.env = env
         self.num_envs = int(env.num_envs)
-        obs_space = env.single_observation_space
-        self.obs_dim = int(np.prod(obs_space.shape))
-        self.num_actions = int(env.single_action_space.n)
-        self.network_config = config.network(self.obs_dim, self.num_actions)
+        self.encoding = observation_encoding(env.single_observation_space, where="env.observation_space")
+        self.actions = action_encoding(env.single_action_space, where="env.action_space")
+        self.num_actions = self.actions.num_actions
+        self.network_config = config.network(self.encoding, self.num_actions)
         self.model = build_q_network(self.network_config, batch_size=self.num_envs, seed=seed, name="actor")
         self.recurrent = self.network_config.recurrent
-        if replay is not None and replay.config.obs_shape != (self.obs_dim,):
-            raise ValueError(
-                f"env: observation shape {(self.obs_dim,)} does not match the replay's {replay.config.obs_shape}"
-            )
+        if replay is not None:
+            stored = replay.config
+            if stored.obs_shape != self.encoding.shape:
+                raise ValueError(
+                    f"env: observation shape {self.encoding.shape} does not match the replay's {stored.obs_shape}"
+                )
+            if stored.obs_dtype != self.encoding.dtype:
+                raise ValueError(
+                    f"env: observations stored as {self.encoding.dtype}, but the replay holds {stored.obs_dtype}"
+                )
         self.replay = replay
         self.lanes = np.arange(self.num_envs) if lanes is None else np.asarray(lanes, dtype=np.int64)
         if self.lanes.shape != (self.num_envs,):
@@ -117,11 +129,10 @@ class Actor:
     def reset(self, *, seed: int | None = None) -> None:
         """Reset every env and start fresh episodes; the replay's open episodes in our lanes are closed."""
         obs, _ = self.env.reset(seed=seed)
-        self._check_obs(obs)
         if self.replay is not None:
             self.replay.close_lanes(self.lanes)
         n = self.num_envs
-        self.obs = obs.astype(np.float32)
+        self.obs = self._stored(obs)
         self.prev_action = np.zeros(n, np.int32)
         self.prev_reward = np.zeros(n, np.float32)
         self.new_episode = np.ones(n, bool)
@@ -129,11 +140,12 @@ class Actor:
         self.episode_return = np.zeros(n, np.float64)
         self.episode_length = np.zeros(n, np.int64)
 
-    def _check_obs(self, obs: np.ndarray) -> None:
-        if obs.shape != (self.num_envs, self.obs_dim):
-            raise ValueError(
-                f"env: observation batch has shape {obs.shape}, expected {(self.num_envs, self.obs_dim)}"
-            )
+    def _stored(self, obs: Any) -> np.ndarray:
+        """The env's observation batch in the stored form, checked."""
+        try:
+            return self.encoding.flatten(obs, self.num_envs)
+        except ValueError as err:
+            raise ValueError(f"env: {err}") from None
 
     def set_weights(self, weights: list[np.ndarray]) -> None:
         self.model.set_weights(weights)
@@ -171,8 +183,8 @@ class Actor:
     def step(self, *, greedy: bool = False) -> list[tuple[int, float, int]]:
         """One env.step for all rows; returns (row, return, length) of the episodes that ended."""
         _, actions, states = self.act(greedy=greedy)
-        next_obs, reward, terminated, truncated, _ = self.env.step(actions)
-        self._check_obs(next_obs)
+        next_obs, reward, terminated, truncated, _ = self.env.step(self.actions.to_env(actions))
+        next_obs = self._stored(next_obs)
         reward = np.asarray(reward, np.float32)
         terminated = np.asarray(terminated, bool)
         truncated = np.asarray(truncated, bool)
@@ -202,7 +214,7 @@ class Actor:
         self.final_pending = done
         self.prev_action = np.where(self.new_episode, 0, actions).astype(np.int32)
         self.prev_reward = np.where(self.new_episode, 0.0, reward).astype(np.float32)
-        self.obs = np.asarray(next_obs, np.float32)
+        self.obs = next_obs
         self.steps += 1
         return finished
 

@@ -8,11 +8,13 @@ import enum
 from typing import Any
 
 from agents.r2d2.networks import NetworkConfig, check_architecture
+from agents.spaces import ObservationEncoding
 from burnin._checks import check_bool, check_choice, check_float, check_int
 from burnin.replay import SequenceSpec
 
 __all__ = [
     "PRESETS",
+    "PRESET_DOCS",
     "R2D2Config",
     "StateStrategy",
     "delta_q_offsets",
@@ -157,10 +159,14 @@ class R2D2Config:
     def strategy(self) -> StateStrategy:
         return StateStrategy(self.state_strategy)
 
-    def network(self, obs_dim: int, num_actions: int) -> NetworkConfig:
-        """The Q-network architecture for an env with these sizes."""
+    def network(self, observation: int | ObservationEncoding, num_actions: int) -> NetworkConfig:
+        """The Q-network architecture for an env with this observation (an encoding, or the size of a
+        float vector) and this many actions."""
+        if not isinstance(observation, ObservationEncoding):
+            observation = ObservationEncoding.vector(observation)
         return NetworkConfig(
-            obs_dim=obs_dim,
+            obs_dim=observation.size,
+            observation=observation,
             num_actions=num_actions,
             torso_units=self.torso_units,
             core=self.core,
@@ -196,15 +202,33 @@ class R2D2Config:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "masked_cartpole": {},
-    "paper": dict(
-        core_units=512, head_units=512, burn_in=40, unroll=80, period=40, n_step=5, gamma=0.997,
-        batch_size=64, learning_rate=1e-4, target_update_period=2500, replay_capacity=1_000_000,
-        actor_update_period=400,
+    "masked-cartpole": {},
+    "popgym": dict(
+        burn_in=10, unroll=40, period=20, learning_rate=3e-4, env_steps_per_update=4.0,
+        replay_capacity=50_000, min_replay_steps=2_000,
+    ),
+    "atari": dict(
+        torso_units=(), core_units=512, head_units=512, burn_in=40, unroll=80, period=40, n_step=5,
+        gamma=0.997, batch_size=64, learning_rate=1e-4, adam_epsilon=1e-3, target_update_period=2500,
+        replay_capacity=200_000, min_replay_steps=5_000, env_steps_per_update=16.0, num_envs=16,
+        actor_update_period=25,
     ),
 }  # fmt: skip
-"""R2D2Config overrides by name: 'masked_cartpole' (the defaults) and 'paper' (the values of
-Kapturowski et al. 2019 that carry over to a vector-observation env; the torso stays Dense)."""
+"""R2D2Config overrides by name (``--preset NAME``); :data:`PRESET_DOCS` says what each is for."""
+
+PRESET_DOCS: dict[str, str] = {
+    "masked-cartpole": "the defaults, tuned for masked CartPole.",
+    "popgym": (
+        "a starting point for POPGym's card and memory games (episodes of tens of steps, returns in "
+        "[-1, 1]): burn-in 10, lr 3e-4, 4 env steps per update; not tuned per game."
+    ),
+    "atari": (
+        "the paper's values (Kapturowski et al. 2019): conv torso, LSTM 512, heads 512, burn-in 40, "
+        "unroll 80, period 40, n 5, γ 0.997, batch 64, lr 1e-4, target period 2500, weights every 400 "
+        "env steps; scaled to one machine: 16 envs (paper: 256 actors), 200k replay steps (paper: 1M "
+        "windows; a frame is 7 KB), 16 env steps per update."
+    ),
+}
 
 
 def preset(name: str, **overrides: Any) -> R2D2Config:

@@ -18,12 +18,13 @@ from agents.r2d2.config import (
     stored_state_offsets,
 )
 from agents.r2d2.networks import build_q_network, network_inputs, row_state_shapes
+from agents.spaces import ObservationEncoding
 from burnin.diagnostics import delta_q
 from burnin.losses import r2d2_loss
 from burnin.replay import RecurrentState, SequenceBatch, SequenceReplay
 from burnin.runner import BurnInRunner
 
-__all__ = ["Learner", "LearnerStep", "PriorityWriter"]
+__all__ = ["Learner", "LearnerStep", "PriorityWriter", "saved_observation"]
 
 
 class PriorityWriter(Protocol):
@@ -66,7 +67,7 @@ class Learner:
     def __init__(
         self,
         config: R2D2Config,
-        obs_dim: int,
+        observation: int | ObservationEncoding,
         num_actions: int,
         *,
         seed: int = 0,
@@ -76,7 +77,8 @@ class Learner:
 
         Args:
             config: hyper-parameters.
-            obs_dim: observation size.
+            observation: how the env's observations are stored and encoded
+                (:func:`agents.spaces.observation_encoding`), or the size of a float vector.
             num_actions: number of discrete actions.
             seed: weight initialisation seed (the same seed gives the actor's weights).
             burn_in_gradient: backpropagate through the burn-in as well, with the
@@ -85,9 +87,10 @@ class Learner:
         """
         self.config = config
         self.burn_in_gradient = bool(burn_in_gradient)
-        self.obs_dim = int(obs_dim)
         self.num_actions = int(num_actions)
-        self.network_config = config.network(self.obs_dim, self.num_actions)
+        self.network_config = config.network(observation, self.num_actions)
+        self.observation = self.network_config.observation
+        self.obs_dim = self.observation.size
         spec = config.sequence_spec
         self.spec = spec
         b = config.batch_size
@@ -168,11 +171,9 @@ class Learner:
         )
 
     def _check_batch(self, batch: SequenceBatch) -> None:
-        b, length = self.config.batch_size, self.spec.length
-        if batch.observation.shape != (b, length, self.obs_dim):
-            raise ValueError(
-                f"batch.observation: expected shape {(b, length, self.obs_dim)}, got {batch.observation.shape}"
-            )
+        expected = (self.config.batch_size, self.spec.length, *self.observation.shape)
+        if batch.observation.shape != expected:
+            raise ValueError(f"batch.observation: expected shape {expected}, got {batch.observation.shape}")
 
     def _feed(self, batch: SequenceBatch) -> dict[str, Any]:
         offsets = self._extra_offsets
@@ -209,7 +210,7 @@ class Learner:
         """The network's input list for windows ``[B, T, ...]`` (the order :func:`build_q_network` declares)."""
         return network_inputs(
             self.network_config,
-            tf.cast(observation, tf.float32),
+            tf.cast(observation, self.observation.dtype),
             tf.cast(prev_action, tf.int32),
             tf.cast(prev_reward, tf.float32),
         )
@@ -303,6 +304,7 @@ class Learner:
         arrays["num_updates"] = np.asarray(self.num_updates, dtype=np.int64)
         arrays["config"] = np.asarray(json.dumps(self.config.to_json(), sort_keys=True))
         arrays["sizes"] = np.asarray([self.obs_dim, self.num_actions], dtype=np.int64)
+        arrays["observation"] = np.asarray(json.dumps(self.observation.to_json(), sort_keys=True))
         return arrays
 
     def load_state_dict(self, arrays: dict[str, np.ndarray]) -> None:
@@ -318,6 +320,12 @@ class Learner:
                 f"checkpoint: env sizes (obs_dim, num_actions) are {tuple(sizes)} in the checkpoint "
                 f"but {(self.obs_dim, self.num_actions)} here"
             )
+        if "observation" in arrays:  # checkpoints before any-env training held vectors only
+            saved = ObservationEncoding.from_json(json.loads(str(arrays["observation"])))
+            if saved != self.observation:
+                raise ValueError(
+                    f"checkpoint: observation encoding {saved} in the checkpoint but {self.observation} here"
+                )
         self.online.set_weights(_numbered(arrays, "online"))
         self.target.set_weights(_numbered(arrays, "target"))
         slots = _numbered(arrays, "optimizer")
@@ -328,6 +336,15 @@ class Learner:
         for var, value in zip(self.optimizer.variables, slots):
             var.assign(value)
         self.num_updates = int(arrays["num_updates"])
+
+
+def saved_observation(arrays: dict[str, np.ndarray]) -> tuple[ObservationEncoding, int]:
+    """The observation encoding and number of actions a :meth:`Learner.state_dict` was made for (a
+    float vector of ``sizes[0]`` in checkpoints from before any-env training)."""
+    obs_size, num_actions = (int(s) for s in arrays["sizes"])
+    if "observation" not in arrays:
+        return ObservationEncoding.vector(obs_size), num_actions
+    return ObservationEncoding.from_json(json.loads(str(arrays["observation"]))), num_actions
 
 
 def _numbered(arrays: dict[str, np.ndarray], prefix: str) -> list[np.ndarray]:

@@ -24,6 +24,7 @@ from agents.r2d2.checkpoint import (
 from agents.r2d2.config import R2D2Config
 from agents.r2d2.learner import Learner, LearnerStep
 from agents.seeds import RunSeeds
+from agents.spaces import ObservationEncoding, action_encoding, observation_encoding
 from burnin.replay import SequenceReplay
 
 __all__ = ["Loop", "LoopStats", "TrainLoop", "make_replay"]
@@ -63,21 +64,24 @@ class Loop(Protocol):
 
 def make_replay(
     config: R2D2Config,
-    obs_dim: int,
+    observation: int | ObservationEncoding,
     state_shapes: tuple[tuple[tuple[int, ...], ...], ...],
     *,
     num_lanes: int | None = None,
     seed: int = 0,
 ) -> SequenceReplay:
-    """A SequenceReplay sized for ``config``: one lane per env row, ``state_shapes`` per row (from
+    """A SequenceReplay sized for ``config``: one lane per env row, observations in the stored form of
+    ``observation`` (an encoding, or the size of a float vector), ``state_shapes`` per row (from
     :func:`agents.r2d2.networks.row_state_shapes` of the network, e.g. ``Learner.state_shapes``)."""
+    if not isinstance(observation, ObservationEncoding):
+        observation = ObservationEncoding.vector(observation)
     lanes = config.num_envs if num_lanes is None else num_lanes
     return SequenceReplay(
         config.sequence_spec,
         num_lanes=lanes,
         lane_capacity=config.replay_capacity // lanes,
-        obs_shape=(obs_dim,),
-        obs_dtype=np.float32,
+        obs_shape=observation.shape,
+        obs_dtype=np.dtype(observation.dtype),
         state_shapes=state_shapes,
         alpha=config.priority_exponent,
         beta=config.importance_exponent,
@@ -100,15 +104,13 @@ class TrainLoop:
     def __init__(self, config: R2D2Config, env: gym.vector.VectorEnv, *, seed: int = 0) -> None:
         if env.num_envs != config.num_envs:
             raise ValueError(f"env: has {env.num_envs} envs, but config.num_envs is {config.num_envs}")
-        obs_shape = env.single_observation_space.shape
-        if len(obs_shape) != 1:
-            raise ValueError(f"env: observation shape {obs_shape}, expected a vector (1-D)")
+        encoding = observation_encoding(env.single_observation_space, where="env.observation_space")
+        num_actions = action_encoding(env.single_action_space, where="env.action_space").num_actions
         self.config = config
         self.seed = int(seed)
         self.seeds = RunSeeds(self.seed)
-        obs_dim, num_actions = int(obs_shape[0]), int(env.single_action_space.n)
-        self.learner = Learner(config, obs_dim, num_actions, seed=self.seeds.weights)
-        self.replay = make_replay(config, obs_dim, self.learner.state_shapes, seed=self.seeds.replay)
+        self.learner = Learner(config, encoding, num_actions, seed=self.seeds.weights)
+        self.replay = make_replay(config, encoding, self.learner.state_shapes, seed=self.seeds.replay)
         self.actor = Actor(config, env, replay=self.replay, seed=self.seeds.actor)
         self.actor.set_weights(self.learner.get_weights())
         self.credit = 0.0

@@ -1,4 +1,5 @@
-"""Fixed-batch stateful R2D2 Q-network builder: Dense torso, stateful recurrent core (a stack of LSTM
+"""Fixed-batch stateful R2D2 Q-network builder: the observation encoder (conv torso for images, one-hots
+for discrete parts; :mod:`agents.r2d2.encoders`), Dense torso, stateful recurrent core (a stack of LSTM
 and GRU layers), dueling heads."""
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from typing import Literal
 import keras
 import numpy as np
 
+from agents.r2d2.encoders import encode_observation
 from agents.seeds import Purpose, derive_seed
+from agents.spaces import ObservationEncoding
 from burnin._checks import check_choice, check_int, check_int_tuple
 from burnin.layers import HoistedLSTM
 from burnin.state import guard_batch_size, state_shapes
@@ -62,7 +65,7 @@ class NetworkConfig:
     """Architecture of the Q-network; the batch size is chosen per copy, at build time."""
 
     obs_dim: int
-    """Size of the (vector) observation."""
+    """Stored values per observation (the size of a vector observation)."""
     num_actions: int
     """Number of discrete actions."""
     torso_units: tuple[int, ...] = (64,)
@@ -84,12 +87,23 @@ class NetworkConfig:
     """Feed the previous reward to the core."""
     dtype_policy: str = "float32"
     """Keras dtype policy of the layers, e.g. 'mixed_bfloat16'. State variables stay float32."""
+    observation: ObservationEncoding | None = None
+    """How observations are stored and encoded (:func:`agents.spaces.observation_encoding`);
+    None: a float32 vector of ``obs_dim``."""
 
     def __post_init__(self) -> None:
         for name in ("obs_dim", "num_actions", "core_units", "head_units"):
             # Keras rejects numpy ints as layer sizes.
             object.__setattr__(self, name, check_int(name, getattr(self, name), minimum=1))
         check_architecture(self.torso_units, self.core, self.core_layers, self.lstm_impl, self.dtype_policy)
+        if self.observation is None:
+            object.__setattr__(self, "observation", ObservationEncoding.vector(self.obs_dim))
+        elif not isinstance(self.observation, ObservationEncoding):
+            raise TypeError(f"observation: expected an ObservationEncoding, got {type(self.observation).__name__}")
+        elif self.observation.size != self.obs_dim:
+            raise ValueError(
+                f"obs_dim: {self.obs_dim}, but the observation encoding stores {self.observation.size} values"
+            )
 
     @property
     def recurrent(self) -> bool:
@@ -201,7 +215,7 @@ def build_q_network(
     """Build the Q-network with a fixed batch (stateful recurrent core) or a feed-forward core.
 
     Inputs, each with a free time axis so one model runs windows and single steps:
-      observation ``[B, T, obs_dim]`` float32, prev_action ``[B, T]`` int32,
+      observation ``[B, T, *config.observation.shape]`` in its stored dtype, prev_action ``[B, T]`` int32,
       prev_reward ``[B, T]`` float32 (the last two only when enabled).
     Output: Q-values ``[B, T, num_actions]`` (float32 even under mixed precision).
 
@@ -223,9 +237,10 @@ def build_q_network(
             dtype=policy,
         )
 
-    obs = keras.Input(batch_shape=(batch_size, None, config.obs_dim), name="observation")
+    encoding = config.observation
+    obs = keras.Input(batch_shape=(batch_size, None, *encoding.shape), dtype=encoding.dtype, name="observation")
     inputs = [obs]
-    x = obs
+    x = encode_observation(encoding, obs, next_seed=next_seed, policy=policy)
     for i, units in enumerate(config.torso_units):
         x = dense(units, "relu", f"torso_{i}")(x)
     previous, features = _previous_step_inputs(config, batch_size, policy)
