@@ -1,268 +1,28 @@
-"""Masked-CartPole R2D2 demo and CLI: python -m agents.cartpole [--seed S] [--resume DIR] [--eval DIR] [--actors N]."""
+"""Masked-CartPole R2D2 demo: ``python -m agents.cartpole [FLAGS]`` is ``python -m agents.train --env
+MaskedCartPole-v1 --preset masked-cartpole [FLAGS]`` (``make demo`` runs it); every flag of
+:mod:`agents.train` works, --seed, --resume, --eval and --actors among them."""
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import functools
-import json
-import math
-import os
-import signal
 import sys
-from pathlib import Path
-from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from agents import train
+from agents.envs import MASKED_CARTPOLE_ID
 
-from agents.envs import MASKED_CARTPOLE_ID, MASKED_CARTPOLE_SOLVED, make_vector_env
-from agents.experiment import RunOptions
-from agents.r2d2.config import documented
-from burnin._checks import check_int, check_str
+__all__ = ["DEFAULTS", "PROG", "main", "parse_args"]
 
-__all__ = [
-    "Args",
-    "interrupt_on_sigterm",
-    "main",
-    "make_env",
-    "parse_args",
-    "run_dir",
-    "train",
-    "train_distributed",
-]
-
-make_env = functools.partial(make_vector_env, env_id=MASKED_CARTPOLE_ID)
-"""``make_env(num_envs, seed=...)``: a vector env of masked CartPole."""
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Args(RunOptions):
-    """Command-line arguments of the demo. Every R2D2Config field is also a flag (see --help)."""
-
-    seed: int = documented(0, "Seed for weights, envs, exploration and replay sampling (the only seed).")
-    name: str = documented(
-        "", "Run name; outputs go to RUN_DIR/NAME (default: masked-cartpole-<core>-s<seed>)."
-    )
-    run_dir: str = documented("runs", "Directory holding one sub-directory per run.")
-    solve_return: float = documented(MASKED_CARTPOLE_SOLVED, "Mean greedy return that counts as solved.")
-    eval: str = documented("", "Only evaluate the checkpoint in this directory: greedy episodes, then exit.")
-    actors: int = documented(
-        0, "Run N actor processes on Ray (0: everything in this process, Ray not imported)."
-    )
-    address: str = documented("", "Ray cluster address to join (default: start a local Ray).")
-
-    def __post_init__(self) -> None:
-        check_int("seed", self.seed, minimum=0)
-        super().__post_init__()
-        check_int("actors", self.actors, minimum=0)
-        for name in ("name", "run_dir", "eval", "address"):
-            check_str(name, getattr(self, name))
-        if not self.run_dir:
-            raise ValueError("run_dir: expected a directory path, got ''")
-        if self.address and not self.actors:
-            raise ValueError(f"address: {self.address!r} given but actors=0; expected --actors N with it")
-
-    def run_options(self) -> RunOptions:
-        """The harness's part of these arguments."""
-        names = {f.name for f in dataclasses.fields(RunOptions)}
-        return RunOptions(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
-
-
-def _bool(text: str) -> bool:
-    low = text.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-def _add_fields(parser: argparse.ArgumentParser, cls: type, group_title: str, defaults: Any) -> None:
-    group = parser.add_argument_group(group_title)
-    for f in dataclasses.fields(cls):
-        name = f.name
-        default = getattr(defaults, name)
-        flag = "--" + name.replace("_", "-")
-        doc = f.metadata.get("doc", "")
-        if isinstance(default, bool):
-            group.add_argument(
-                flag, dest=name, type=_bool, default=default, metavar="BOOL", help=f"{doc} [{default}]"
-            )
-        elif isinstance(default, tuple):
-            kind = type(default[0]) if default else int
-            group.add_argument(
-                flag,
-                dest=name,
-                type=kind,
-                nargs="+",
-                default=default,
-                metavar="X",
-                help=f"{doc} {list(default)}",
-            )
-        else:
-            group.add_argument(
-                flag, dest=name, type=type(default), default=default, help=f"{doc} [{default!r}]"
-            )
+PROG = "python -m agents.cartpole"
+DEFAULTS = ("--env", MASKED_CARTPOLE_ID, "--preset", "masked-cartpole")
+"""The train CLI's flags this demo sets; flags given after them win."""
 
 
 def parse_args(argv: list[str] | None = None):
-    """Parse the CLI into (Args, R2D2Config). Bad config values raise ValueError naming the field."""
-    from agents.r2d2 import R2D2Config
-
-    parser = argparse.ArgumentParser(
-        prog="python -m agents.cartpole",
-        description="R2D2 with burn-in on masked CartPole (cart position and pole angle only).",
-    )
-    _add_fields(parser, Args, "run", Args())
-    _add_fields(
-        parser,
-        R2D2Config,
-        "R2D2 config (defaults tuned for masked CartPole; paper values in brackets of the docs)",
-        R2D2Config(),
-    )
-    ns = vars(parser.parse_args(argv))
-    arg_names = {f.name for f in dataclasses.fields(Args)}
-    args = Args(**{k: v for k, v in ns.items() if k in arg_names})
-    config = R2D2Config.from_json({k: v for k, v in ns.items() if k not in arg_names})
-    return args, config
-
-
-def run_eval_only(args: Args) -> dict[str, Any]:
-    """``--eval DIR``: greedy episodes of the checkpoint's learner on masked CartPole; prints the JSON result."""
-    from agents.r2d2 import Actor, Learner, R2D2Config, evaluate
-    from agents.r2d2.checkpoint import read_learner_arrays
-    from agents.seeds import RunSeeds
-
-    path = Path(args.eval)
-    meta_path = path / "loop.json"
-    if not meta_path.is_file():
-        raise ValueError(f"eval: {path} is not a checkpoint directory (no loop.json)")
-    saved = R2D2Config.from_json(json.loads(meta_path.read_text())["config"])
-    seed = RunSeeds(args.seed).evaluation_env
-    env = make_env(args.eval_episodes, seed=seed)
-    try:
-        obs_dim, num_actions = env.single_observation_space.shape[0], env.single_action_space.n
-        learner = Learner(saved, obs_dim, num_actions, seed=args.seed)
-        learner.load_state_dict(read_learner_arrays(path))
-        actor = Actor(saved, env, seed=seed, epsilons=[0.0] * args.eval_episodes)
-        returns = evaluate(actor, learner.get_weights(), seed=RunSeeds(args.seed).evaluation(0))
-    finally:
-        env.close()
-    result = {
-        "checkpoint": str(path),
-        "episodes": len(returns),
-        "mean_return": float(returns.mean()),
-        "returns": returns.tolist(),
-    }
-    print(json.dumps(result))
-    return result
-
-
-def run_dir(args: Args, config) -> Path:
-    """RUN_DIR/NAME, created; NAME defaults to masked-cartpole-<core>[-a<actors>]-s<seed>."""
-    actors = f"-a{args.actors}" if args.actors else ""
-    name = args.name or f"masked-cartpole-{config.core}{actors}-s{args.seed}"
-    out_dir = Path(args.run_dir) / name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir
-
-
-def _summary_fields(args: Args, config, out_dir: Path) -> dict[str, Any]:
-    return {
-        "name": out_dir.name,
-        "seed": args.seed,
-        "config": config.to_json(),
-        "args": dataclasses.asdict(args),
-    }
-
-
-def train(args: Args, config) -> dict[str, Any]:
-    """Train, evaluate, checkpoint, plot in one process; returns the JSON summary (also in RUN_DIR/NAME/summary.json)."""
-    from agents.experiment import train as train_single
-
-    out_dir = run_dir(args, config)
-    title = f"R2D2 on masked CartPole ({config.core}, seed {args.seed})"
-    return train_single(
-        config,
-        args.run_options(),
-        make_env,
-        seed=args.seed,
-        out_dir=out_dir,
-        title=title,
-        fields=_summary_fields(args, config, out_dir),
-    )
-
-
-class _Report:
-    """A hook that adds the distributed loop's figures (workers, restarts) to the summary."""
-
-    def on_start(self, run) -> None:
-        pass
-
-    def on_step(self, run, stats) -> None:
-        return None
-
-    def on_end(self, run, summary: dict[str, Any]) -> None:
-        summary["distributed"] = run.loop.report()
-
-
-def train_distributed(args: Args, config) -> dict[str, Any]:
-    """``--actors N``: the same run on a :class:`agents.distributed.DistributedLoop` with N Ray actor workers.
-
-    Outputs as the single-process run, in RUN_DIR/NAME: the learner checkpoint
-    in ``checkpoint/`` and the replay server's in ``replay/`` (every
-    ``checkpoint_seconds`` too); ``--resume`` reloads both.
-    """
-    import ray
-
-    from agents.distributed import DistributedConfig, DistributedLoop, init_ray
-    from agents.experiment import Summary, resume_path, run, seed_everything, standard_hooks
-
-    options = DistributedConfig(num_actors=args.actors, env_id=MASKED_CARTPOLE_ID)
-    options.check(config)
-    out_dir = run_dir(args, config)
-    seed_everything(args.seed, deterministic=args.deterministic)
-    local_cpus = max(os.cpu_count() or 1, math.ceil(args.actors * options.actor_cpus))
-    started = init_ray(args.address, num_cpus=None if args.address else local_cpus)
-    interrupt_on_sigterm()  # ray.init installs its own SIGTERM handler, which exits without a checkpoint
-    loop: DistributedLoop | None = None
-    try:
-        loop = DistributedLoop(config, options, seed=args.seed, replay_dir=out_dir / "replay")
-        title = f"R2D2 on masked CartPole ({config.core}, {args.actors} Ray actors, seed {args.seed})"
-        hooks = [
-            *standard_hooks(config, args.run_options(), make_env, seed=args.seed, out_dir=out_dir),
-            _Report(),
-            Summary(title, solve_return=args.solve_return, fields=_summary_fields(args, config, out_dir)),
-        ]
-        resume = resume_path(args, out_dir)
-        return run(loop, hooks, out_dir=out_dir, total_env_steps=args.total_env_steps, resume=resume)
-    finally:
-        if loop is not None:
-            loop.close()
-        if started:
-            ray.shutdown()
-
-
-def interrupt_on_sigterm() -> None:
-    """A scheduler's SIGTERM ends the run as Ctrl-C does: a final checkpoint, the summary, a clean shutdown."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
+    """(Args, R2D2Config) of ``agents.train`` for masked CartPole."""
+    return train.parse_args([*DEFAULTS, *(sys.argv[1:] if argv is None else argv)], prog=PROG)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, config = parse_args(argv)
-    interrupt_on_sigterm()
-    if args.eval:
-        run_eval_only(args)
-        return 0
-    if args.actors:
-        train_distributed(args, config)
-        return 0
-    train(args, config)
-    return 0
+    return train.main([*DEFAULTS, *(sys.argv[1:] if argv is None else argv)], prog=PROG)
 
 
 if __name__ == "__main__":

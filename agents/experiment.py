@@ -55,7 +55,9 @@ class RunOptions:
     total_env_steps: int = documented(150_000, "Stop after this many env steps.")
     eval_every: int = documented(5_000, "Env steps between greedy evaluations.")
     eval_episodes: int = documented(20, "Greedy episodes per evaluation (run side by side).")
-    solve_return: float = dataclasses.field(metadata={"doc": "Mean greedy return that counts as solved."})
+    solve_return: float | None = documented(
+        None, "Mean greedy return that counts as solved (None: no threshold, the run is never solved)."
+    )
     stop_when_solved: bool = documented(True, "Stop at the first evaluation that reaches solve_return.")
     checkpoint_every: int = documented(25_000, "Env steps between checkpoints (0: only at the end).")
     resume: str = documented("", "Continue from this checkpoint directory ('auto': RUN_DIR/NAME/checkpoint).")
@@ -72,7 +74,8 @@ class RunOptions:
             ("checkpoint_every", 0),
         ):
             check_int(name, getattr(self, name), minimum=minimum)
-        check_float("solve_return", self.solve_return)
+        if self.solve_return is not None:
+            check_float("solve_return", self.solve_return)
         for name in ("stop_when_solved", "progress", "deterministic"):
             check_bool(name, getattr(self, name))
         check_str("resume", self.resume)
@@ -228,7 +231,7 @@ class Evaluation:
         *,
         every: int,
         episodes: int,
-        solve_return: float,
+        solve_return: float | None,
         stop_when_solved: bool,
         seeds: RunSeeds,
     ) -> None:
@@ -242,8 +245,7 @@ class Evaluation:
         self.env = self.make_env(self.episodes, seed=seed)
         self.actor = Actor(self.config, self.env, seed=seed, epsilons=np.zeros(self.episodes))
         self.next_eval = (run.loop.env_steps // self.every + 1) * self.every
-        evals = run.history.evals
-        self.solved_at = next((e["env_steps"] for e in evals if e["mean_return"] >= self.solve_return), None)
+        self.solved_at = next((e["env_steps"] for e in run.history.evals if self._solves(e)), None)
 
     def on_step(self, run: Run, stats: LoopStats) -> str | None:
         loop = run.loop
@@ -265,11 +267,14 @@ class Evaluation:
             f"eval @ {loop.env_steps} env steps: mean greedy return {entry['mean_return']:.1f} "
             f"(min {entry['min_return']:.0f}) over {len(returns)} episodes"
         )
-        if self.solved_at is None and entry["mean_return"] >= self.solve_return:
+        if self.solved_at is None and self._solves(entry):
             self.solved_at = loop.env_steps
             if self.stop_when_solved:
                 return "solved"
         return None
+
+    def _solves(self, entry: dict[str, float]) -> bool:
+        return self.solve_return is not None and entry["mean_return"] >= self.solve_return
 
     def on_end(self, run: Run, summary: dict[str, Any]) -> None:
         self.env.close()
@@ -375,7 +380,7 @@ class Progress:
             self.rate_t, self.rate_u = now, stats.updates
         self.bar.set_postfix(
             ep=stats.episodes,
-            ret=f"{np.mean(self.recent):.0f}" if self.recent else "-",
+            ret=f"{np.mean(self.recent):.3g}" if self.recent else "-",
             loss=f"{self.loss:.3g}",
             dq=f"{self.dq_last:.2g}",
             upd=stats.updates,
@@ -393,7 +398,9 @@ class Summary:
     """At the end: ``fields`` added to the summary, then ``summary.json`` and ``plot.png`` written and a
     closing line printed. Put it last: it writes what the hooks before it added."""
 
-    def __init__(self, title: str, *, solve_return: float, fields: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, title: str, *, solve_return: float | None, fields: dict[str, Any] | None = None
+    ) -> None:
         self.title, self.solve_return, self.fields = title, solve_return, fields or {}
 
     def on_start(self, run: Run) -> None:
@@ -472,8 +479,8 @@ def train(
         env.close()
 
 
-def plot(history: History, path: Path, title: str, *, solve_return: float) -> None:
-    """Eval return against env steps, and ΔQ against learner updates."""
+def plot(history: History, path: Path, title: str, *, solve_return: float | None) -> None:
+    """Eval return against env steps (and the solve threshold, if any), and ΔQ against learner updates."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -491,7 +498,8 @@ def plot(history: History, path: Path, title: str, *, solve_return: float) -> No
             color="tab:blue",
             label="greedy eval (mean)",
         )
-    ax1.axhline(solve_return, color="tab:green", ls="--", lw=1, label=f"solved ({solve_return:g})")
+    if solve_return is not None:
+        ax1.axhline(solve_return, color="tab:green", ls="--", lw=1, label=f"solved ({solve_return:g})")
     ax1.set_xlabel("env steps")
     ax1.set_ylabel("return")
     ax1.set_title("return")

@@ -1,0 +1,321 @@
+"""R2D2 on any gymnasium env: python -m agents.train --env ENV_ID [--preset NAME] [--import MODULE]
+[--seed S] [--resume DIR] [--eval DIR] [--actors N].
+
+Every R2D2Config field is a flag; ``--preset`` picks the defaults they start
+from. Ids a package registers on import work as they are (``popgym-…`` imports
+popgym, ``ALE/…`` ale_py) or with ``--import MODULE``. Evaluation, the solve
+threshold (``--solve-return``, else the env spec's ``reward_threshold``),
+plots, the summary, TensorBoard, checkpoints, ``--resume``, ``--eval`` and
+``--actors N`` on Ray all use that env.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from agents.envs import MASKED_CARTPOLE_ID, ensure_registered, make_vector_env, solve_threshold
+from agents.experiment import RunOptions
+from agents.r2d2.config import PRESET_DOCS, PRESETS, documented, preset
+from burnin._checks import check_choice, check_int, check_str
+
+__all__ = [
+    "Args",
+    "interrupt_on_sigterm",
+    "main",
+    "parse_args",
+    "run_dir",
+    "run_eval_only",
+    "train",
+    "train_distributed",
+]
+
+RUN_NAMES = {MASKED_CARTPOLE_ID: "masked-cartpole"}
+"""Run-name prefixes of ids whose runs were named before the CLI took any env (their ``--resume auto``
+directories keep working); any other id is named after itself."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Args(RunOptions):
+    """Command-line arguments besides the R2D2Config fields (see --help)."""
+
+    env: str = documented("", "Gymnasium env id (required); 'module:id' imports module first.")
+    preset: str = documented("masked-cartpole", "R2D2Config defaults the flags start from (see above).")
+    import_module: str = documented("", "Import this module first (it registers the env id).")
+    seed: int = documented(0, "Seed for weights, envs, exploration and replay sampling (the only seed).")
+    name: str = documented("", "Run name; outputs go to RUN_DIR/NAME (default: <env>-<core>-s<seed>).")
+    run_dir: str = documented("runs", "Directory holding one sub-directory per run.")
+    eval: str = documented("", "Only evaluate the checkpoint in this directory: greedy episodes, then exit.")
+    actors: int = documented(
+        0, "Run N actor processes on Ray (0: everything in this process, Ray not imported)."
+    )
+    address: str = documented("", "Ray cluster address to join (default: start a local Ray).")
+
+    def __post_init__(self) -> None:
+        check_int("seed", self.seed, minimum=0)
+        super().__post_init__()
+        check_int("actors", self.actors, minimum=0)
+        for name in ("name", "run_dir", "eval", "address", "import_module"):
+            check_str(name, getattr(self, name))
+        check_str("env", self.env)
+        if not self.env:
+            raise ValueError("env: expected a gymnasium env id (--env ENV_ID), got ''")
+        check_choice("preset", self.preset, PRESETS)
+        if not self.run_dir:
+            raise ValueError("run_dir: expected a directory path, got ''")
+        if self.address and not self.actors:
+            raise ValueError(f"address: {self.address!r} given but actors=0; expected --actors N with it")
+        ensure_registered(self.env_id)
+
+    @property
+    def env_id(self) -> str:
+        """The id every process makes: ``module:env`` with ``--import module`` (workers import it too)."""
+        return f"{self.import_module}:{self.env}" if self.import_module else self.env
+
+    def run_options(self) -> RunOptions:
+        """The harness's part of these arguments; the solve threshold defaults to the env spec's."""
+        names = {f.name for f in dataclasses.fields(RunOptions)}
+        values = {k: v for k, v in dataclasses.asdict(self).items() if k in names}
+        if values["solve_return"] is None:
+            values["solve_return"] = solve_threshold(self.env_id)
+        return RunOptions(**values)
+
+
+def _bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+FLAGS = {"import_module": "--import"}
+"""Flags not spelled after their field (``import`` is a Python keyword)."""
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type, group_title: str, defaults: Any) -> None:
+    group = parser.add_argument_group(group_title)
+    for f in dataclasses.fields(cls):
+        name = f.name
+        default = getattr(defaults, name)
+        flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+        doc = f.metadata.get("doc", "")
+        common = dict(dest=name, default=default)
+        if isinstance(default, bool):
+            group.add_argument(flag, type=_bool, metavar="BOOL", help=f"{doc} [{default}]", **common)
+        elif isinstance(default, tuple):
+            kind = type(default[0]) if default else int
+            group.add_argument(
+                flag, type=kind, nargs="*", metavar="X", help=f"{doc} {list(default)}", **common
+            )
+        else:
+            kind = float if default is None else type(default)  # solve_return: a float or None
+            group.add_argument(flag, type=kind, help=f"{doc} [{default!r}]", **common)
+
+
+def _defaults(cls: type) -> Any:
+    """The field defaults of a dataclass that cannot be built without arguments, as attributes."""
+    return argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(cls)})
+
+
+def _preset_help() -> str:
+    return "presets (--preset NAME):\n" + "\n".join(f"  {n}: {PRESET_DOCS[n]}" for n in PRESETS)
+
+
+def parse_args(argv: list[str] | None = None, *, prog: str = "python -m agents.train"):
+    """Parse the CLI into (Args, R2D2Config): the config starts from ``--preset`` and every flag given
+    overrides it. Bad values raise ValueError / TypeError naming the field."""
+    from agents.r2d2 import R2D2Config
+
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--preset", default=Args.__dataclass_fields__["preset"].default)
+    chosen = first.parse_known_args(argv)[0].preset
+    check_choice("preset", chosen, PRESETS)
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="R2D2 with burn-in on any gymnasium env with Discrete (or small MultiDiscrete) actions.",
+        epilog=_preset_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_fields(parser, Args, "run", _defaults(Args))
+    _add_fields(
+        parser,
+        R2D2Config,
+        f"R2D2 config (defaults: preset {chosen!r}; paper values in the docs)",
+        preset(chosen),
+    )
+    ns = vars(parser.parse_args(argv))
+    arg_names = {f.name for f in dataclasses.fields(Args)}
+    args = Args(**{k: v for k, v in ns.items() if k in arg_names})
+    config = R2D2Config.from_json({k: v for k, v in ns.items() if k not in arg_names})
+    return args, config
+
+
+def make_env_factory(args: Args):
+    """``make_env(num_envs, seed=...)``: vector envs of the run's env."""
+    return functools.partial(make_vector_env, env_id=args.env_id)
+
+
+def run_eval_only(args: Args) -> dict[str, Any]:
+    """``--eval DIR``: greedy episodes of the checkpoint's learner on the env; prints the JSON result."""
+    from agents.r2d2 import Actor, Learner, R2D2Config, evaluate
+    from agents.r2d2.checkpoint import read_learner_arrays
+    from agents.seeds import RunSeeds
+
+    path = Path(args.eval)
+    meta_path = path / "loop.json"
+    if not meta_path.is_file():
+        raise ValueError(f"eval: {path} is not a checkpoint directory (no loop.json)")
+    saved = R2D2Config.from_json(json.loads(meta_path.read_text())["config"])
+    seed = RunSeeds(args.seed).evaluation_env
+    env = make_vector_env(args.eval_episodes, env_id=args.env_id, seed=seed)
+    try:
+        actor = Actor(saved, env, seed=seed, epsilons=[0.0] * args.eval_episodes)
+        learner = Learner(saved, actor.encoding, actor.num_actions, seed=args.seed)
+        learner.load_state_dict(read_learner_arrays(path))
+        returns = evaluate(actor, learner.get_weights(), seed=RunSeeds(args.seed).evaluation(0))
+    finally:
+        env.close()
+    result = {
+        "checkpoint": str(path),
+        "env": args.env_id,
+        "episodes": len(returns),
+        "mean_return": float(returns.mean()),
+        "returns": returns.tolist(),
+    }
+    print(json.dumps(result))
+    return result
+
+
+def run_dir(args: Args, config) -> Path:
+    """RUN_DIR/NAME, created; NAME defaults to <env>-<core>[-a<actors>]-s<seed>, <env> the id with '/'
+    and ':' as '-' (or its :data:`RUN_NAMES` entry)."""
+    actors = f"-a{args.actors}" if args.actors else ""
+    env = RUN_NAMES.get(args.env, args.env_id.replace("/", "-").replace(":", "-"))
+    name = args.name or f"{env}-{config.core}{actors}-s{args.seed}"
+    out_dir = Path(args.run_dir) / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def _summary_fields(args: Args, config, out_dir: Path) -> dict[str, Any]:
+    return {
+        "name": out_dir.name,
+        "env": args.env_id,
+        "seed": args.seed,
+        "config": config.to_json(),
+        "args": dataclasses.asdict(args),
+    }
+
+
+def _title(args: Args, config) -> str:
+    actors = f", {args.actors} Ray actors" if args.actors else ""
+    return f"R2D2 on {args.env} ({config.core}{actors}, seed {args.seed})"
+
+
+def train(args: Args, config) -> dict[str, Any]:
+    """Train, evaluate, checkpoint, plot in one process; returns the JSON summary (also in RUN_DIR/NAME/summary.json)."""
+    from agents.experiment import train as train_single
+
+    out_dir = run_dir(args, config)
+    return train_single(
+        config,
+        args.run_options(),
+        make_env_factory(args),
+        seed=args.seed,
+        out_dir=out_dir,
+        title=_title(args, config),
+        fields=_summary_fields(args, config, out_dir),
+    )
+
+
+class _Report:
+    """A hook that adds the distributed loop's figures (workers, restarts) to the summary."""
+
+    def on_start(self, run) -> None:
+        pass
+
+    def on_step(self, run, stats) -> None:
+        return None
+
+    def on_end(self, run, summary: dict[str, Any]) -> None:
+        summary["distributed"] = run.loop.report()
+
+
+def train_distributed(args: Args, config) -> dict[str, Any]:
+    """``--actors N``: the same run on a :class:`agents.distributed.DistributedLoop` with N Ray actor workers.
+
+    Outputs as the single-process run, in RUN_DIR/NAME: the learner checkpoint
+    in ``checkpoint/`` and the replay server's in ``replay/`` (every
+    ``checkpoint_seconds`` too); ``--resume`` reloads both.
+    """
+    import ray
+
+    from agents.distributed import DistributedConfig, DistributedLoop, init_ray
+    from agents.experiment import Summary, resume_path, run, seed_everything, standard_hooks
+
+    options = DistributedConfig(num_actors=args.actors, env_id=args.env_id)
+    options.check(config)
+    run_options = args.run_options()
+    out_dir = run_dir(args, config)
+    seed_everything(args.seed, deterministic=args.deterministic)
+    local_cpus = max(os.cpu_count() or 1, math.ceil(args.actors * options.actor_cpus))
+    started = init_ray(args.address, num_cpus=None if args.address else local_cpus)
+    interrupt_on_sigterm()  # ray.init installs its own SIGTERM handler, which exits without a checkpoint
+    loop: DistributedLoop | None = None
+    try:
+        loop = DistributedLoop(config, options, seed=args.seed, replay_dir=out_dir / "replay")
+        fields = _summary_fields(args, config, out_dir)
+        hooks = [
+            *standard_hooks(config, run_options, make_env_factory(args), seed=args.seed, out_dir=out_dir),
+            _Report(),
+            Summary(_title(args, config), solve_return=run_options.solve_return, fields=fields),
+        ]
+        resume = resume_path(args, out_dir)
+        return run(loop, hooks, out_dir=out_dir, total_env_steps=args.total_env_steps, resume=resume)
+    finally:
+        if loop is not None:
+            loop.close()
+        if started:
+            ray.shutdown()
+
+
+def interrupt_on_sigterm() -> None:
+    """A scheduler's SIGTERM ends the run as Ctrl-C does: a final checkpoint, the summary, a clean shutdown."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def main(argv: list[str] | None = None, *, prog: str = "python -m agents.train") -> int:
+    """Run the CLI; a bad argument or env is one line on stderr and exit status 2, no traceback."""
+    try:
+        args, config = parse_args(argv, prog=prog)
+        interrupt_on_sigterm()
+        if args.eval:
+            run_eval_only(args)
+        elif args.actors:
+            train_distributed(args, config)
+        else:
+            train(args, config)
+    except (ValueError, TypeError) as err:
+        print(f"{prog.split()[-1]}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
