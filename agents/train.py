@@ -50,7 +50,9 @@ class Args(RunOptions):
     """Command-line arguments besides the R2D2Config fields (see --help)."""
 
     env: str = documented("", "Gymnasium env id (required); 'module:id' imports module first.")
-    preset: str = documented("masked-cartpole", "R2D2Config defaults the flags start from (see above).")
+    preset: str = documented(
+        "", "R2D2Config defaults the flags start from (see below; default: chosen by the env id)."
+    )
     import_module: str = documented("", "Import this module first (it registers the env id).")
     seed: int = documented(0, "Seed for weights, envs, exploration and replay sampling (the only seed).")
     name: str = documented("", "Run name; outputs go to RUN_DIR/NAME (default: <env>-<core>-s<seed>).")
@@ -70,7 +72,7 @@ class Args(RunOptions):
         check_str("env", self.env)
         if not self.env:
             raise ValueError("env: expected a gymnasium env id (--env ENV_ID), got ''")
-        check_choice("preset", self.preset, PRESETS)
+        check_choice("preset", self.preset or default_preset(self.env), PRESETS)
         if not self.run_dir:
             raise ValueError("run_dir: expected a directory path, got ''")
         if self.address and not self.actors:
@@ -129,8 +131,21 @@ def _defaults(cls: type) -> Any:
     return argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(cls)})
 
 
+DEFAULT_PRESETS = (("ALE/", "atari"), ("popgym-", "popgym"))
+"""(id prefix, preset) chosen when --preset is not given; any other id gets 'masked-cartpole' (the
+defaults)."""
+
+
+def default_preset(env: str) -> str:
+    """The preset for ``env`` when none is given (:data:`DEFAULT_PRESETS`)."""
+    bare = env.rpartition(":")[2]
+    return next((name for prefix, name in DEFAULT_PRESETS if bare.startswith(prefix)), "masked-cartpole")
+
+
 def _preset_help() -> str:
-    return "presets (--preset NAME):\n" + "\n".join(f"  {n}: {PRESET_DOCS[n]}" for n in PRESETS)
+    lines = [f"  {n}: {PRESET_DOCS[n]}" for n in PRESETS]
+    auto = ", ".join(f"{prefix}… → {name}" for prefix, name in DEFAULT_PRESETS)
+    return f"presets (--preset NAME; default by env id: {auto}, else masked-cartpole):\n" + "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None, *, prog: str = "python -m agents.train"):
@@ -139,9 +154,10 @@ def parse_args(argv: list[str] | None = None, *, prog: str = "python -m agents.t
     from agents.r2d2 import R2D2Config
 
     first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--preset", default=Args.__dataclass_fields__["preset"].default)
-    chosen = first.parse_known_args(argv)[0].preset
-    check_choice("preset", chosen, PRESETS)
+    first.add_argument("--preset", default="")
+    first.add_argument("--env", default="")
+    known = first.parse_known_args(argv)[0]
+    chosen = check_choice("preset", known.preset or default_preset(known.env), PRESETS)
     parser = argparse.ArgumentParser(
         prog=prog,
         description="R2D2 with burn-in on any gymnasium env with Discrete (or small MultiDiscrete) actions.",
@@ -155,7 +171,7 @@ def parse_args(argv: list[str] | None = None, *, prog: str = "python -m agents.t
         f"R2D2 config (defaults: preset {chosen!r}; paper values in the docs)",
         preset(chosen),
     )
-    ns = vars(parser.parse_args(argv))
+    ns = {**vars(parser.parse_args(argv)), "preset": chosen}
     arg_names = {f.name for f in dataclasses.fields(Args)}
     args = Args(**{k: v for k, v in ns.items() if k in arg_names})
     config = R2D2Config.from_json({k: v for k, v in ns.items() if k not in arg_names})

@@ -20,6 +20,17 @@ CONV_TORSO = ((32, 8, 4), (64, 4, 2), (64, 3, 1))
 CONV_DENSE_UNITS = 512
 
 
+def _runs(segments: tuple[tuple[str, int], ...]) -> list[tuple[str, int, int]]:
+    """(kind, width, count): consecutive one-hot segments of equal width merged; box segments alone."""
+    runs: list[tuple[str, int, int]] = []
+    for kind, width in segments:
+        if kind == "onehot" and runs and runs[-1][:2] == (kind, width):
+            runs[-1] = (kind, width, runs[-1][2] + 1)
+        else:
+            runs.append((kind, width, 1))
+    return runs
+
+
 class SplitEncoder(keras.layers.Layer):
     """Stored flat vectors ``[B, T, width]`` -> features ``[B, T, features]``: each ('onehot', n)
     column one-hot, each ('box', w) block cast and passed through. Passes the mask through."""
@@ -33,11 +44,14 @@ class SplitEncoder(keras.layers.Layer):
         if self.segments == (("box", x.shape[-1]),):  # a plain vector: nothing to split
             return keras.ops.cast(x, self.compute_dtype)
         parts, column = [], 0
-        for kind, width in self.segments:
+        for kind, width, count in _runs(self.segments):
             if kind == "onehot":
-                index = keras.ops.cast(x[..., column], "int32")
-                parts.append(keras.ops.one_hot(index, width, dtype=self.compute_dtype))
-                column += 1
+                # A run of columns with the same number of categories is one one_hot call (Concentration
+                # has 52 such columns): [..., count] -> [..., count, width] -> [..., count * width].
+                index = keras.ops.cast(x[..., column : column + count], "int32")
+                hot = keras.ops.one_hot(index, width, dtype=self.compute_dtype)
+                parts.append(keras.ops.reshape(hot, (*keras.ops.shape(hot)[:-2], count * width)))
+                column += count
             else:
                 parts.append(keras.ops.cast(x[..., column : column + width], self.compute_dtype))
                 column += width
