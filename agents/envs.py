@@ -34,7 +34,7 @@ __all__ = [
 PACKAGES = {"ALE": "ale_py"}
 """Packages that register an id prefix (the part before the first '/' or '-') under another name;
 any other prefix is tried as a module name (``popgym-…`` → ``popgym``)."""
-INSTALL_HINTS = {"ale_py": "pip install -e '.[atari]' (ale-py ships the ROMs)"}
+INSTALL_HINTS = {"ale_py": "pip install -e '.[atari]' (ale-py ships the ROMs; opencv resizes the frames)"}
 
 MASKED_CARTPOLE_ID = "MaskedCartPole-v1"
 MASKED_CARTPOLE_SOLVED = 475.0
@@ -165,13 +165,18 @@ def make_vector_env(
     check_int("num_envs", num_envs, minimum=1)
     name = ensure_registered(env_id)
     spec = gym.spec(name)
-    if is_atari(name):
-        env = gym.make_vec(
-            name, num_envs=int(num_envs), vectorization_mode="sync", wrappers=[atari_preprocessing], frameskip=1
-        )
-    else:
-        mode = "vector_entry_point" if spec.vector_entry_point is not None else "sync"
-        env = gym.make_vec(name, num_envs=int(num_envs), vectorization_mode=mode)
+    try:
+        if is_atari(name):
+            env = gym.make_vec(
+                name, num_envs=int(num_envs), vectorization_mode="sync", wrappers=[atari_preprocessing],
+                frameskip=1,
+            )  # fmt: skip
+        else:
+            mode = "vector_entry_point" if spec.vector_entry_point is not None else "sync"
+            env = gym.make_vec(name, num_envs=int(num_envs), vectorization_mode=mode)
+    except gym.error.DependencyNotInstalled as err:  # e.g. AtariPreprocessing without opencv
+        hint = f"; {INSTALL_HINTS['ale_py']}" if is_atari(name) else ""
+        raise ValueError(f"env_id: {env_id!r} needs a package that is not installed ({err}){hint}") from None
     autoreset = env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
     if autoreset != AutoresetMode.NEXT_STEP:
         env.close()

@@ -35,15 +35,21 @@ class Workload:
     name: str
     """Row label."""
     obs_shape: tuple[int, ...]
-    """Observation shape (float32)."""
+    """Observation shape."""
     state_shapes: tuple[tuple[tuple[int, ...], ...], ...]
     """Recurrent state shapes kept by the buffer."""
+    obs_dtype: str = "float32"
+    """Stored observation dtype (Atari frames: uint8, as the agent stores them)."""
+    max_lane_capacity: int | None = None
+    """Cap on the steps per lane (frames are 7 KB: the naive buffer's copies would not fit in memory)."""
 
 
 WORKLOADS = (
     Workload("obs f32[4], LSTM(512)", (4,), LSTM),
     Workload("obs f32[64], LSTM(512)", (64,), LSTM),
+    Workload("obs u8[84,84,1], LSTM", (84, 84, 1), LSTM, obs_dtype="uint8", max_lane_capacity=512),
 )
+"""The third is an Atari frame after the usual preprocessing (84×84 grey, no frame stack)."""
 
 
 class NaiveWindowReplay:
@@ -56,14 +62,15 @@ class NaiveWindowReplay:
     """
 
     def __init__(self, spec: SequenceSpec, *, num_lanes: int, num_windows: int, obs_shape: tuple[int, ...],
-                 state_shapes: tuple[tuple[tuple[int, ...], ...], ...], alpha: float, beta: float, seed: int) -> None:  # fmt: skip
+                 state_shapes: tuple[tuple[tuple[int, ...], ...], ...], alpha: float, beta: float, seed: int,
+                 obs_dtype: str = "float32") -> None:  # fmt: skip
         L = spec.length
         self.spec, self.alpha, self.beta = spec, alpha, beta
         self.num_windows = num_windows
         self.rng = np.random.default_rng(seed)
         self.shapes = [s for layer in state_shapes for s in layer]
         self.win = {
-            "observation": np.zeros((num_windows, L, *obs_shape), np.float32),
+            "observation": np.zeros((num_windows, L, *obs_shape), obs_dtype),
             "action": np.zeros((num_windows, L), np.int32),
             "reward": np.zeros((num_windows, L), np.float32),
             "discount": np.zeros((num_windows, L), np.float32),
@@ -80,7 +87,7 @@ class NaiveWindowReplay:
         self.max_priority = 1.0
         S = L + 1  # staging ring per lane, indexed by episode step
         self.stage_len = S
-        self.st_obs = np.zeros((num_lanes, S, *obs_shape), np.float32)
+        self.st_obs = np.zeros((num_lanes, S, *obs_shape), obs_dtype)
         self.st_act = np.zeros((num_lanes, S), np.int32)
         self.st_rew = np.zeros((num_lanes, S), np.float32)
         self.st_term = np.zeros((num_lanes, S), bool)
@@ -154,7 +161,8 @@ class NaiveWindowReplay:
         rows = (self.written + np.arange(m)) % self.num_windows
         lanes2 = lanes[:, None]
         w = self.win
-        w["observation"][rows] = np.where(mask[..., None], self.st_obs[lanes2, idx], 0)
+        obs_mask = mask.reshape(mask.shape + (1,) * (self.st_obs.ndim - 2))  # [n, L, 1, ...] for any obs rank
+        w["observation"][rows] = np.where(obs_mask, self.st_obs[lanes2, idx], 0)
         act = np.where(mask, self.st_act[lanes2, idx], 0)
         rew = np.where(mask, self.st_rew[lanes2, idx], 0)
         final = mask & self.st_final[lanes2, idx]
@@ -194,9 +202,14 @@ class NaiveWindowReplay:
 class Stream:
     """A pre-generated actor stream for LANES lanes: episodes of mean length 400, with final observations."""
 
-    def __init__(self, obs_shape: tuple[int, ...], state_shapes: Any, steps: int, seed: int) -> None:
+    def __init__(
+        self, obs_shape: tuple[int, ...], state_shapes: Any, steps: int, seed: int, obs_dtype: str = "float32"
+    ) -> None:
         rng = np.random.default_rng(seed)
-        self.obs = rng.standard_normal((16, LANES, *obs_shape)).astype(np.float32)
+        if np.dtype(obs_dtype).kind == "f":
+            self.obs = rng.standard_normal((16, LANES, *obs_shape)).astype(obs_dtype)
+        else:
+            self.obs = rng.integers(0, 256, (16, LANES, *obs_shape)).astype(obs_dtype)
         self.action = rng.integers(0, 4, (16, LANES))
         self.reward = rng.standard_normal((16, LANES)).astype(np.float32)
         self.states = [
@@ -230,12 +243,15 @@ def timed(fn: Callable[[], None]) -> float:
 
 def run_workload(w: Workload, *, lane_capacity: int, rounds: int, adds: int, samples: int) -> dict[str, Any]:
     P = SPEC.period
+    lane_capacity = min(lane_capacity, w.max_lane_capacity or lane_capacity)
     ours = SequenceReplay(SPEC, num_lanes=LANES, lane_capacity=lane_capacity, obs_shape=w.obs_shape,
-                          state_shapes=w.state_shapes, seed=0)  # fmt: skip
+                          obs_dtype=w.obs_dtype, state_shapes=w.state_shapes, seed=0)  # fmt: skip
     naive = NaiveWindowReplay(SPEC, num_lanes=LANES, num_windows=LANES * -(-lane_capacity // P), obs_shape=w.obs_shape,
-                              state_shapes=w.state_shapes, alpha=0.9, beta=0.6, seed=0)  # fmt: skip
+                              state_shapes=w.state_shapes, alpha=0.9, beta=0.6, seed=0, obs_dtype=w.obs_dtype)  # fmt: skip
     fill = lane_capacity + 2 * SPEC.length
-    stream = Stream(w.obs_shape, w.state_shapes, steps=fill + rounds * adds + 1, seed=1)
+    stream = Stream(
+        w.obs_shape, w.state_shapes, steps=fill + rounds * adds + 1, seed=1, obs_dtype=w.obs_dtype
+    )
     for buf in (ours, naive):  # fill to steady state (and compile the kernels)
         stream.feed(buf, 0, fill)
     rng = np.random.default_rng(2)
@@ -258,9 +274,8 @@ def run_workload(w: Workload, *, lane_capacity: int, rounds: int, adds: int, sam
             times[name]["sample"].append(timed(lambda buf=buf: sample_update(buf)))
 
     state_bytes = sum(4 * math.prod(s) for layer in w.state_shapes for s in layer)
-    raw = (
-        4 * math.prod(w.obs_shape) + 4 + 4 + 4 + 1 + 1
-    )  # obs, action, reward, discount, terminated, truncated
+    obs_bytes = np.dtype(w.obs_dtype).itemsize * math.prod(w.obs_shape)
+    raw = obs_bytes + 4 + 4 + 4 + 1 + 1  # obs, action, reward, discount, terminated, truncated
     target_bytes = 1.1 * raw + state_bytes / P
 
     def figures(name: str, nbytes: int, steps: int) -> dict[str, float]:
@@ -278,7 +293,7 @@ def run_workload(w: Workload, *, lane_capacity: int, rounds: int, adds: int, sam
 
     def copy_only() -> None:
         for row in starts:
-            out = np.empty((BATCH, SPEC.length, obs.shape[1]), np.float32)
+            out = np.empty((BATCH, SPEC.length, obs.shape[1]), obs.dtype)
             for j, s in enumerate(row):
                 out[j] = obs[s : s + SPEC.length]
 
@@ -286,6 +301,7 @@ def run_workload(w: Workload, *, lane_capacity: int, rounds: int, adds: int, sam
     return {
         "workload": w.name,
         "obs_shape": list(w.obs_shape),
+        "obs_dtype": w.obs_dtype,
         "lane_capacity": lane_capacity,
         "stored_steps": ours.num_steps,
         "sampleable_windows": ours.num_sampleable,

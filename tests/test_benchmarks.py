@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import actor_throughput, burnin_throughput
+from benchmarks import actor_throughput, burnin_throughput, replay_throughput
 
 
 def test_burnin_throughput_quick(tmp_path):
@@ -75,3 +75,16 @@ def test_float32_gates_ab_reports_both_sides(tmp_path):
     assert report["speedup"] == pytest.approx(
         report["seconds_per_update"]["bf16_gates"] / report["seconds_per_update"]["float32_gates"]
     )
+
+
+def test_replay_image_workload_stores_frames_as_uint8_at_their_size():
+    """84×84×1 uint8 frames: bytes per step within 1.1× of the raw frame, the per-step fields and the
+    kept states (the quick and full runs report the same figure on a larger buffer)."""
+    image = next(w for w in replay_throughput.WORKLOADS if w.obs_dtype == "uint8")
+    assert image.obs_shape == (84, 84, 1)
+    r = replay_throughput.run_workload(image, lane_capacity=256, rounds=1, adds=20, samples=4)
+    assert r["obs_dtype"] == "uint8" and r["raw_step_bytes"] == 84 * 84 + 14
+    floor = r["raw_step_bytes"] + r["state_bytes"] / replay_throughput.SPEC.period
+    assert floor <= r["bytes_per_step"] <= 1.1 * floor
+    assert r["meets_targets"]["bytes_per_step"]
+    assert r["naive"]["bytes_per_step"] > 2 * r["bytes_per_step"]  # the window copies

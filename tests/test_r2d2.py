@@ -473,7 +473,10 @@ def test_presets_are_valid_configs():
     paper = preset("atari", num_envs=8)
     assert (paper.burn_in, paper.unroll, paper.period, paper.n_step, paper.gamma) == (40, 80, 40, 5, 0.997)
     assert (paper.core_units, paper.batch_size, paper.learning_rate, paper.target_update_period) == (
-        512, 64, 1e-4, 2500
+        512,
+        64,
+        1e-4,
+        2500,
     )
     assert paper.num_envs == 8 and set(PRESETS) == {"masked-cartpole", "popgym", "atari"}
     preset("popgym")

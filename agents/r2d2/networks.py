@@ -99,7 +99,9 @@ class NetworkConfig:
         if self.observation is None:
             object.__setattr__(self, "observation", ObservationEncoding.vector(self.obs_dim))
         elif not isinstance(self.observation, ObservationEncoding):
-            raise TypeError(f"observation: expected an ObservationEncoding, got {type(self.observation).__name__}")
+            raise TypeError(
+                f"observation: expected an ObservationEncoding, got {type(self.observation).__name__}"
+            )
         elif self.observation.size != self.obs_dim:
             raise ValueError(
                 f"obs_dim: {self.obs_dim}, but the observation encoding stores {self.observation.size} values"
@@ -238,7 +240,9 @@ def build_q_network(
         )
 
     encoding = config.observation
-    obs = keras.Input(batch_shape=(batch_size, None, *encoding.shape), dtype=encoding.dtype, name="observation")
+    obs = keras.Input(
+        batch_shape=(batch_size, None, *encoding.shape), dtype=encoding.dtype, name="observation"
+    )
     inputs = [obs]
     x = encode_observation(encoding, obs, next_seed=next_seed, policy=policy)
     for i, units in enumerate(config.torso_units):
