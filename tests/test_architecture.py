@@ -16,7 +16,7 @@ LAYERS = (
     ("agents.r2d2",),
     ("agents.distributed",),
     ("agents.experiment",),
-    ("agents.cartpole", "agents.ablation", "agents.delta_q_probe", "agents.article"),
+    ("agents.cartpole", "agents.ablation", "agents.delta_q_probe", "agents.article", "agents.stored_start"),
 )
 
 
