@@ -17,7 +17,7 @@ LAYERS = (
     ("agents.distributed",),
     ("agents.experiment",),
     ("agents.train",),
-    ("agents.cartpole", "agents.ablation", "agents.delta_q_probe", "agents.article"),
+    ("agents.cartpole", "agents.ablation", "agents.delta_q_probe", "agents.article", "agents.stored_start"),
 )
 
 

@@ -1,0 +1,452 @@
+"""Why the stored start state loses to the zero start on POPGym's RepeatFirstEasy: training runs that probe the start state."""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import json
+import multiprocessing
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+
+ENV_ID = "popgym-RepeatFirstEasy-v0"
+EVAL_EPISODES = 32
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "stored": {},
+    "zero": {"state_strategy": "zero"},
+    "stored-replay16k": {"replay_capacity": 16_000},
+    "zero-replay16k": {"state_strategy": "zero", "replay_capacity": 16_000},
+    "stored-lr1e-4": {"learning_rate": 1e-4},
+    "zero-lr1e-4": {"state_strategy": "zero", "learning_rate": 1e-4},
+    "stored-refresh": {"refresh_states": True},
+    "stored-noprev": {"prev_action_reward": False},
+    "zero-noprev": {"state_strategy": "zero", "prev_action_reward": False},
+}
+"""name -> R2D2Config overrides of the masked-CartPole defaults (burn-in 20, unroll 40, period 20, lr 1e-3)."""
+
+QUICK = dict(
+    torso_units=(16,), core_units=16, head_units=16, batch_size=8, num_envs=4,
+    replay_capacity=4 * 500, min_replay_steps=300, env_steps_per_update=8.0,
+)  # fmt: skip
+"""A tiny network and replay for ``--quick`` (CI): same window layout, so the probe's third windows exist."""
+
+
+def make_env(num_envs: int, seed: int):
+    """RepeatFirstEasy with one-hot observations, as a NEXT_STEP-autoreset vector env."""
+    import gymnasium as gym
+    import popgym  # noqa: F401  (registers the popgym-… ids)
+
+    class OneHot(gym.ObservationWrapper):
+        def __init__(self, env):
+            super().__init__(env)
+            self.n = int(env.observation_space.n)
+            self.observation_space = gym.spaces.Box(0.0, 1.0, (self.n,), np.float32)
+
+        def observation(self, obs):
+            return np.eye(self.n, dtype=np.float32)[int(obs)]
+
+    env = gym.vector.SyncVectorEnv([lambda: OneHot(gym.make(ENV_ID)) for _ in range(num_envs)])
+    env.reset(seed=seed)
+    return env
+
+
+class Recorder:
+    """Keeps, per lane, every step the actor stores: card, action, reward, final flag, learner version and Q."""
+
+    def __init__(self, loop) -> None:
+        actor = loop.actor
+        self.lanes = [int(x) for x in actor.lanes]
+        self.steps: dict[int, list[tuple]] = {lane: [] for lane in self.lanes}
+        self.text: dict[int, list[str]] = {lane: [] for lane in self.lanes}
+        add, act = actor.replay.add, actor.act
+        last_q: list[np.ndarray] = []
+
+        def recording_act(**kw):
+            q, actions, states = act(**kw)
+            last_q[:] = [q]
+            return q, actions, states
+
+        def recording_add(lanes, **kw):
+            for row, lane in enumerate(lanes):
+                final = bool(actor.final_pending[row])
+                card = int(np.argmax(kw["observation"][row]))
+                a = (
+                    0 if final else int(kw["action"][row])
+                )  # the replay keeps no action on a final observation
+                step = (card, a, float(kw["reward"][row]), final)
+                self.steps[int(lane)].append((*step, loop.learner.num_updates, last_q[0][row].copy()))
+                self.text[int(lane)].append(chr(65 + 16 * step[3] + 4 * card + a))
+            return add(lanes, **kw)
+
+        actor.act, actor.replay.add = recording_act, recording_add
+
+    def locate(self, batch, row: int) -> tuple[int, int]:
+        """(lane, lane position of window step 0) of batch row ``row``, found by its steps (must be unique)."""
+        valid = np.flatnonzero(batch.mask[row])
+        cards = batch.observation[row, valid].argmax(-1)
+        final = batch.final[row, valid]
+        key = "".join(chr(65 + 16 * f + 4 * c + a) for c, a, f in zip(cards, batch.action[row, valid], final))
+        found = []
+        for lane in self.lanes:
+            text = "".join(self.text[lane])
+            i = text.find(key)
+            while i >= 0:
+                found.append((lane, i - int(valid[0])))
+                i = text.find(key, i + 1)
+        if len(found) != 1:
+            raise AssertionError(f"window of row {row} found {len(found)} times in the recorded lanes")
+        return found[0]
+
+    def episode_start(self, lane: int, pos: int) -> int:
+        """Lane position of the first step of the episode that holds ``pos``."""
+        steps = self.steps[lane]
+        p = pos - 1
+        while p >= 0 and not steps[p][3]:
+            p -= 1
+        return p + 1
+
+
+def _replayed_episodes(rec: Recorder, batch, where: list[tuple[int, int, int]], n_act: int, length: int):
+    """Inputs and mask of each row's episode from its first step to the window's end, left-padded so
+    that window step 0 sits at ``T - length``; rows: (lane, episode start, window start)."""
+    pre = max(s - e for _, e, s in where)
+    T = pre + length
+    B = len(where)
+    obs, pa, pr = (
+        np.zeros((B, T, n_act), np.float32),
+        np.zeros((B, T), np.int32),
+        np.zeros((B, T), np.float32),
+    )
+    mask = np.zeros((B, T), bool)
+    for r, (lane, e, s) in enumerate(where):
+        steps = rec.steps[lane]
+        for i, p in enumerate(range(e, min(s + length, len(steps)))):
+            if p > e and steps[p - 1][3]:
+                break
+            t = T - length - (s - e) + i
+            obs[r, t, steps[p][0]] = 1.0
+            if p > e:
+                pa[r, t], pr[r, t] = steps[p - 1][1], steps[p - 1][2]
+            mask[r, t] = True
+    mask[:, T - length :] &= batch.mask
+    return [obs, pa, pr], mask, T
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """``x`` with zero rows appended up to ``rows`` (the runner's batch size is fixed)."""
+    return np.concatenate([x, np.zeros((rows - len(x), *x.shape[1:]), x.dtype)])
+
+
+def _linear_probe(x: np.ndarray, y: np.ndarray, classes: int) -> float:
+    """Held-out accuracy of a softmax regression reading ``y`` from ``x`` (first half trains, second half tests)."""
+    import keras
+
+    half = len(x) // 2
+    model = keras.Sequential([keras.Input((x.shape[1],)), keras.layers.Dense(classes, activation="softmax")])
+    model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x[:half], y[:half], epochs=200, batch_size=64, verbose=0)
+    return float(model.evaluate(x[half:], y[half:], verbose=0)[1])
+
+
+def _start_qs(runner, batch, burn_in: int) -> dict[str, np.ndarray]:
+    """Q over the window [B, L, A] from each start the learner could use, all with the current θ."""
+    inputs = [batch.observation, batch.prev_action, batch.prev_reward]
+    # A zero start that cannot read the card from the burn-in's feedback: previous action and reward
+    # zeroed over the burn-in (and at the first trained step, whose inputs are the burn-in's last feedback).
+    blind = [batch.observation, batch.prev_action.copy(), batch.prev_reward.copy()]
+    blind[1][:, : burn_in + 1], blind[2][:, : burn_in + 1] = 0, 0.0
+    return {
+        "zero_burn_in": runner(inputs, None, mask=batch.mask).outputs.numpy(),
+        "stored_burn_in": runner(inputs, batch.actor_state, mask=batch.mask).outputs.numpy(),
+        "zero_burn_in_blind": runner(blind, None, mask=batch.mask).outputs.numpy(),
+    }
+
+
+def _metrics(
+    out: dict[str, list], q: dict[str, np.ndarray], card: np.ndarray, mask: np.ndarray, b: int, U: int
+):
+    """Per start: how often the greedy action over the trained steps is the first card (the right answer),
+    and ΔQ against the true state at the first trained step and averaged over the trained steps."""
+    from burnin.diagnostics import delta_q
+
+    trained = mask[:, b : b + U]
+    ok = mask[:, b]
+    for name, qq in q.items():
+        right = (qq[:, b : b + U].argmax(-1) == card[:, None]) & trained
+        out.setdefault(f"right/{name}", []).extend((right.sum(1) / np.maximum(trained.sum(1), 1))[ok])
+        if name != "true":
+            per_step = np.stack(
+                [
+                    delta_q(qq[:, t], q["true"][:, t], q["true"][:, b : b + U], trained).numpy()
+                    for t in range(b, b + U)
+                ],
+                1,
+            )
+            out.setdefault(f"dq_t1/{name}", []).extend(per_step[ok, 0])
+            out.setdefault(f"dq_mean/{name}", []).extend(
+                np.nanmean(np.where(trained, per_step, np.nan)[ok], 1)
+            )
+
+
+def probe(loop, rec: Recorder, *, batches: int = 8, raw: list | None = None) -> dict[str, float]:
+    """Start-state quality on the *third* windows: those whose burn-in starts mid-episode (at episode step
+    ``period``), the only ones where the zero and the stored start differ. See docs/stored_start.md."""
+    learner, spec = loop.learner, loop.learner.spec
+    runner, b, L, U = learner.probe_runner, spec.burn_in, spec.length, spec.unroll
+    out: dict[str, list] = {}
+    xs: dict[str, list] = {"stored": [], "true": []}
+    ys, ages = [], []
+    for _ in range(batches):
+        batch = loop.replay.sample(learner.config.batch_size)
+        third = batch.mask[:, 0] & np.array([bool(np.any(h != 0)) for h in batch.actor_state[0][0]])
+        if not third.any():
+            continue
+        rows = np.flatnonzero(third)
+        where = []
+        for r in rows:
+            lane, start = rec.locate(batch, r)
+            where.append((lane, rec.episode_start(lane, start), start))
+        sub = batch._replace(
+            **{
+                f: getattr(batch, f)[rows]
+                for f in ("observation", "prev_action", "prev_reward", "mask", "final", "action")
+            }
+        )
+        inputs, mask, T = _replayed_episodes(rec, sub, where, learner.num_actions, L)
+        B = len(batch.mask)
+        run_out = runner([_pad_rows(x, B) for x in inputs], None, mask=_pad_rows(mask, B))
+        q = {"true": run_out.outputs.numpy()[: len(rows), T - L :]}
+        q.update({k: v[rows] for k, v in _start_qs(runner, batch, b).items()})
+        card = np.array([rec.steps[lane][e][0] for lane, e, _ in where])
+        if raw is not None:
+            actor_q = np.zeros_like(q["true"])
+            for i, (lane, _, s) in enumerate(where):
+                for t in np.flatnonzero(sub.mask[i]):
+                    actor_q[i, t] = rec.steps[lane][s + t][5]
+            raw.append({**q, "actor": actor_q, "mask": sub.mask})
+        _metrics(out, q, card, sub.mask, b, U)
+        h0 = runner([_pad_rows(x[:, : T - L], B) for x in inputs], None, mask=_pad_rows(mask[:, : T - L], B))
+        h0 = h0.final_state[0]
+        xs["stored"].extend(np.concatenate([a[rows] for a in batch.actor_state[0]], 1))
+        xs["true"].extend(np.concatenate([np.asarray(a)[: len(rows)] for a in h0], 1))
+        ys.extend(card)
+        ages.extend(learner.num_updates - rec.steps[lane][s][4] for lane, _, s in where)
+    result = {k: float(np.nanmean(v)) if v else float("nan") for k, v in out.items()}
+    result.update(third_rows=len(ys), age_updates=float(np.mean(ages)) if ages else float("nan"))
+    for name, x in xs.items():
+        enough = len(x) >= 40
+        result[f"probe/{name}"] = (
+            _linear_probe(np.array(x), np.array(ys), learner.num_actions) if enough else float("nan")
+        )
+    return result
+
+
+def check(seed: int = 0, *, actor_steps: int = 300, quick: bool = False) -> dict[str, float]:
+    """Parameters unchanged: on real RepeatFirst episodes, does stored + burn-in give the actor's Q-values?
+
+    Fills a replay (untrained network, ε-greedy, no learning, so θ stays the
+    actor's) and compares on the third windows the actor's own Q-values with the
+    learner's stored-start burn-in pass, with the episode replayed from its first
+    step, and with the zero start.
+    """
+    from agents.r2d2 import R2D2Config, TrainLoop
+
+    config = R2D2Config(**{**(QUICK if quick else {}), "min_replay_steps": 10**9})
+    loop = TrainLoop(config, make_env(config.num_envs, seed), seed=seed)
+    rec = Recorder(loop)
+    for _ in range(actor_steps):
+        loop.iterate()
+    raw: list = []
+    result = probe(loop, rec, raw=raw)
+    for name in ("true", "stored_burn_in", "zero_burn_in"):
+        err = max(float(np.abs(r[name] - r["actor"])[r["mask"]].max()) for r in raw)
+        scale = max(float(np.abs(r["actor"][r["mask"]]).max()) for r in raw)
+        result[f"max_rel_err/{name}"] = err / scale
+    result["compared_rows"] = sum(len(r["mask"]) for r in raw)
+    return result
+
+
+def run(
+    variant: str, seed: int, env_steps: int, out_dir: Path, *, eval_every: int, quick: bool = False
+) -> dict:
+    """One training run of ``variant``: a greedy evaluation (32 episodes) and a probe every ``eval_every`` env steps."""
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    from agents.r2d2 import Actor, R2D2Config, TrainLoop, evaluate
+    from agents.seeds import RunSeeds
+
+    config = R2D2Config(**{**(QUICK if quick else {}), **VARIANTS[variant]})
+    seeds = RunSeeds(seed)
+    loop = TrainLoop(config, make_env(config.num_envs, seeds.actor), seed=seed)
+    rec = Recorder(loop)
+    evaluator = Actor(config, make_env(EVAL_EPISODES, seeds.evaluation_env), seed=seeds.evaluation_env,
+                      epsilons=np.zeros(EVAL_EPISODES))  # fmt: skip
+    history, t0 = [], time.time()
+    while loop.env_steps < env_steps:
+        loop.iterate()
+        if loop.env_steps // eval_every > len(history):
+            returns = evaluate(evaluator, loop.learner.get_weights(), seed=seeds.evaluation(len(history)))
+            row = {
+                "env_steps": loop.env_steps,
+                "updates": loop.learner.num_updates,
+                "return": float(returns.mean()),
+            }
+            if loop.learner.num_updates > 0:
+                row.update(probe(loop, rec, batches=2 if quick else 8))
+            history.append({**row, "seconds": time.time() - t0})
+            print(variant, seed, json.dumps({k: round(v, 3) for k, v in history[-1].items()}), flush=True)
+    summary = {
+        "variant": variant, "seed": seed, "overrides": VARIANTS[variant], "env_steps": env_steps,
+        "mmer": max(h["return"] for h in history), "final": history[-1]["return"], "history": history,
+        "final_probe": probe(loop, rec, batches=4 if quick else 40),  # more rows for the linear probe
+    }  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{variant}-s{seed}.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _mean_std(values: list[float]) -> str:
+    v = np.array([x for x in values if np.isfinite(x)])
+    return "n/a" if v.size == 0 else f"{v.mean():.2f} ± {v.std():.2f}" if v.size > 1 else f"{v[0]:.2f}"
+
+
+def report(run_dir: Path, out: Path, command: str) -> str:
+    """Table (markdown), JSON and plot of every finished run under ``run_dir``."""
+    runs = [json.loads(p.read_text()) for p in sorted(run_dir.glob("*-s*.json"))]
+    if not runs:
+        raise ValueError(f"--run-dir: no finished run under {run_dir}")
+    names = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
+    cols = ("dq_mean/zero_burn_in", "dq_mean/stored_burn_in", "right/true", "right/zero_burn_in",
+            "right/stored_burn_in", "right/zero_burn_in_blind", "probe/stored", "probe/true", "age_updates")  # fmt: skip
+    lines = [
+        "| variant | seeds | MMER | final | " + " | ".join(c.replace("/", " ") for c in cols) + " |",
+        "| --- " * (4 + len(cols)) + "|",
+    ]
+    table: dict[str, Any] = {}
+    for name in names:
+        mine = [r for r in runs if r["variant"] == name]
+        late = [
+            [h.get(c, float("nan")) for h in r["history"][len(r["history"]) // 2 :]]
+            for r in mine
+            for c in cols
+        ]
+        row = {
+            "seeds": [r["seed"] for r in mine],
+            "mmer": [r["mmer"] for r in mine],
+            "final": [r["final"] for r in mine],
+        }
+        for i, c in enumerate(cols):  # second half of training, then averaged over seeds
+            row[c] = [
+                float(np.nanmean(late[k * len(cols) + i]))
+                if np.isfinite(late[k * len(cols) + i]).any()
+                else float("nan")
+                for k in range(len(mine))
+            ]
+        table[name] = row
+        cells = [_mean_std(row[c]) for c in ("mmer", "final", *cols)]
+        lines.append(f"| {name} | {len(mine)} | " + " | ".join(cells) + " |")
+    md = "\n".join(lines) + f"\n\nCommand: `{command}`\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(
+        json.dumps({"table": table, "runs": runs, "command": command}, indent=1)
+    )
+    out.with_suffix(".md").write_text(md)
+    _plot(runs, names, out.with_suffix(".png"))
+    return md
+
+
+def _plot(runs: list[dict], names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    colors = dict(zip(names, plt.cm.tab10.colors))
+    for r in runs:
+        x = [h["env_steps"] for h in r["history"]]
+        c = colors[r["variant"]]
+        label = (
+            r["variant"]
+            if r["seed"] == min(q["seed"] for q in runs if q["variant"] == r["variant"])
+            else None
+        )
+        axes[0].plot(x, [h["return"] for h in r["history"]], color=c, label=label, alpha=0.8)
+        if r["variant"] in ("stored", "zero"):
+            for key, style in (("dq_mean/stored_burn_in", "-"), ("dq_mean/zero_burn_in", ":")):
+                axes[1].plot(x, [h.get(key, np.nan) for h in r["history"]], style, color=c)
+            for key, style in (("right/true", "-"), ("right/zero_burn_in_blind", ":")):
+                axes[2].plot(x, [h.get(key, np.nan) for h in r["history"]], style, color=c)
+    axes[0].set(title="greedy return (32 episodes)", xlabel="env steps")
+    axes[0].legend(fontsize=7)
+    axes[1].set(
+        title="ΔQ vs the true state, third windows\n— stored+burn-in, ··· zero+burn-in",
+        xlabel="env steps",
+        yscale="log",
+    )
+    axes[2].set(
+        title="greedy action = first card, third windows\n— true state, ··· zero start blind to feedback",
+        xlabel="env steps",
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _job(args: tuple) -> dict:
+    variant, seed, env_steps, out_dir, eval_every, quick = args
+    return run(variant, seed, env_steps, Path(out_dir), eval_every=eval_every, quick=quick)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m agents.stored_start", description=__doc__)
+    parser.add_argument("--variants", nargs="+", default=["stored", "zero"], choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--env-steps", type=int, default=60_000, help="env steps per run")
+    parser.add_argument(
+        "--eval-every", type=int, default=5_000, help="env steps between evaluations and probes"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="runs side by side (processes)")
+    parser.add_argument(
+        "--run-dir", type=Path, default=Path("runs/stored_start"), help="per-run JSON (reused)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results/stored_start"), help="output prefix"
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="only the unchanged-parameters equivalence check"
+    )
+    parser.add_argument("--quick", action="store_true", help="a tiny network and budget (CI)")
+    args = parser.parse_args(argv)
+    for flag in ("env_steps", "eval_every", "workers"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')}: expected an int >= 1, got {getattr(args, flag)}")
+    if args.check:
+        print(json.dumps(check(args.seeds[0], quick=args.quick), indent=1))
+        return 0
+    jobs = [(v, s, args.env_steps, str(args.run_dir), args.eval_every, args.quick)
+            for s in args.seeds for v in args.variants if not (args.run_dir / f"{v}-s{s}.json").exists()]  # fmt: skip
+    from tqdm import tqdm
+
+    with futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for f in tqdm(
+            futures.as_completed([pool.submit(_job, j) for j in jobs]), total=len(jobs), desc="runs"
+        ):
+            f.result()
+    command = "python -m agents.stored_start " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(report(args.run_dir, args.out, command.strip()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
