@@ -56,7 +56,11 @@ class R2D2Config:
     """R2D2 hyper-parameters. Defaults are tuned for masked CartPole; the paper's (Atari) values are in each doc."""
 
     # Network (paper: conv torso, LSTM 512, dueling heads 512).
-    torso_units: tuple[int, ...] = _field((64,), "Dense ReLU torso widths (paper: conv torso).")
+    torso_units: tuple[int, ...] = _field(
+        (64,),
+        "Dense ReLU torso widths, after the observation encoder (images: after the conv torso and its "
+        "Dense 512; paper: none).",
+    )
     core: str = _field(
         "lstm", "'lstm' (stateful recurrent core) or 'dense' (feed-forward ablation of equal width)."
     )
@@ -204,7 +208,7 @@ class R2D2Config:
 PRESETS: dict[str, dict[str, Any]] = {
     "masked-cartpole": {},
     "popgym": dict(
-        burn_in=10, unroll=40, period=20, learning_rate=3e-4, env_steps_per_update=4.0,
+        burn_in=10, unroll=40, period=10, learning_rate=3e-4, env_steps_per_update=4.0,
         replay_capacity=50_000, min_replay_steps=2_000,
     ),
     "atari": dict(
@@ -220,7 +224,8 @@ PRESET_DOCS: dict[str, str] = {
     "masked-cartpole": "the defaults, tuned for masked CartPole.",
     "popgym": (
         "a starting point for POPGym's card and memory games (episodes of tens of steps, returns in "
-        "[-1, 1]): burn-in 10, lr 3e-4, 4 env steps per update; not tuned per game."
+        "[-1, 1]): burn-in 10, period 10 (ΔQ is measured at the first trained step), lr 3e-4, 4 env "
+        "steps per update, 50k replay steps; not tuned per game."
     ),
     "atari": (
         "the paper's values (Kapturowski et al. 2019): conv torso, LSTM 512, heads 512, burn-in 40, "
