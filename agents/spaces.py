@@ -16,7 +16,7 @@ Tuple / Dict of the above (nested)         one flat vector              each par
 =========================================  ==========================  ===================================
 
 A composite space is stored as one flat vector: integers when every part is
-discrete (the narrowest unsigned dtype that holds them), else float32 (category
+discrete (the narrowest of uint8, uint16, int32 that holds them), else float32 (category
 indices are exact in float32). The :class:`ObservationEncoding` records, per
 stored column block, the key path into the env's observation and the offset to
 subtract, and per feature segment whether it is one-hot (``n``) or passed
@@ -57,7 +57,8 @@ SUPPORTED_OBSERVATIONS = (
 SUPPORTED_ACTIONS = "Discrete, or MultiDiscrete with at most 4096 combinations"
 MAX_FLAT_ACTIONS = 4096
 """Most combinations a MultiDiscrete action space may have to be flattened into one Discrete
-(POPGym's Battleship and MineSweeper need 64 and 16 at Easy, ≤ 4,096 at Hard)."""
+(POPGym's Battleship and MineSweeper need 64 and 16 at Easy, 144 and 64 at Hard); beyond it the
+one-hot prev-action input and the advantage head grow with the product."""
 MIN_IMAGE_SIZE = 36
 """Smallest height and width the conv torso can take with valid padding (36 → 8 → 3 → 1)."""
 
