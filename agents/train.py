@@ -215,10 +215,11 @@ def run_eval_only(args: Args) -> dict[str, Any]:
 
 
 def run_dir(args: Args, config) -> Path:
-    """RUN_DIR/NAME, created; NAME defaults to <env>-<core>[-a<actors>]-s<seed>, <env> the id with '/'
-    and ':' as '-' (or its :data:`RUN_NAMES` entry)."""
+    """RUN_DIR/NAME, created; NAME defaults to <env>-<core>[-a<actors>]-s<seed>, <env> the id without a
+    'module:' prefix and with '/' as '-' (or its :data:`RUN_NAMES` entry)."""
     actors = f"-a{args.actors}" if args.actors else ""
-    env = RUN_NAMES.get(args.env, args.env_id.replace("/", "-").replace(":", "-"))
+    bare = args.env.rpartition(":")[2]  # 'module:id' names the run after the id
+    env = RUN_NAMES.get(bare, bare.replace("/", "-"))
     name = args.name or f"{env}-{config.core}{actors}-s{args.seed}"
     out_dir = Path(args.run_dir) / name
     out_dir.mkdir(parents=True, exist_ok=True)

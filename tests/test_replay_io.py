@@ -303,7 +303,8 @@ def test_benchmark_quick_run_writes_its_json(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["quick"] is True and report["lanes"] == 64 and report["batch"] == 64
     assert report["spec"] == {"burn_in": 40, "unroll": 80, "period": 40, "n_step": 5}
-    assert [r["obs_shape"] for r in report["results"]] == [[4], [64]]
+    assert [r["obs_shape"] for r in report["results"]] == [[4], [64], [84, 84, 1]]
+    assert [r["obs_dtype"] for r in report["results"]] == ["float32", "float32", "uint8"]
     figures = {"add_steps_per_s", "sample_update_per_s", "bytes_per_step"}
     for result in report["results"]:
         assert figures | {
