@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lower layers first; a module may import its own layer or a lower one, never a higher one.
 LAYERS = (
     ("burnin",),
-    ("agents.seeds", "agents.envs"),
+    ("agents.seeds", "agents.envs", "agents.interrupts"),
     ("agents.r2d2",),
     ("agents.distributed",),
     ("agents.experiment",),
