@@ -128,22 +128,23 @@ def parse_args(argv: list[str] | None = None):
 
 
 def run_eval_only(args: Args) -> dict[str, Any]:
-    """``--eval DIR``: greedy episodes of the checkpoint's learner on masked CartPole; prints the JSON result."""
-    from agents.r2d2 import Actor, Learner, R2D2Config, evaluate
-    from agents.r2d2.checkpoint import read_learner_arrays
+    """``--eval DIR``: greedy episodes of the checkpoint's learner on masked CartPole; prints the JSON result.
+
+    ``DIR`` may be a checkpoint whose save crashed between its two renames: the
+    previous one is read then, and the result names the directory actually read.
+    """
+    from agents.r2d2 import Actor, Learner, evaluate
+    from agents.r2d2.checkpoint import meta_config, read_meta
     from agents.seeds import RunSeeds
 
-    path = Path(args.eval)
-    meta_path = path / "loop.json"
-    if not meta_path.is_file():
-        raise ValueError(f"eval: {path} is not a checkpoint directory (no loop.json)")
-    saved = R2D2Config.from_json(json.loads(meta_path.read_text())["config"])
+    path, meta = read_meta(args.eval)
+    saved = meta_config(path / "loop.json", meta)
     seed = RunSeeds(args.seed).evaluation_env
     env = make_env(args.eval_episodes, seed=seed)
     try:
         obs_dim, num_actions = env.single_observation_space.shape[0], env.single_action_space.n
-        learner = Learner(saved, obs_dim, num_actions, seed=args.seed)
-        learner.load_state_dict(read_learner_arrays(path))
+        learner = Learner(saved, int(obs_dim), int(num_actions), seed=args.seed)
+        learner.assign_state(learner.read_checkpoint(path))
         actor = Actor(saved, env, seed=seed, epsilons=[0.0] * args.eval_episodes)
         returns = evaluate(actor, learner.get_weights(), seed=RunSeeds(args.seed).evaluation(0))
     finally:

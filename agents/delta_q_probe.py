@@ -32,28 +32,34 @@ def probe(checkpoint: Path, *, batches: int = 20) -> dict[str, dict[str, float]]
 
     ``checkpoint`` is a single-process checkpoint directory (``loop.json``,
     ``learner.npz``, ``replay.npz``); no env is needed, and the batches are drawn
-    with the replay's own saved RNG.
+    with the replay's own saved RNG. A bad checkpoint is a ``CheckpointError``
+    naming the file.
     """
     import tensorflow as tf
 
-    from agents.r2d2 import Learner, R2D2Config
-    from agents.r2d2.checkpoint import read_learner_arrays, read_meta
+    from agents.r2d2 import Learner
+    from agents.r2d2.checkpoint import (
+        CheckpointError,
+        meta_config,
+        read_learner_sizes,
+        read_meta,
+        read_replay,
+    )
     from burnin.diagnostics import delta_q
-    from burnin.replay import SequenceReplay
 
     path, meta = read_meta(checkpoint)
-    config = R2D2Config.from_json(meta["config"])
+    config = meta_config(path / "loop.json", meta)
     if config.core != "lstm":
-        raise ValueError(f"checkpoint: {checkpoint} has core {config.core!r}; ΔQ needs a recurrent core")
+        raise CheckpointError(f"checkpoint {path}: core {config.core!r}; ΔQ needs a recurrent core")
     t1, t2 = config.period, 2 * config.period
     end = t2 + config.n_step
     if config.sequence_spec.length < end:
-        raise ValueError(f"checkpoint: windows of {config.sequence_spec.length} steps, the probe needs {end}")
-    arrays = read_learner_arrays(path)
-    obs_dim, num_actions = (int(s) for s in arrays["sizes"])
-    learner = Learner(config, obs_dim, num_actions)
-    learner.load_state_dict(arrays)
-    replay = SequenceReplay.load(path / "replay.npz")
+        raise CheckpointError(
+            f"checkpoint {path}: windows of {config.sequence_spec.length} steps, the probe needs {end}"
+        )
+    learner = Learner(config, *read_learner_sizes(path))
+    learner.assign_state(learner.read_checkpoint(path))
+    replay = read_replay(path / "replay.npz")
     runner = learner.probe_runner  # the online network, no burn-in: the learner's own ΔQ probe
     sums = {s: {"first": [], "last": []} for s in START_STRATEGIES}
     for _ in range(batches):
