@@ -8,21 +8,22 @@ import functools
 import json
 import math
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from agents.cli import EXIT_INTERRUPTED, ArgumentParser, run_script
 from agents.envs import MASKED_CARTPOLE_ID, MASKED_CARTPOLE_SOLVED, make_vector_env
-from agents.experiment import RunOptions
+from agents.experiment import RunOptions, resume_path
+from agents.interrupts import sigterm_as_interrupt
 from agents.r2d2.config import documented
 from burnin._checks import check_int, check_str
 
 __all__ = [
+    "PROG",
     "Args",
-    "interrupt_on_sigterm",
     "main",
     "make_env",
     "parse_args",
@@ -30,6 +31,8 @@ __all__ = [
     "train",
     "train_distributed",
 ]
+
+PROG = "python -m agents.cartpole"
 
 make_env = functools.partial(make_vector_env, env_id=MASKED_CARTPOLE_ID)
 """``make_env(num_envs, seed=...)``: a vector env of masked CartPole."""
@@ -106,11 +109,12 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, group_title: str, de
 
 
 def parse_args(argv: list[str] | None = None):
-    """Parse the CLI into (Args, R2D2Config). Bad config values raise ValueError naming the field."""
+    """Parse the CLI into (Args, R2D2Config). A bad value prints one line naming its flag and exits 2
+    (:mod:`agents.cli`); so does a ``--resume`` or ``--eval`` that names no checkpoint."""
     from agents.r2d2 import R2D2Config
 
-    parser = argparse.ArgumentParser(
-        prog="python -m agents.cartpole",
+    parser = ArgumentParser(
+        prog=PROG,
         description="R2D2 with burn-in on masked CartPole (cart position and pole angle only).",
     )
     _add_fields(parser, Args, "run", Args())
@@ -122,8 +126,17 @@ def parse_args(argv: list[str] | None = None):
     )
     ns = vars(parser.parse_args(argv))
     arg_names = {f.name for f in dataclasses.fields(Args)}
-    args = Args(**{k: v for k, v in ns.items() if k in arg_names})
-    config = R2D2Config.from_json({k: v for k, v in ns.items() if k not in arg_names})
+    args = parser.build(Args, **{k: v for k, v in ns.items() if k in arg_names})
+    config = parser.build(R2D2Config.from_json, {k: v for k, v in ns.items() if k not in arg_names})
+    if args.actors:
+        from agents.distributed import DistributedConfig
+
+        options = parser.build(DistributedConfig, num_actors=args.actors, env_id=MASKED_CARTPOLE_ID)
+        parser.build(options.check, config, aliases={"num_actors": "actors"})
+    if args.eval:
+        parser.checkpoint("eval", args.eval)
+    elif args.resume:
+        parser.checkpoint("resume", resume_path(args, run_dir(args, config)))
     return args, config
 
 
@@ -160,12 +173,11 @@ def run_eval_only(args: Args) -> dict[str, Any]:
 
 
 def run_dir(args: Args, config) -> Path:
-    """RUN_DIR/NAME, created; NAME defaults to masked-cartpole-<core>[-a<actors>]-s<seed>."""
+    """RUN_DIR/NAME (not created here: the run creates it once it starts, so a failed resume leaves none);
+    NAME defaults to masked-cartpole-<core>[-a<actors>]-s<seed>."""
     actors = f"-a{args.actors}" if args.actors else ""
     name = args.name or f"masked-cartpole-{config.core}{actors}-s{args.seed}"
-    out_dir = Path(args.run_dir) / name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir
+    return Path(args.run_dir) / name
 
 
 def _summary_fields(args: Args, config, out_dir: Path) -> dict[str, Any]:
@@ -216,8 +228,8 @@ def train_distributed(args: Args, config) -> dict[str, Any]:
     """
     import ray
 
-    from agents.distributed import DistributedConfig, DistributedLoop, init_ray
-    from agents.experiment import Summary, resume_path, run, seed_everything, standard_hooks
+    from agents.distributed import DistributedConfig, init_ray
+    from agents.experiment import seed_everything
 
     options = DistributedConfig(num_actors=args.actors, env_id=MASKED_CARTPOLE_ID)
     options.check(config)
@@ -225,7 +237,19 @@ def train_distributed(args: Args, config) -> dict[str, Any]:
     seed_everything(args.seed, deterministic=args.deterministic)
     local_cpus = max(os.cpu_count() or 1, math.ceil(args.actors * options.actor_cpus))
     started = init_ray(args.address, num_cpus=None if args.address else local_cpus)
-    interrupt_on_sigterm()  # ray.init installs its own SIGTERM handler, which exits without a checkpoint
+    # ray.init installs its own SIGTERM handler, which exits without a checkpoint: ours goes back on top.
+    with sigterm_as_interrupt():
+        try:
+            return _run_distributed(args, config, options, out_dir)
+        finally:
+            if started:
+                ray.shutdown()
+
+
+def _run_distributed(args: Args, config, options, out_dir: Path) -> dict[str, Any]:
+    from agents.distributed import DistributedLoop
+    from agents.experiment import Summary, run, standard_hooks
+
     loop: DistributedLoop | None = None
     try:
         loop = DistributedLoop(config, options, seed=args.seed, replay_dir=out_dir / "replay")
@@ -240,30 +264,21 @@ def train_distributed(args: Args, config) -> dict[str, Any]:
     finally:
         if loop is not None:
             loop.close()
-        if started:
-            ray.shutdown()
 
 
-def interrupt_on_sigterm() -> None:
-    """A scheduler's SIGTERM ends the run as Ctrl-C does: a final checkpoint, the summary, a clean shutdown."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
-
-
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args, config = parse_args(argv)
-    interrupt_on_sigterm()
     if args.eval:
         run_eval_only(args)
         return 0
-    if args.actors:
-        train_distributed(args, config)
-        return 0
-    train(args, config)
-    return 0
+    summary = train_distributed(args, config) if args.actors else train(args, config)
+    return EXIT_INTERRUPTED if summary["stop_reason"] == "interrupted" else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI: 0 when done, 2 for a bad flag, value or checkpoint (one line on stderr), 130 when
+    interrupted (Ctrl-C or SIGTERM; a run writes its final checkpoint first)."""
+    return run_script(PROG, lambda: _main(argv))
 
 
 if __name__ == "__main__":

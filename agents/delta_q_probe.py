@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -12,6 +11,10 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
+
+from agents.cli import ArgumentParser, run_script
+
+PROG = "python -m agents.delta_q_probe"
 
 START_STRATEGIES = ("zero", "zero_burn_in", "stored", "stored_burn_in")
 """How the probe starts the state before the first trained step t₁ = period of a window:
@@ -94,8 +97,29 @@ def probe(checkpoint: Path, *, batches: int = 20) -> dict[str, dict[str, float]]
     return {s: {k: float(np.mean(v)) if v else float("nan") for k, v in d.items()} for s, d in sums.items()}
 
 
+def recurrent_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints ``RUN/checkpoint`` under ``run_dir`` whose network is recurrent."""
+    from agents.r2d2.checkpoint import CheckpointError, read_meta
+
+    found = []
+    for ckpt in sorted(run_dir.glob("*/checkpoint")):
+        try:
+            path, meta = read_meta(ckpt)
+        except CheckpointError:
+            continue  # not a complete checkpoint: nothing to probe
+        config = meta.get("config")
+        if isinstance(config, dict) and config.get("core", "lstm") == "lstm":
+            found.append(path)
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agents.delta_q_probe", description=__doc__)
+    """The CLI: 0 when done, 2 for a bad flag or checkpoint (one line on stderr), 130 when interrupted."""
+    return run_script(PROG, lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument(
         "--run-dir", type=Path, default=Path("runs/ablation"), help="the study's per-run outputs"
     )
@@ -105,18 +129,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.batches < 1:
-        parser.error(f"--batches: expected >= 1, got {args.batches}")
-    checkpoints = sorted(p for p in args.run_dir.glob("*/checkpoint") if (p / "loop.json").is_file())
+        parser.error(f"--batches: expected an int >= 1, got {args.batches}")
+    if not args.run_dir.is_dir():
+        parser.error(
+            f"--run-dir: expected a directory of runs, got {str(args.run_dir)!r} (no such directory)"
+        )
+    checkpoints = recurrent_checkpoints(args.run_dir)
+    if not checkpoints:
+        parser.error(f"--run-dir: expected runs with a recurrent checkpoint, found none under {args.run_dir}")
     from tqdm import tqdm
 
     runs: dict[str, Any] = {}
     for ckpt in tqdm(checkpoints, desc="checkpoints"):
-        config = json.loads((ckpt / "loop.json").read_text())["config"]
-        if config.get("core") != "lstm":
-            continue
         runs[ckpt.parent.name] = probe(ckpt, batches=args.batches)
-    if not runs:
-        parser.error(f"--run-dir: no recurrent checkpoint under {args.run_dir}")
     trained = sorted({name.rsplit("-s", 1)[0] for name in runs})
     table: dict[str, Any] = {}
     lines = [

@@ -15,7 +15,7 @@ LAYERS = (
     ("agents.seeds", "agents.envs", "agents.interrupts"),
     ("agents.r2d2",),
     ("agents.distributed",),
-    ("agents.experiment",),
+    ("agents.experiment", "agents.cli"),
     ("agents.cartpole", "agents.ablation", "agents.delta_q_probe", "agents.article", "agents.stored_start"),
 )
 
