@@ -16,6 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from agents.cli import ArgumentParser, run_script
+
+PROG = "python -m agents.ablation"
+
 # name -> (description, R2D2Config overrides)
 STRATEGIES: dict[str, tuple[str, dict[str, Any]]] = {
     "zero": ("zero state, no burn-in", {"state_strategy": "zero", "burn_in": 0}),
@@ -33,6 +37,27 @@ STRATEGIES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def run_settings(strategy: str, env_steps: int, extra: dict[str, Any]) -> tuple[Any, Any]:
+    """The (R2D2Config, RunOptions) of one run of ``strategy``: its overrides, then ``extra`` (the ``--set``
+    overrides of either). ValueError/TypeError naming the field for a bad value."""
+    from agents.envs import MASKED_CARTPOLE_SOLVED
+    from agents.experiment import RunOptions
+    from agents.r2d2 import R2D2Config
+
+    option_names = {f.name for f in dataclasses.fields(RunOptions)}
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in extra.items() if k not in option_names}
+    config = R2D2Config(**{**STRATEGIES[strategy][1], **fields})
+    options = RunOptions(
+        total_env_steps=env_steps,
+        solve_return=MASKED_CARTPOLE_SOLVED,
+        stop_when_solved=False,  # every strategy gets the same budget
+        checkpoint_every=0,
+        progress=False,
+        **{k: v for k, v in extra.items() if k in option_names},
+    )
+    return config, options
+
+
 def _run_one(
     strategy: str, seed: int, env_steps: int, out_dir: str, threads: int, extra: dict[str, Any]
 ) -> dict:
@@ -42,22 +67,10 @@ def _run_one(
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
-    from agents.envs import MASKED_CARTPOLE_ID, MASKED_CARTPOLE_SOLVED, make_vector_env
-    from agents.experiment import RunOptions, train
-    from agents.r2d2 import R2D2Config
+    from agents.envs import MASKED_CARTPOLE_ID, make_vector_env
+    from agents.experiment import train
 
-    option_names = {f.name for f in dataclasses.fields(RunOptions)}
-    config = R2D2Config(
-        **{**STRATEGIES[strategy][1], **{k: v for k, v in extra.items() if k not in option_names}}
-    )
-    options = RunOptions(
-        total_env_steps=env_steps,
-        solve_return=MASKED_CARTPOLE_SOLVED,
-        stop_when_solved=False,  # every strategy gets the same budget
-        checkpoint_every=0,
-        progress=False,
-        **{k: v for k, v in extra.items() if k in option_names},
-    )
+    config, options = run_settings(strategy, env_steps, extra)
     name = f"{strategy}-s{seed}"
     run_args = {"seed": seed, "name": name, "run_dir": out_dir, **dataclasses.asdict(options)}
     return train(
@@ -218,8 +231,9 @@ def plot(per_run_summaries: dict[str, dict[int, dict[str, Any]]], path: Path, en
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
-    """The study's arguments, and the ``--set`` overrides as a dict."""
-    parser = argparse.ArgumentParser(prog="python -m agents.ablation", description=__doc__)
+    """The study's arguments, and the ``--set`` overrides as a dict. A bad value prints one line naming
+    its flag and exits 2 (:mod:`agents.cli`); every run's config is built here once to check it."""
+    parser = ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES))
     parser.add_argument(
         "--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds per strategy (>= 3 for the study)"
@@ -242,17 +256,47 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, An
     )
     args = parser.parse_args(argv)
     if args.workers < 1:
-        parser.error(f"--workers: expected >= 1, got {args.workers}")
+        parser.error(f"--workers: expected an int >= 1, got {args.workers}")
     if args.env_steps < 1000:
-        parser.error(f"--env-steps: expected >= 1000, got {args.env_steps}")
-    extra: dict[str, Any] = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        extra[key] = json.loads(value)
+        parser.error(f"--env-steps: expected an int >= 1000, got {args.env_steps}")
+    bad_seeds = [s for s in args.seeds if s < 0]
+    if bad_seeds:
+        parser.error(f"--seeds: expected ints >= 0, got {bad_seeds}")
+    extra = _overrides(parser, args.set)
+    for strategy in args.strategies:
+        try:
+            run_settings(strategy, args.env_steps, extra)
+        except (TypeError, ValueError) as err:
+            parser.error(f"--set: {' '.join(str(err).split())} (strategy {strategy!r})")
     return args, extra
 
 
+def _overrides(parser: ArgumentParser, items: list[str]) -> dict[str, Any]:
+    """``FIELD=VALUE`` items as a dict of JSON values; FIELD must be an R2D2Config or RunOptions field."""
+    from agents.experiment import RunOptions
+    from agents.r2d2 import R2D2Config
+
+    known = {f.name for f in dataclasses.fields(R2D2Config)} | {
+        f.name for f in dataclasses.fields(RunOptions)
+    }
+    extra: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            parser.error(f"--set: expected FIELD=VALUE with FIELD an R2D2Config or run option, got {item!r}")
+        try:
+            extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parser.error(f"--set: expected a JSON value for {key}, got {value!r}")
+    return extra
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The CLI: 0 when done, 2 for a bad flag (one line on stderr), 130 when interrupted."""
+    return run_script(PROG, lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     args, extra = parse_args(argv)
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     jobs = [(s, seed) for seed in args.seeds for s in args.strategies]

@@ -4,12 +4,16 @@ MaskedCartPole-v1 --preset masked-cartpole [FLAGS]`` (``make demo`` runs it); ev
 
 from __future__ import annotations
 
+import functools
 import sys
 
 from agents import train
-from agents.envs import MASKED_CARTPOLE_ID
+from agents.envs import MASKED_CARTPOLE_ID, make_vector_env
 
-__all__ = ["DEFAULTS", "PROG", "main", "parse_args"]
+__all__ = ["DEFAULTS", "PROG", "main", "make_env", "parse_args"]
+
+make_env = functools.partial(make_vector_env, env_id=MASKED_CARTPOLE_ID)
+"""``make_env(num_envs, seed=...)``: a vector env of masked CartPole."""
 
 PROG = "python -m agents.cartpole"
 DEFAULTS = ("--env", MASKED_CARTPOLE_ID, "--preset", "masked-cartpole")

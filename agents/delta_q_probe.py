@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -12,6 +11,10 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
+
+from agents.cli import ArgumentParser, run_script
+
+PROG = "python -m agents.delta_q_probe"
 
 START_STRATEGIES = ("zero", "zero_burn_in", "stored", "stored_burn_in")
 """How the probe starts the state before the first trained step t₁ = period of a window:
@@ -32,28 +35,34 @@ def probe(checkpoint: Path, *, batches: int = 20) -> dict[str, dict[str, float]]
 
     ``checkpoint`` is a single-process checkpoint directory (``loop.json``,
     ``learner.npz``, ``replay.npz``); no env is needed, and the batches are drawn
-    with the replay's own saved RNG.
+    with the replay's own saved RNG. A bad checkpoint is a ``CheckpointError``
+    naming the file.
     """
     import tensorflow as tf
 
-    from agents.r2d2 import Learner, R2D2Config
-    from agents.r2d2.checkpoint import read_learner_arrays, read_meta
-    from agents.r2d2.learner import saved_observation
+    from agents.r2d2 import Learner
+    from agents.r2d2.checkpoint import (
+        CheckpointError,
+        meta_config,
+        read_learner_sizes,
+        read_meta,
+        read_replay,
+    )
     from burnin.diagnostics import delta_q
-    from burnin.replay import SequenceReplay
 
     path, meta = read_meta(checkpoint)
-    config = R2D2Config.from_json(meta["config"])
+    config = meta_config(path / "loop.json", meta)
     if config.core != "lstm":
-        raise ValueError(f"checkpoint: {checkpoint} has core {config.core!r}; ΔQ needs a recurrent core")
+        raise CheckpointError(f"checkpoint {path}: core {config.core!r}; ΔQ needs a recurrent core")
     t1, t2 = config.period, 2 * config.period
     end = t2 + config.n_step
     if config.sequence_spec.length < end:
-        raise ValueError(f"checkpoint: windows of {config.sequence_spec.length} steps, the probe needs {end}")
-    arrays = read_learner_arrays(path)
-    learner = Learner(config, *saved_observation(arrays))
-    learner.load_state_dict(arrays)
-    replay = SequenceReplay.load(path / "replay.npz")
+        raise CheckpointError(
+            f"checkpoint {path}: windows of {config.sequence_spec.length} steps, the probe needs {end}"
+        )
+    learner = Learner(config, *read_learner_sizes(path))
+    learner.assign_state(learner.read_checkpoint(path))
+    replay = read_replay(path / "replay.npz")
     runner = learner.probe_runner  # the online network, no burn-in: the learner's own ΔQ probe
     sums = {s: {"first": [], "last": []} for s in START_STRATEGIES}
     for _ in range(batches):
@@ -88,8 +97,29 @@ def probe(checkpoint: Path, *, batches: int = 20) -> dict[str, dict[str, float]]
     return {s: {k: float(np.mean(v)) if v else float("nan") for k, v in d.items()} for s, d in sums.items()}
 
 
+def recurrent_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints ``RUN/checkpoint`` under ``run_dir`` whose network is recurrent."""
+    from agents.r2d2.checkpoint import CheckpointError, read_meta
+
+    found = []
+    for ckpt in sorted(run_dir.glob("*/checkpoint")):
+        try:
+            path, meta = read_meta(ckpt)
+        except CheckpointError:
+            continue  # not a complete checkpoint: nothing to probe
+        config = meta.get("config")
+        if isinstance(config, dict) and config.get("core", "lstm") == "lstm":
+            found.append(path)
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agents.delta_q_probe", description=__doc__)
+    """The CLI: 0 when done, 2 for a bad flag or checkpoint (one line on stderr), 130 when interrupted."""
+    return run_script(PROG, lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument(
         "--run-dir", type=Path, default=Path("runs/ablation"), help="the study's per-run outputs"
     )
@@ -99,18 +129,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.batches < 1:
-        parser.error(f"--batches: expected >= 1, got {args.batches}")
-    checkpoints = sorted(p for p in args.run_dir.glob("*/checkpoint") if (p / "loop.json").is_file())
+        parser.error(f"--batches: expected an int >= 1, got {args.batches}")
+    if not args.run_dir.is_dir():
+        parser.error(
+            f"--run-dir: expected a directory of runs, got {str(args.run_dir)!r} (no such directory)"
+        )
+    checkpoints = recurrent_checkpoints(args.run_dir)
+    if not checkpoints:
+        parser.error(f"--run-dir: expected runs with a recurrent checkpoint, found none under {args.run_dir}")
     from tqdm import tqdm
 
     runs: dict[str, Any] = {}
     for ckpt in tqdm(checkpoints, desc="checkpoints"):
-        config = json.loads((ckpt / "loop.json").read_text())["config"]
-        if config.get("core") != "lstm":
-            continue
         runs[ckpt.parent.name] = probe(ckpt, batches=args.batches)
-    if not runs:
-        parser.error(f"--run-dir: no recurrent checkpoint under {args.run_dir}")
     trained = sorted({name.rsplit("-s", 1)[0] for name in runs})
     table: dict[str, Any] = {}
     lines = [

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from agents.r2d2.actor import Actor, evaluate
+from agents.r2d2.checkpoint import CheckpointError
 from agents.r2d2.config import R2D2Config, documented
 from agents.r2d2.loop import Loop, LoopStats, TrainLoop
 from agents.seeds import RunSeeds
@@ -38,6 +39,8 @@ __all__ = [
     "TensorBoard",
     "json_default",
     "plot",
+    "resume_from",
+    "resume_path",
     "run",
     "seed_everything",
     "standard_hooks",
@@ -127,11 +130,34 @@ class History:
         return {"evals": self.evals, "episodes": self.episodes, "learner": self.learner}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> History:
+    def from_json(cls, data: Any) -> History:
+        """Inverse of :meth:`to_json`, checked (it comes from a checkpoint): ValueError naming the entry."""
+        if not isinstance(data, dict):
+            raise ValueError(f"history: expected a JSON object, got {data!r:.60}")
         h = cls()
-        h.evals = list(data.get("evals", []))
-        h.episodes = [tuple(e) for e in data.get("episodes", [])]
-        h.learner = list(data.get("learner", []))
+        for name in ("evals", "episodes", "learner"):
+            if not isinstance(data.get(name, []), list):
+                raise ValueError(f"history.{name}: expected a list, got {data[name]!r:.60}")
+        for i, e in enumerate(data.get("evals", [])):
+            if not isinstance(e, dict):
+                raise ValueError(f"history.evals[{i}]: expected a JSON object, got {e!r:.60}")
+            check_int(f"history.evals[{i}].env_steps", e.get("env_steps"), minimum=0)
+            check_float(f"history.evals[{i}].mean_return", e.get("mean_return"))
+            h.evals.append(dict(e))
+        for i, e in enumerate(data.get("episodes", [])):
+            if not isinstance(e, list) or len(e) != 2:
+                raise ValueError(f"history.episodes[{i}]: expected [env_steps, return], got {e!r:.60}")
+            h.episodes.append(
+                (
+                    check_int(f"history.episodes[{i}][0]", e[0], minimum=0),
+                    check_float(f"history.episodes[{i}][1]", e[1]),
+                )
+            )
+        for i, e in enumerate(data.get("learner", [])):
+            if not isinstance(e, dict):
+                raise ValueError(f"history.learner[{i}]: expected a JSON object, got {e!r:.60}")
+            check_int(f"history.learner[{i}].updates", e.get("updates"), minimum=0)
+            h.learner.append(dict(e))
         return h
 
 
@@ -168,10 +194,32 @@ class Hook(Protocol):
     def on_end(self, run: Run, summary: dict[str, Any]) -> None: ...
 
 
+def resume_from(loop: Loop, directory: Path) -> tuple[History, float]:
+    """Load the checkpoint in ``directory`` into ``loop``; its history and the wall time of the run so far.
+
+    Says which directory it read: after a crash between the renames of a save
+    that is the previous checkpoint, not ``directory``.
+    """
+    extra = loop.load(directory)
+    read = Path(loop.loaded_from or directory)
+    try:
+        history = History.from_json(extra.get("history", {}))
+        wall = check_float("wall_time_s", extra.get("wall_time_s", 0.0), low=0.0)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {read / 'loop.json'}: extra.{err}") from None
+    fallback = f" (the previous checkpoint: {directory} was not complete)" if read != Path(directory) else ""
+    print(f"resumed from {read}{fallback} at {loop.env_steps} env steps, {loop.learner.num_updates} updates")
+    return history, wall
+
+
 def run(
     loop: Loop, hooks: Sequence[Hook], *, out_dir: Path, total_env_steps: int, resume: Path | None = None
 ) -> dict[str, Any]:
     """Drive ``loop`` until ``total_env_steps`` (or a hook stops it, or Ctrl-C); returns the summary.
+
+    ``out_dir`` is created once the resume (if any) has succeeded. An
+    interrupted run ends with stop reason ``'interrupted'`` after the hooks'
+    ``on_end`` (the final checkpoint).
 
     The summary holds the stop reason, the counters, the wall time and
     throughput, the replay's stats and the history; each hook's ``on_end`` adds
@@ -179,10 +227,8 @@ def run(
     """
     history, wall_before = History(), 0.0
     if resume is not None:
-        extra = loop.load(resume)
-        history = History.from_json(extra.get("history", {}))
-        wall_before = float(extra.get("wall_time_s", 0.0))
-        print(f"resumed from {resume} at {loop.env_steps} env steps, {loop.learner.num_updates} updates")
+        history, wall_before = resume_from(loop, resume)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a failed resume leaves no empty run directory
     state = Run(loop, out_dir, history, wall_before=wall_before)
     stop_reason = "budget"
     started: list[Hook] = []
@@ -459,7 +505,6 @@ def train(
 ) -> dict[str, Any]:
     """A single-process run: seed, build a :class:`TrainLoop` on ``make_env``, run it with the standard
     hooks and the summary (``fields`` added to it); returns the summary (also in ``out_dir/summary.json``)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(seed, deterministic=options.deterministic)
     env = make_env(config.num_envs, seed=seed)
     try:

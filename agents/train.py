@@ -17,21 +17,23 @@ import functools
 import json
 import math
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from agents.cli import EXIT_INTERRUPTED, ArgumentParser, run_script
 from agents.envs import MASKED_CARTPOLE_ID, ensure_registered, make_vector_env, solve_threshold
-from agents.experiment import RunOptions
+from agents.experiment import RunOptions, resume_path
+from agents.interrupts import sigterm_as_interrupt
 from agents.r2d2.config import PRESET_DOCS, PRESETS, documented, preset
 from burnin._checks import check_choice, check_int, check_str
 
 __all__ = [
+    "PROG",
     "Args",
-    "interrupt_on_sigterm",
+    "check_env",
     "main",
     "parse_args",
     "run_dir",
@@ -39,6 +41,8 @@ __all__ = [
     "train",
     "train_distributed",
 ]
+
+PROG = "python -m agents.train"
 
 RUN_NAMES = {MASKED_CARTPOLE_ID: "masked-cartpole"}
 """Run-name prefixes of ids whose runs were named before the CLI took any env (their ``--resume auto``
@@ -148,23 +152,24 @@ def _preset_help() -> str:
     return f"presets (--preset NAME; default by env id: {auto}, else masked-cartpole):\n" + "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None, *, prog: str = "python -m agents.train"):
+def parse_args(argv: list[str] | None = None, *, prog: str = PROG):
     """Parse the CLI into (Args, R2D2Config): the config starts from ``--preset`` and every flag given
-    overrides it. Bad values raise ValueError / TypeError naming the field."""
+    overrides it. A bad value, an env the agent cannot take, or a ``--resume`` / ``--eval`` that names no
+    checkpoint prints one line naming its flag and exits 2 (:mod:`agents.cli`)."""
     from agents.r2d2 import R2D2Config
 
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--preset", default="")
     first.add_argument("--env", default="")
     known = first.parse_known_args(argv)[0]
-    chosen = check_choice("preset", known.preset or default_preset(known.env), PRESETS)
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog,
         description="R2D2 with burn-in on any gymnasium env with Discrete (or small MultiDiscrete) actions.",
         epilog=_preset_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_fields(parser, Args, "run", _defaults(Args))
+    chosen = parser.build(check_choice, "preset", known.preset or default_preset(known.env), PRESETS)
     _add_fields(
         parser,
         R2D2Config,
@@ -173,9 +178,25 @@ def parse_args(argv: list[str] | None = None, *, prog: str = "python -m agents.t
     )
     ns = {**vars(parser.parse_args(argv)), "preset": chosen}
     arg_names = {f.name for f in dataclasses.fields(Args)}
-    args = Args(**{k: v for k, v in ns.items() if k in arg_names})
-    config = R2D2Config.from_json({k: v for k, v in ns.items() if k not in arg_names})
+    aliases = {"env_id": "env"}
+    args = parser.build(Args, **{k: v for k, v in ns.items() if k in arg_names}, aliases=aliases)
+    config = parser.build(R2D2Config.from_json, {k: v for k, v in ns.items() if k not in arg_names})
+    parser.build(check_env, args.env_id, aliases=aliases)
+    if args.actors:
+        from agents.distributed import DistributedConfig
+
+        options = parser.build(DistributedConfig, num_actors=args.actors, env_id=args.env_id)
+        parser.build(options.check, config, aliases={"num_actors": "actors"})
+    if args.eval:
+        parser.checkpoint("eval", args.eval)
+    elif args.resume:
+        parser.checkpoint("resume", resume_path(args, run_dir(args, config)))
     return args, config
+
+
+def check_env(env_id: str) -> None:
+    """ValueError (naming ``env_id``) unless the agent can take the env's spaces: one env is made and closed."""
+    make_vector_env(1, env_id=env_id).close()
 
 
 def make_env_factory(args: Args):
@@ -184,22 +205,23 @@ def make_env_factory(args: Args):
 
 
 def run_eval_only(args: Args) -> dict[str, Any]:
-    """``--eval DIR``: greedy episodes of the checkpoint's learner on the env; prints the JSON result."""
-    from agents.r2d2 import Actor, Learner, R2D2Config, evaluate
-    from agents.r2d2.checkpoint import read_learner_arrays
+    """``--eval DIR``: greedy episodes of the checkpoint's learner on the env; prints the JSON result.
+
+    ``DIR`` may be a checkpoint whose save crashed between its two renames: the
+    previous one is read then, and the result names the directory actually read.
+    """
+    from agents.r2d2 import Actor, Learner, evaluate
+    from agents.r2d2.checkpoint import meta_config, read_meta
     from agents.seeds import RunSeeds
 
-    path = Path(args.eval)
-    meta_path = path / "loop.json"
-    if not meta_path.is_file():
-        raise ValueError(f"eval: {path} is not a checkpoint directory (no loop.json)")
-    saved = R2D2Config.from_json(json.loads(meta_path.read_text())["config"])
+    path, meta = read_meta(args.eval)
+    saved = meta_config(path / "loop.json", meta)
     seed = RunSeeds(args.seed).evaluation_env
     env = make_vector_env(args.eval_episodes, env_id=args.env_id, seed=seed)
     try:
         actor = Actor(saved, env, seed=seed, epsilons=[0.0] * args.eval_episodes)
         learner = Learner(saved, actor.encoding, actor.num_actions, seed=args.seed)
-        learner.load_state_dict(read_learner_arrays(path))
+        learner.assign_state(learner.read_checkpoint(path))
         returns = evaluate(actor, learner.get_weights(), seed=RunSeeds(args.seed).evaluation(0))
     finally:
         env.close()
@@ -215,15 +237,14 @@ def run_eval_only(args: Args) -> dict[str, Any]:
 
 
 def run_dir(args: Args, config) -> Path:
-    """RUN_DIR/NAME, created; NAME defaults to <env>-<core>[-a<actors>]-s<seed>, <env> the id without a
+    """RUN_DIR/NAME (not created here: the run creates it once it starts, so a failed resume leaves none);
+    NAME defaults to <env>-<core>[-a<actors>]-s<seed>, <env> the id without a
     'module:' prefix and with '/' as '-' (or its :data:`RUN_NAMES` entry)."""
     actors = f"-a{args.actors}" if args.actors else ""
     bare = args.env.rpartition(":")[2]  # 'module:id' names the run after the id
     env = RUN_NAMES.get(bare, bare.replace("/", "-"))
     name = args.name or f"{env}-{config.core}{actors}-s{args.seed}"
-    out_dir = Path(args.run_dir) / name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir
+    return Path(args.run_dir) / name
 
 
 def _summary_fields(args: Args, config, out_dir: Path) -> dict[str, Any]:
@@ -279,17 +300,29 @@ def train_distributed(args: Args, config) -> dict[str, Any]:
     """
     import ray
 
-    from agents.distributed import DistributedConfig, DistributedLoop, init_ray
-    from agents.experiment import Summary, resume_path, run, seed_everything, standard_hooks
+    from agents.distributed import DistributedConfig, init_ray
+    from agents.experiment import seed_everything
 
     options = DistributedConfig(num_actors=args.actors, env_id=args.env_id)
     options.check(config)
-    run_options = args.run_options()
     out_dir = run_dir(args, config)
     seed_everything(args.seed, deterministic=args.deterministic)
     local_cpus = max(os.cpu_count() or 1, math.ceil(args.actors * options.actor_cpus))
     started = init_ray(args.address, num_cpus=None if args.address else local_cpus)
-    interrupt_on_sigterm()  # ray.init installs its own SIGTERM handler, which exits without a checkpoint
+    # ray.init installs its own SIGTERM handler, which exits without a checkpoint: ours goes back on top.
+    with sigterm_as_interrupt():
+        try:
+            return _run_distributed(args, config, options, out_dir)
+        finally:
+            if started:
+                ray.shutdown()
+
+
+def _run_distributed(args: Args, config, options, out_dir: Path) -> dict[str, Any]:
+    from agents.distributed import DistributedLoop
+    from agents.experiment import Summary, run, standard_hooks
+
+    run_options = args.run_options()
     loop: DistributedLoop | None = None
     try:
         loop = DistributedLoop(config, options, seed=args.seed, replay_dir=out_dir / "replay")
@@ -304,34 +337,21 @@ def train_distributed(args: Args, config) -> dict[str, Any]:
     finally:
         if loop is not None:
             loop.close()
-        if started:
-            ray.shutdown()
 
 
-def interrupt_on_sigterm() -> None:
-    """A scheduler's SIGTERM ends the run as Ctrl-C does: a final checkpoint, the summary, a clean shutdown."""
+def _main(argv: list[str] | None, prog: str) -> int:
+    args, config = parse_args(argv, prog=prog)
+    if args.eval:
+        run_eval_only(args)
+        return 0
+    summary = train_distributed(args, config) if args.actors else train(args, config)
+    return EXIT_INTERRUPTED if summary["stop_reason"] == "interrupted" else 0
 
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, handler)
-
-
-def main(argv: list[str] | None = None, *, prog: str = "python -m agents.train") -> int:
-    """Run the CLI; a bad argument or env is one line on stderr and exit status 2, no traceback."""
-    try:
-        args, config = parse_args(argv, prog=prog)
-        interrupt_on_sigterm()
-        if args.eval:
-            run_eval_only(args)
-        elif args.actors:
-            train_distributed(args, config)
-        else:
-            train(args, config)
-    except (ValueError, TypeError) as err:
-        print(f"{prog.split()[-1]}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
+    """The CLI: 0 when done, 2 for a bad flag, value, env or checkpoint (one line on stderr), 130 when
+    interrupted (Ctrl-C or SIGTERM; a run writes its final checkpoint first)."""
+    return run_script(prog, lambda: _main(argv, prog))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ from agents.distributed.worker import spawn_workers
 from agents.envs import make_vector_env
 from agents.r2d2.checkpoint import (
     CHECKPOINT_FORMAT,
-    read_learner_arrays,
+    CheckpointError,
+    meta_config,
+    meta_field,
     read_meta,
     write_checkpoint_dir,
     write_learner,
@@ -33,7 +35,7 @@ from agents.r2d2.learner import Learner
 from agents.r2d2.loop import LoopStats
 from agents.seeds import RunSeeds
 from agents.spaces import action_encoding, observation_encoding
-from burnin._checks import check_int
+from burnin._checks import check_int, check_str
 
 __all__ = ["DistributedLoop", "RemoteReplay", "init_ray", "spawn_server"]
 
@@ -176,6 +178,7 @@ class DistributedLoop:
         self._closed = False
         self.env_steps = 0
         self.episodes = 0
+        self.loaded_from: Path | None = None
 
     # -- running ----------------------------------------------------------------------------
 
@@ -315,21 +318,37 @@ class DistributedLoop:
 
         Must come before the first :meth:`iterate`. Workers then register again,
         which closes the episodes that were open at save time, so no window spans
-        the gap. Returns the checkpoint's ``extra``.
+        the gap. Returns the checkpoint's ``extra``. Everything is read and
+        checked before anything changes (a bad file is a :class:`CheckpointError`
+        naming it); :attr:`loaded_from` is the directory actually read.
         """
         if self._started:
             raise RuntimeError("load: the loop has started; load a checkpoint before the first iterate()")
         path, meta = read_meta(Path(directory).absolute())
-        if meta.get("format") != CHECKPOINT_FORMAT or meta.get("kind") != "distributed":
-            raise ValueError(
-                f"checkpoint: {path} is format {meta.get('format')!r} kind {meta.get('kind')!r}, expected "
-                f"format {CHECKPOINT_FORMAT} kind 'distributed' (a single-process checkpoint resumes without --actors)"
+        file = path / "loop.json"
+        if meta.get("kind") != "distributed":
+            raise CheckpointError(
+                f"checkpoint {file}: kind {meta.get('kind')!r}, expected 'distributed' "
+                "(a single-process checkpoint resumes without --actors)"
             )
-        self.learner.load_state_dict(read_learner_arrays(path))
-        restored = ray.get(self.server.restore.remote(str((path / meta["replay_dir"]).resolve())))
+        meta_config(file, meta, self.config)
+        meta_field(file, meta, "seed", check_int, minimum=0)
+        replay_dir = meta_field(file, meta, "replay_dir", check_str, empty=False)
+        extra = meta.get("extra", {})
+        if not isinstance(extra, dict):
+            raise CheckpointError(f"checkpoint {file}: extra: expected a JSON object, got {extra!r:.80}")
+        learner = self.learner.read_checkpoint(path)
+        try:
+            restored = ray.get(self.server.restore.remote(str((path / replay_dir).resolve())))
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, CheckpointError):
+                raise CheckpointError(str(err.cause)) from None
+            raise
+        self.learner.assign_state(learner)
         self.env_steps = restored["env_steps"]
         self.episodes = restored["episodes"]
-        return meta.get("extra", {})
+        self.loaded_from = path
+        return extra
 
     def close(self) -> None:
         """Stop the workers and the server and kill them (idempotent). Checkpoint first if you need one."""

@@ -15,11 +15,19 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from agents.distributed.config import DistributedConfig
+from agents.r2d2.checkpoint import (
+    CheckpointError,
+    meta_field,
+    read_json,
+    read_replay,
+    remove_stale_temp_dirs,
+    write_checkpoint_dir,
+)
 from agents.r2d2.config import R2D2Config
 from agents.r2d2.loop import make_replay
 from agents.spaces import ObservationEncoding
-from burnin._checks import check_int
-from burnin._io import atomic_write_text, readable_dir, write_dir_atomically
+from burnin._checks import check_float, check_int
+from burnin._io import atomic_write_text, readable_dir
 from burnin.rate_limiter import RateLimiter
 from burnin.replay import ReplayConfig, SequenceBatch, SequenceReplay
 
@@ -320,39 +328,46 @@ class ReplayServer:
                 self.replay.save(tmp / "replay.npz")
                 atomic_write_text(tmp / "server.json", json.dumps(meta, indent=1, sort_keys=True))
 
-            write_dir_atomically(target, fill)
+            write_checkpoint_dir(target, fill, marker="server.json")
             self._saves += 1
             self._last_save_s = time.time()
         return str(target)
 
     def restore(self, directory: str | os.PathLike[str]) -> dict[str, int]:
-        """Load a checkpoint written by :meth:`save` before any writer registers; returns its counters."""
-        path = readable_dir(Path(directory), "server.json")
-        meta_path = path / "server.json"
-        if not meta_path.is_file():
-            raise ValueError(f"directory: {path} holds no server.json (not a replay server checkpoint)")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != SERVER_FORMAT:
-            raise ValueError(
-                f"directory: server.json format {meta.get('format')!r}, expected {SERVER_FORMAT}"
-            )
-        replay = SequenceReplay.load(path / "replay.npz")
+        """Load a checkpoint written by :meth:`save` before any writer registers; returns its counters.
+
+        All or nothing: ``server.json`` and ``replay.npz`` are read and checked
+        first (a bad one is a :class:`CheckpointError` naming the file), then
+        swapped in under the condition.
+        """
+        directory = Path(directory)
+        remove_stale_temp_dirs(directory)
+        path = readable_dir(directory, "server.json")
+        if not (path / "server.json").is_file():
+            raise CheckpointError(f"directory: {path} holds no server.json (not a replay server checkpoint)")
+        file = path / "server.json"
+        meta = read_json(file)
+        version = meta.get("format")
+        if type(version) is not int or version != SERVER_FORMAT:
+            raise CheckpointError(f"checkpoint {file}: format {version!r}, expected {SERVER_FORMAT}")
+        replay = read_replay(path / "replay.npz")
         if replay.config != self.replay.config:
-            raise ValueError(
+            raise CheckpointError(
                 f"directory: the replay in {path} has {replay.config.num_lanes} lanes of "
                 f"{replay.config.lane_capacity} steps, but num_actors × num_envs = {self.num_lanes} lanes of "
                 f"{self.replay.config.lane_capacity} (or another layout field) are configured now"
             )
+        state = _check_server_meta(file, meta, sorted(replay.registered_lanes), self.num_lanes)
         with self._cond:
             if self._registered_since_start:
                 raise RuntimeError("restore: writers have already registered with this server")
             self.replay = replay
             self._lanes = replay.registered_lanes
-            self.limiter.load_state_dict(meta["limiter"])
-            self._incarnations = {str(k): int(v) for k, v in meta["incarnations"].items()}
-            self._owners = {str(k): dict(v) for k, v in meta["owners"].items()}
-            self._episodes_total = int(meta["episodes_total"])
-            self._lane_steps = np.asarray(meta["lane_steps"], dtype=np.int64)
+            self.limiter.load_state_dict(state["limiter"])
+            self._incarnations = state["incarnations"]
+            self._owners = state["owners"]
+            self._episodes_total = state["episodes_total"]
+            self._lane_steps = state["lane_steps"]
             return {
                 "env_steps": self.limiter.inserts,
                 "samples": self.limiter.samples,
@@ -422,3 +437,46 @@ class ReplayServer:
         """Every sampleable window, lane by lane, as one batch (for tests and debugging: it can be large)."""
         with self._cond:
             return self.replay.windows(self.replay.live_keys())
+
+
+_OWNER_COUNTERS = ("env_steps", "pushes", "busy", "registrations")
+
+
+def _check_server_meta(file: Path, meta: dict[str, Any], owners: list[str], num_lanes: int) -> dict[str, Any]:
+    """The fields of ``server.json`` checked as untrusted input (counters ints >= 0, one entry per owner the
+    replay registered, a step count per lane); CheckpointError naming the file and the field."""
+    limiter = {
+        name: meta_field(file, meta, f"limiter.{name}", check_int, minimum=0)
+        for name in ("inserts", "samples")
+    }
+    episodes_total = meta_field(file, meta, "episodes_total", check_int, minimum=0)
+    for name in ("incarnations", "owners"):
+        found = meta.get(name)
+        if not isinstance(found, dict) or sorted(found) != owners:
+            raise CheckpointError(
+                f"checkpoint {file}: {name}: expected an entry for each registered owner {owners}, got {found!r:.80}"
+            )
+    incarnations = {o: meta_field(file, meta, f"incarnations.{o}", check_int, minimum=0) for o in owners}
+    stats = {}
+    for o in owners:
+        entry = {k: meta_field(file, meta, f"owners.{o}.{k}", check_int, minimum=0) for k in _OWNER_COUNTERS}
+        entry["insert_blocked_s"] = meta_field(
+            file, meta, f"owners.{o}.insert_blocked_s", check_float, low=0.0
+        )
+        stats[o] = entry
+    lane_steps = meta.get("lane_steps")
+    if not isinstance(lane_steps, list) or len(lane_steps) != num_lanes:
+        raise CheckpointError(
+            f"checkpoint {file}: lane_steps: expected a list of {num_lanes} counts, got {lane_steps!r:.80}"
+        )
+    try:
+        counts = [check_int(f"lane_steps[{i}]", v, minimum=0) for i, v in enumerate(lane_steps)]
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {file}: {err}") from None
+    return {
+        "limiter": limiter,
+        "episodes_total": episodes_total,
+        "incarnations": incarnations,
+        "owners": stats,
+        "lane_steps": np.asarray(counts, dtype=np.int64),
+    }

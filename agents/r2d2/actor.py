@@ -14,11 +14,11 @@ from gymnasium.vector import AutoresetMode
 from agents.r2d2.config import R2D2Config
 from agents.r2d2.networks import build_q_network, network_inputs
 from agents.spaces import action_encoding, observation_encoding
-from burnin._checks import check_int
+from burnin._checks import check_float, check_int, fmt, int_vector
 from burnin.replay import RecurrentState, ReplayConfig
 from burnin.state import state_variables, stateful_layers
 
-__all__ = ["Actor", "ReplayWriter", "apex_epsilons", "evaluate"]
+__all__ = ["Actor", "ReplayWriter", "apex_epsilons", "check_epsilons", "evaluate", "rng_from_state"]
 
 
 class ReplayWriter(Protocol):
@@ -50,6 +50,8 @@ class ReplayWriter(Protocol):
 def apex_epsilons(num: int, *, base: float = 0.4, alpha: float = 7.0) -> np.ndarray:
     """Ape-X per-actor exploration: ε_i = base^(1 + alpha · i / (N − 1)), i = 0 … N−1 (ε_0 = base)."""
     check_int("num", num, minimum=1)
+    check_float("base", base, low=0.0, high=1.0)
+    check_float("alpha", alpha, low=0.0)
     if num == 1:
         return np.array([base], dtype=np.float64)
     i = np.arange(num, dtype=np.float64)
@@ -83,6 +85,9 @@ class Actor:
         seed: int = 0,
         epsilons: np.ndarray | None = None,
     ) -> None:
+        if not isinstance(config, R2D2Config):
+            raise TypeError(f"config: expected an R2D2Config, got {type(config).__name__}")
+        check_int("seed", seed, minimum=0)
         autoreset = getattr(env, "metadata", {}).get("autoreset_mode", AutoresetMode.NEXT_STEP)
         if autoreset != AutoresetMode.NEXT_STEP:
             raise ValueError(
@@ -94,9 +99,6 @@ class Actor:
         self.encoding = observation_encoding(env.single_observation_space, where="env.observation_space")
         self.actions = action_encoding(env.single_action_space, where="env.action_space")
         self.num_actions = self.actions.num_actions
-        self.network_config = config.network(self.encoding, self.num_actions)
-        self.model = build_q_network(self.network_config, batch_size=self.num_envs, seed=seed, name="actor")
-        self.recurrent = self.network_config.recurrent
         if replay is not None:
             stored = replay.config
             if stored.obs_shape != self.encoding.shape:
@@ -107,15 +109,16 @@ class Actor:
                 raise ValueError(
                     f"env: observations stored as {self.encoding.dtype}, but the replay holds {stored.obs_dtype}"
                 )
-        self.replay = replay
-        self.lanes = np.arange(self.num_envs) if lanes is None else np.asarray(lanes, dtype=np.int64)
-        if self.lanes.shape != (self.num_envs,):
-            raise ValueError(f"lanes: expected {self.num_envs} lane ids, got shape {self.lanes.shape}")
+        self.lanes = np.arange(self.num_envs) if lanes is None else int_vector("lanes", lanes, "lane ids")
+        if self.lanes.shape != (self.num_envs,) or (self.lanes < 0).any():
+            raise ValueError(f"lanes: expected {self.num_envs} lane ids >= 0, got {fmt(self.lanes)}")
         if epsilons is None:
             epsilons = apex_epsilons(self.num_envs, base=config.epsilon_base, alpha=config.epsilon_alpha)
-        self.epsilons = np.asarray(epsilons, dtype=np.float64)
-        if self.epsilons.shape != (self.num_envs,):
-            raise ValueError(f"epsilons: expected shape ({self.num_envs},), got {self.epsilons.shape}")
+        self.epsilons = check_epsilons(epsilons, self.num_envs)
+        self.network_config = config.network(self.encoding, self.num_actions)
+        self.model = build_q_network(self.network_config, batch_size=self.num_envs, seed=seed, name="actor")
+        self.recurrent = self.network_config.recurrent
+        self.replay = replay
         self.rng = np.random.default_rng(seed)
         layers = stateful_layers(self.model) if self.recurrent else []
         self._layer_sizes = [len(state_variables(layer)) for layer in layers]
@@ -229,11 +232,57 @@ class Actor:
             "rng": self.rng.bit_generator.state,
         }
 
+    @staticmethod
+    def check_state_dict(state: Any) -> dict[str, Any]:
+        """A :meth:`state_dict` checked as untrusted input: the counters as ints >= 0 and the ε RNG as a new
+        Generator; TypeError/ValueError naming the field. Changes nothing."""
+        if not isinstance(state, dict):
+            raise TypeError(
+                f"actor: expected a dict of counters and the RNG state, got {type(state).__name__}"
+            )
+        out: dict[str, Any] = {}
+        for name in ("steps", "env_steps", "episodes"):
+            if name not in state:
+                raise ValueError(f"actor.{name}: missing")
+            out[name] = check_int(f"actor.{name}", state[name], minimum=0)
+        out["rng"] = rng_from_state("actor.rng", state.get("rng"))
+        return out
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.steps = int(state["steps"])
-        self.env_steps = int(state["env_steps"])
-        self.episodes = int(state["episodes"])
-        self.rng.bit_generator.state = state["rng"]
+        """Restore :meth:`state_dict`, checked first (:meth:`check_state_dict`): all or nothing."""
+        checked = self.check_state_dict(state)
+        self.steps, self.env_steps, self.episodes = (
+            checked["steps"],
+            checked["env_steps"],
+            checked["episodes"],
+        )
+        self.rng = checked["rng"]
+
+
+def check_epsilons(epsilons: Any, num_envs: int) -> np.ndarray:
+    """Per-row ε as float64 ``[num_envs]``; TypeError for non-numbers, ValueError unless each is finite in [0, 1]."""
+    eps = np.asarray(epsilons)
+    if eps.dtype.kind not in "fiu":
+        raise TypeError(f"epsilons: expected numbers in [0, 1], got dtype {eps.dtype}")
+    if eps.shape != (num_envs,):
+        raise ValueError(f"epsilons: expected shape ({num_envs},), got {eps.shape}")
+    eps = eps.astype(np.float64)
+    bad = ~(np.isfinite(eps) & (eps >= 0) & (eps <= 1))
+    if bad.any():
+        raise ValueError(f"epsilons: expected finite values in [0, 1], got {fmt(eps[bad])}")
+    return eps
+
+
+def rng_from_state(name: str, state: Any) -> np.random.Generator:
+    """A PCG64 Generator in ``state`` (a ``bit_generator.state`` dict); ValueError naming ``name`` otherwise."""
+    if not isinstance(state, dict) or state.get("bit_generator") != "PCG64":
+        raise ValueError(f"{name}: expected the state of a PCG64 bit generator, got {state!r:.80}")
+    bit_generator = np.random.PCG64()
+    try:
+        bit_generator.state = state
+    except (TypeError, ValueError, KeyError, OverflowError) as err:
+        raise ValueError(f"{name}: not a valid PCG64 state ({type(err).__name__}: {err})") from None
+    return np.random.Generator(bit_generator)
 
 
 def evaluate(actor: Actor, weights: list[np.ndarray], *, seed: int) -> np.ndarray:
@@ -242,6 +291,7 @@ def evaluate(actor: Actor, weights: list[np.ndarray], *, seed: int) -> np.ndarra
     The actor's envs are reset with ``seed`` first; reuse one actor to keep its
     compiled step across evaluations.
     """
+    check_int("seed", seed, minimum=0)
     actor.set_weights(weights)
     actor.reset(seed=seed)
     returns = np.full(actor.num_envs, np.nan)

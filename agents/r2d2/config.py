@@ -134,7 +134,10 @@ class R2D2Config:
         )
         check_choice("state_strategy", self.state_strategy, [s.value for s in StateStrategy])
         if self.period > self.unroll:
-            raise ValueError(f"period: {self.period} > unroll={self.unroll} would leave steps untrained")
+            raise ValueError(
+                f"period: expected an int <= unroll ({self.unroll}), got {self.period} "
+                "(a longer period would leave steps untrained)"
+            )
         for name in ("gamma", "priority_eta", "epsilon_base"):
             check_float(name, getattr(self, name), low=0.0, high=1.0)
         for name in ("value_rescale_eps", "priority_exponent", "importance_exponent", "epsilon_alpha"):
@@ -189,13 +192,15 @@ class R2D2Config:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> R2D2Config:
         """Inverse of :meth:`to_json`; a field missing from ``data`` (an older checkpoint) takes its default."""
+        if not isinstance(data, dict):
+            raise TypeError(f"config: expected a dict of fields, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"config: unknown fields {unknown}")
         values = dict(data)
         for name in ("torso_units", "core_layers"):
-            if name in values:
+            if isinstance(values.get(name), list):  # JSON has no tuples; anything else fails the check
                 values[name] = tuple(values[name])
         return cls(**values)
 

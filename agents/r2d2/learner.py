@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from agents.r2d2.checkpoint import check_same, comparable_config
+from agents.interrupts import deferred_interrupts
+from agents.r2d2.checkpoint import (
+    MAX_COUNTER,
+    CheckpointError,
+    check_same,
+    comparable_config,
+    read_learner_arrays,
+)
 from agents.r2d2.config import (
     R2D2Config,
     StateStrategy,
@@ -19,12 +29,13 @@ from agents.r2d2.config import (
 )
 from agents.r2d2.networks import build_q_network, network_inputs, row_state_shapes
 from agents.spaces import ObservationEncoding
+from burnin._checks import check_bool, check_int, fmt
 from burnin.diagnostics import delta_q
 from burnin.losses import r2d2_loss
 from burnin.replay import RecurrentState, SequenceBatch, SequenceReplay
 from burnin.runner import BurnInRunner
 
-__all__ = ["Learner", "LearnerStep", "PriorityWriter", "saved_observation"]
+__all__ = ["Learner", "LearnerStep", "PriorityWriter"]
 
 
 class PriorityWriter(Protocol):
@@ -62,6 +73,12 @@ class Learner:
        the same step, with the same parameters.
 
     The target network is copied every ``target_update_period`` updates.
+
+    An update is all or nothing: the batch is checked first (shapes, dtypes,
+    ranges, finite values), and the step is kept only if the loss, the
+    priorities, the recomputed states and every weight and optimizer slot after
+    it are finite; otherwise the learner is left as it was and ``ValueError``
+    says why. A Ctrl-C or SIGTERM during an update is delivered after it.
     """
 
     def __init__(
@@ -85,9 +102,14 @@ class Learner:
                 burn-in only masked out of the loss, as Acme's JAX R2D2 learner and
                 RLlib do. It exists to measure what burn-in without gradient saves.
         """
+        if not isinstance(config, R2D2Config):
+            raise TypeError(f"config: expected an R2D2Config, got {type(config).__name__}")
         self.config = config
-        self.burn_in_gradient = bool(burn_in_gradient)
-        self.num_actions = int(num_actions)
+        self.burn_in_gradient = check_bool("burn_in_gradient", burn_in_gradient)
+        if not isinstance(observation, ObservationEncoding):
+            observation = ObservationEncoding.vector(check_int("obs_dim", observation, minimum=1))
+        self.num_actions = check_int("num_actions", num_actions, minimum=1)
+        check_int("seed", seed, minimum=0)
         self.network_config = config.network(observation, self.num_actions)
         self.observation = self.network_config.observation
         self.obs_dim = self.observation.size
@@ -120,8 +142,12 @@ class Learner:
             global_clipnorm=config.max_grad_norm,
         )
         self.optimizer.build(self.online.trainable_variables)
-        self.num_updates = 0
         self._update_fn = tf.function(self._update, jit_compile=config.jit_compile, reduce_retracing=False)
+
+    @property
+    def num_updates(self) -> int:
+        """Updates applied so far: the optimizer's step counter, committed with the step itself."""
+        return int(self.optimizer.iterations.numpy())
 
     # ------------------------------------------------------------- weights
 
@@ -145,23 +171,28 @@ class Learner:
         return self.update(batch, replay=replay)
 
     def update(self, batch: SequenceBatch, *, replay: PriorityWriter | None = None) -> LearnerStep:
-        """One learner update on ``batch``; with ``replay``, priorities (and refreshed states) go back to it."""
-        self._check_batch(batch)
+        """One learner update on ``batch``; with ``replay``, priorities (and refreshed states) go back to it.
+
+        ``ValueError``/``TypeError`` naming the field for a bad batch, and
+        ``ValueError`` for a step that would leave anything non-finite: in both
+        cases nothing was changed. The step and its write-back to ``replay``
+        run with Ctrl-C and SIGTERM held until they are done.
+        """
         feed = self._feed(batch)
-        out = self._update_fn(feed)
-        self.num_updates += 1
-        if self.num_updates % self.config.target_update_period == 0:
-            self.update_target()
-        priorities = out["priorities"].numpy()
-        refreshed = 0
-        if replay is not None:
-            replay.update_priorities(batch.keys, priorities)
-            if self.config.refresh_states and self.refresh_offsets:
-                states = tuple(
-                    tuple(tuple(a.numpy() for a in entry) for entry in offset_state)
-                    for offset_state in out["offset_states"]
-                )
-                refreshed = replay.update_states(batch.keys, self.refresh_offsets, states)
+        with deferred_interrupts():
+            out = self._update_fn(feed)
+            if not bool(out["applied"]):
+                raise ValueError(_rejection({k: bool(v) for k, v in out["finite"].items()}))
+            priorities = out["priorities"].numpy()
+            refreshed = 0
+            if replay is not None:
+                replay.update_priorities(batch.keys, priorities)
+                if self.config.refresh_states and self.refresh_offsets:
+                    states = tuple(
+                        tuple(tuple(a.numpy() for a in entry) for entry in offset_state)
+                        for offset_state in out["offset_states"]
+                    )
+                    refreshed = replay.update_states(batch.keys, self.refresh_offsets, states)
         return LearnerStep(
             loss=float(out["loss"].numpy()),
             priorities=priorities,
@@ -170,38 +201,88 @@ class Learner:
             refreshed=refreshed,
         )
 
-    def _check_batch(self, batch: SequenceBatch) -> None:
-        expected = (self.config.batch_size, self.spec.length, *self.observation.shape)
-        if batch.observation.shape != expected:
-            raise ValueError(f"batch.observation: expected shape {expected}, got {batch.observation.shape}")
+    def _batch_state(self, name: str, state: Any) -> tuple:
+        """A RecurrentState of the batch: the layers and arrays of ``state_shapes``, each [B, *shape], finite."""
+        shapes = self.state_shapes
+        if not isinstance(state, (tuple, list)) or len(state) != len(shapes):
+            raise ValueError(f"{name}: expected {len(shapes)} layers of states, got {type(state).__name__}")
+        b = self.config.batch_size
+        out = []
+        for i, (entry, entry_shapes) in enumerate(zip(state, shapes)):
+            if not isinstance(entry, (tuple, list)) or len(entry) != len(entry_shapes):
+                raise ValueError(f"{name}[{i}]: expected {len(entry_shapes)} state arrays")
+            out.append(
+                tuple(
+                    _field(f"{name}[{i}][{j}]", a, "f", (b, *shape), dtype=np.float32)
+                    for j, (a, shape) in enumerate(zip(entry, entry_shapes))
+                )
+            )
+        return tuple(out)
+
+    def _check_batch(self, batch: SequenceBatch) -> dict[str, Any]:
+        """Every field of ``batch`` the update reads, checked (shape, dtype, range, finite) and cast."""
+        b, length, a = self.config.batch_size, self.spec.length, self.num_actions
+        bl, f32 = (b, length), np.float32
+        f: dict[str, Any] = {
+            n: _field(f"batch.{n}", getattr(batch, n), "b", bl) for n in ("mask", "learn_mask", "final")
+        }
+        f["observation"] = _field(
+            "batch.observation",
+            batch.observation,
+            "fiu",
+            (b, length, *self.observation.shape),
+            dtype=np.dtype(self.observation.dtype),
+        )
+        for n in ("action", "prev_action"):
+            f[n] = _field(f"batch.{n}", getattr(batch, n), "iu", bl, dtype=np.int32, low=0, high=a - 1)
+        for n in ("reward", "prev_reward"):
+            f[n] = _field(f"batch.{n}", getattr(batch, n), "f", bl, dtype=f32)
+        f["discount"] = _field("batch.discount", batch.discount, "f", bl, dtype=f32, low=0, high=1)
+        f["weights"] = _field("batch.weights", batch.weights, "f", (b,), dtype=f32, low=0)
+        _field("batch.keys", batch.keys, "iu", (b,))
+        if not self.network_config.recurrent:
+            return f
+        f["state"] = self._batch_state("batch.state", batch.state)
+        f["actor_state"] = self._batch_state("batch.actor_state", batch.actor_state)
+        k = len(self._extra_offsets)
+        f["extra_state_mask"] = _field("batch.extra_state_mask", batch.extra_state_mask, "b", (b, k))
+        extras = batch.extra_actor_states
+        if not isinstance(extras, (tuple, list)) or len(extras) != k:
+            raise ValueError(
+                f"batch.extra_actor_states: expected {k} states (offsets {self._extra_offsets}), got {extras!r:.60}"
+            )
+        f["extra_actor_states"] = tuple(
+            self._batch_state(f"batch.extra_actor_states[{i}]", e) for i, e in enumerate(extras)
+        )
+        return f
 
     def _feed(self, batch: SequenceBatch) -> dict[str, Any]:
+        """The update's inputs from ``batch``, every field checked first (see :meth:`update`)."""
+        f = self._check_batch(batch)
         offsets = self._extra_offsets
         # ΔQ compares with the actor's own states, even where a refresh replaced them.
-        extra = {o: batch.extra_actor_states[i] for i, o in enumerate(offsets)}
-        extra_mask = {o: batch.extra_state_mask[:, i] for i, o in enumerate(offsets)}
-        probe_states = []
-        probe_masks = []
+        probe_states, probe_masks = [], []
         for o in self.delta_q_offsets:
             if o == 0:
-                probe_states.append(batch.actor_state)
-                probe_masks.append(batch.mask[:, 0])
+                probe_states.append(f["actor_state"])
+                probe_masks.append(f["mask"][:, 0])
             else:
-                probe_states.append(extra[o])
-                probe_masks.append(extra_mask[o])
-        final = batch.final
+                probe_states.append(f["extra_actor_states"][offsets.index(o)])
+                probe_masks.append(f["extra_state_mask"][:, offsets.index(o)])
+        names = (
+            "observation",
+            "prev_action",
+            "prev_reward",
+            "action",
+            "reward",
+            "discount",
+            "mask",
+            "learn_mask",
+        )
         return {
-            "observation": batch.observation,
-            "prev_action": batch.prev_action,
-            "prev_reward": batch.prev_reward,
-            "action": batch.action,
-            "reward": batch.reward,
-            "discount": batch.discount,
-            "mask": batch.mask,
-            "actionable": batch.mask & ~final,
-            "learn_mask": batch.learn_mask,
-            "weights": batch.weights.astype(np.float32),
-            "state": batch.state if self.network_config.recurrent else (),
+            **{n: f[n] for n in (*names, "weights")},
+            "actionable": f["mask"] & ~f["final"],
+            "state": f.get("state", ()),
             "probe_states": tuple(probe_states),
             "probe_masks": tuple(probe_masks),
         }
@@ -247,17 +328,52 @@ class Learner:
                 rescale_eps=cfg.value_rescale_eps or None,
                 priority_eta=cfg.priority_eta,
             )
-        variables = self.online.trainable_variables
-        grads = tape.gradient(loss, variables)
+        grads = tape.gradient(loss, self.online.trainable_variables)
         dq_first, dq_last = self._delta_q(inputs, feed, tf.stop_gradient(q_online), mask)
-        self.optimizer.apply_gradients(zip(grads, variables))
+        finite = {
+            "loss": _all_finite([loss]),
+            "priorities": _all_finite([extras.priorities]),
+            "states": _all_finite(tf.nest.flatten(out.offset_states)),
+        }
+        finite["weights"], applied = self._commit(
+            grads, finite["loss"] & finite["priorities"] & finite["states"]
+        )
         return {
             "loss": loss,
             "priorities": extras.priorities,
             "delta_q_first": dq_first,
             "delta_q_last": dq_last,
             "offset_states": out.offset_states,
+            "finite": finite,
+            "applied": applied,
         }
+
+    def _commit(self, grads: list[tf.Tensor], finite: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Apply the optimizer step; keep it only if ``finite`` and every weight and slot after it is finite,
+        else restore what was there. Copy the target every ``target_update_period`` kept steps.
+        Returns (weights finite, step kept)."""
+        variables = self.online.trainable_variables
+        slots = self.optimizer.variables
+        saved = [tf.identity(v) for v in (*variables, *slots)]  # the values before the step
+        self.optimizer.apply_gradients(zip(grads, variables))
+        weights_finite = _all_finite([v for v in (*variables, *slots) if "float" in str(v.dtype)])
+        applied = finite & weights_finite
+
+        def restore() -> tf.Tensor:
+            for v, value in zip((*variables, *slots), saved):
+                v.assign(value)
+            return tf.constant(False)
+
+        tf.cond(applied, lambda: tf.constant(True), restore)
+        period = self.config.target_update_period
+
+        def copy_target() -> tf.Tensor:
+            for t, o in zip(self.target.weights, self.online.weights):
+                t.assign(o)
+            return tf.constant(True)
+
+        tf.cond(applied & (self.optimizer.iterations % period == 0), copy_target, lambda: tf.constant(False))
+        return weights_finite, applied
 
     def _delta_q(self, inputs, feed, q_hat, mask) -> tuple[tf.Tensor, tf.Tensor]:
         """Mean ΔQ over rows at the first trained step and at the last step with a stored state."""
@@ -304,47 +420,173 @@ class Learner:
         arrays["num_updates"] = np.asarray(self.num_updates, dtype=np.int64)
         arrays["config"] = np.asarray(json.dumps(self.config.to_json(), sort_keys=True))
         arrays["sizes"] = np.asarray([self.obs_dim, self.num_actions], dtype=np.int64)
-        arrays["observation"] = np.asarray(json.dumps(self.observation.to_json(), sort_keys=True))
         return arrays
 
-    def load_state_dict(self, arrays: dict[str, np.ndarray]) -> None:
-        """Restore :meth:`state_dict`; ``ValueError`` naming the field if it came from another config."""
-        check_same(
-            comparable_config(json.loads(str(arrays["config"]))),
-            comparable_config(self.config),
-            "config field",
-        )
-        sizes = [int(s) for s in arrays["sizes"]]
-        if sizes != [self.obs_dim, self.num_actions]:
+    def array_specs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Name -> (shape, dtype) of every array of :meth:`state_dict` (``config`` is a string of any length)."""
+        specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        for prefix, variables in (
+            ("online", self.online.weights),
+            ("target", self.target.weights),
+            ("optimizer", self.optimizer.variables),
+        ):
+            for i, v in enumerate(variables):
+                specs[f"{prefix}/{i}"] = (tuple(v.shape), np.dtype(v.dtype))
+        specs["num_updates"] = ((), np.dtype(np.int64))
+        specs["config"] = ((), np.dtype("U"))
+        specs["sizes"] = ((2,), np.dtype(np.int64))
+        return specs
+
+    def check_state_dict(self, arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """The arrays of a :meth:`state_dict`, checked as untrusted input; changes nothing.
+
+        ValueError (TypeError for a wrong type) naming the array for: a missing
+        or extra array, a wrong shape or dtype, a non-finite weight or slot, a
+        config or env sizes other than this learner's, an update counter
+        outside [0, 2**53] or other than the optimizer's, a learning rate
+        other than the config's, a negative Adam velocity.
+        """
+        if not isinstance(arrays, Mapping):
+            raise TypeError(f"arrays: expected a mapping of name to array, got {type(arrays).__name__}")
+        specs = self.array_specs()
+        missing, extra = sorted(set(specs) - set(arrays)), sorted(set(arrays) - set(specs))
+        if missing or extra:
+            raise ValueError(f"arrays: missing {missing}, unexpected {extra}")
+        out = {}
+        for name, (shape, dtype) in specs.items():
+            arr = np.asarray(arrays[name])
+            same = arr.dtype.kind == "U" if dtype.kind == "U" else arr.dtype == dtype
+            if not same or arr.shape != shape:
+                raise ValueError(f"array {name!r}: expected {dtype} {shape}, got {arr.dtype} {arr.shape}")
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                bad = ~np.isfinite(arr)
+                raise ValueError(
+                    f"array {name!r}: expected finite values, got {fmt(arr[bad])} at {int(bad.sum())} of {arr.size} entries"
+                )
+            out[name] = arr
+        self._check_saved_config(str(out["config"]))
+        sizes = tuple(int(s) for s in out["sizes"])
+        if sizes != (self.obs_dim, self.num_actions):
             raise ValueError(
-                f"checkpoint: env sizes (obs_dim, num_actions) are {tuple(sizes)} in the checkpoint "
+                f"array 'sizes': env sizes (obs_dim, num_actions) are {sizes} in the checkpoint "
                 f"but {(self.obs_dim, self.num_actions)} here"
             )
-        if "observation" in arrays:  # checkpoints before any-env training held vectors only
-            saved = ObservationEncoding.from_json(json.loads(str(arrays["observation"])))
-            if saved != self.observation:
+        self._check_optimizer(out)
+        return out
+
+    def _check_saved_config(self, text: str) -> None:
+        try:
+            saved = json.loads(text)
+            if not isinstance(saved, dict):
+                raise TypeError(f"expected a JSON object, got {type(saved).__name__}")
+            saved = comparable_config(saved)
+        except (ValueError, TypeError, RecursionError) as err:
+            raise ValueError(f"array 'config': not a valid config ({err})") from None
+        check_same(saved, comparable_config(self.config), "config field")
+
+    def _check_optimizer(self, arrays: dict[str, np.ndarray]) -> None:
+        """The counters agree and are in range; the learning rate is the config's; Adam's velocities are >= 0."""
+        num_updates = int(arrays["num_updates"])
+        if not 0 <= num_updates <= MAX_COUNTER:
+            raise ValueError(f"array 'num_updates': expected an int in [0, {MAX_COUNTER}], got {num_updates}")
+        for i, v in enumerate(self.optimizer.variables):
+            value = arrays[f"optimizer/{i}"]
+            if v is self.optimizer.iterations and int(value) != num_updates:
                 raise ValueError(
-                    f"checkpoint: observation encoding {saved} in the checkpoint but {self.observation} here"
+                    f"array 'optimizer/{i}': the optimizer's step counter is {int(value)}, "
+                    f"but num_updates is {num_updates}"
                 )
+            if v.name == "learning_rate" and value != np.float32(self.config.learning_rate):
+                raise ValueError(
+                    f"array 'optimizer/{i}': learning rate {float(value)!r}, expected the config's "
+                    f"{self.config.learning_rate!r}"
+                )
+            if v.name.endswith("_velocity") and (value < 0).any():
+                raise ValueError(
+                    f"array 'optimizer/{i}': Adam velocities are >= 0, got {fmt(value[value < 0])}"
+                )
+
+    def read_checkpoint(self, directory: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+        """``learner.npz`` of a checkpoint directory, read and checked for this learner
+        (:meth:`check_state_dict`); changes nothing. CheckpointError naming the file and the array."""
+        arrays = read_learner_arrays(directory, self.array_specs())
+        try:
+            return self.check_state_dict(arrays)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"checkpoint {Path(directory) / 'learner.npz'}: {err}") from None
+
+    def load_state_dict(self, arrays: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`: everything is checked first (:meth:`check_state_dict`), then assigned
+        as a whole; on any failure (KeyboardInterrupt included) the learner is as it was."""
+        self.assign_state(self.check_state_dict(arrays))
+
+    def assign_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Assign arrays that :meth:`check_state_dict` returned, all or nothing (Ctrl-C held meanwhile)."""
+        with deferred_interrupts():
+            before = self.state_dict()
+            try:
+                self._set(arrays)
+            except BaseException:
+                self._set(before)
+                raise
+
+    def _set(self, arrays: Mapping[str, np.ndarray]) -> None:
         self.online.set_weights(_numbered(arrays, "online"))
         self.target.set_weights(_numbered(arrays, "target"))
-        slots = _numbered(arrays, "optimizer")
-        if len(slots) != len(self.optimizer.variables):
-            raise ValueError(
-                f"checkpoint: {len(slots)} optimizer variables, expected {len(self.optimizer.variables)}"
-            )
-        for var, value in zip(self.optimizer.variables, slots):
+        for var, value in zip(self.optimizer.variables, _numbered(arrays, "optimizer")):
             var.assign(value)
-        self.num_updates = int(arrays["num_updates"])
 
 
-def saved_observation(arrays: dict[str, np.ndarray]) -> tuple[ObservationEncoding, int]:
-    """The observation encoding and number of actions a :meth:`Learner.state_dict` was made for (a
-    float vector of ``sizes[0]`` in checkpoints from before any-env training)."""
-    obs_size, num_actions = (int(s) for s in arrays["sizes"])
-    if "observation" not in arrays:
-        return ObservationEncoding.vector(obs_size), num_actions
-    return ObservationEncoding.from_json(json.loads(str(arrays["observation"]))), num_actions
+_KINDS = {"f": "floats", "fiu": "numbers", "iu": "integers", "b": "bools"}
+
+
+def _field(
+    name: str,
+    value: Any,
+    kinds: str,
+    shape: tuple[int, ...],
+    *,
+    dtype: Any = None,
+    low: float | None = None,
+    high: float | None = None,
+) -> np.ndarray:
+    """``value`` as an array (as ``dtype``): TypeError for a dtype not of ``kinds``; ValueError for another
+    shape, a non-finite float, or a value outside [low, high]. Floats are checked as cast (1e300 is no
+    finite float32); integers before (no wrap-around hides a bad action)."""
+    arr = np.asarray(value)
+    if arr.dtype.kind not in kinds:
+        raise TypeError(f"{name}: expected {_KINDS[kinds]}, got dtype {arr.dtype}")
+    if arr.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {arr.shape}")
+    if dtype is not None and np.dtype(dtype).kind == "f":
+        arr = arr.astype(dtype, copy=False)
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise ValueError(f"{name}: expected finite values, got {fmt(np.asarray(value)[~np.isfinite(arr)])}")
+    if arr.size and ((low is not None and arr.min() < low) or (high is not None and arr.max() > high)):
+        bad = (arr < (-np.inf if low is None else low)) | (arr > (np.inf if high is None else high))
+        raise ValueError(
+            f"{name}: expected values in [{low}, {'inf' if high is None else high}], got {fmt(arr[bad])}"
+        )
+    return arr if dtype is None else arr.astype(dtype, copy=False)
+
+
+def _all_finite(tensors: list[tf.Tensor]) -> tf.Tensor:
+    if not tensors:
+        return tf.constant(True)
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(tf.cast(t, tf.float32))) for t in tensors])
+
+
+def _rejection(finite: dict[str, bool]) -> str:
+    what = {
+        "loss": "the loss",
+        "priorities": "the priorities",
+        "states": "the recomputed states",
+        "weights": "the weights or optimizer slots after the step",
+    }
+    bad = ", ".join(what[k] for k, ok in finite.items() if not ok) or "the step"
+    return (
+        f"update: the batch gives non-finite values in {bad}; nothing was applied (the learner is as it was)"
+    )
 
 
 def _numbered(arrays: dict[str, np.ndarray], prefix: str) -> list[np.ndarray]:

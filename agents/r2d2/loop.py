@@ -10,13 +10,16 @@ from typing import Any, NamedTuple, Protocol
 import gymnasium as gym
 import numpy as np
 
+from agents.interrupts import deferred_interrupts
 from agents.r2d2.actor import Actor
 from agents.r2d2.checkpoint import (
     CHECKPOINT_FORMAT,
+    CheckpointError,
     check_same,
-    comparable_config,
-    read_learner_arrays,
+    meta_config,
+    meta_field,
     read_meta,
+    read_replay,
     write_checkpoint_dir,
     write_learner,
     write_meta,
@@ -25,6 +28,7 @@ from agents.r2d2.config import R2D2Config
 from agents.r2d2.learner import Learner, LearnerStep
 from agents.seeds import RunSeeds
 from agents.spaces import ObservationEncoding, action_encoding, observation_encoding
+from burnin._checks import check_float, check_int
 from burnin.replay import SequenceReplay
 
 __all__ = ["Loop", "LoopStats", "TrainLoop", "make_replay"]
@@ -51,6 +55,9 @@ class Loop(Protocol):
 
     learner: Learner
     replay: ReplayStats
+    loaded_from: Path | None
+    """The directory the last :meth:`load` actually read (the previous one after a crash between the
+    renames of a save), or None."""
 
     @property
     def env_steps(self) -> int: ...
@@ -74,8 +81,8 @@ def make_replay(
     ``observation`` (an encoding, or the size of a float vector), ``state_shapes`` per row (from
     :func:`agents.r2d2.networks.row_state_shapes` of the network, e.g. ``Learner.state_shapes``)."""
     if not isinstance(observation, ObservationEncoding):
-        observation = ObservationEncoding.vector(observation)
-    lanes = config.num_envs if num_lanes is None else num_lanes
+        observation = ObservationEncoding.vector(check_int("obs_dim", observation, minimum=1))
+    lanes = config.num_envs if num_lanes is None else check_int("num_lanes", num_lanes, minimum=1)
     return SequenceReplay(
         config.sequence_spec,
         num_lanes=lanes,
@@ -102,6 +109,9 @@ class TrainLoop:
     """
 
     def __init__(self, config: R2D2Config, env: gym.vector.VectorEnv, *, seed: int = 0) -> None:
+        if not isinstance(config, R2D2Config):
+            raise TypeError(f"config: expected an R2D2Config, got {type(config).__name__}")
+        check_int("seed", seed, minimum=0)
         if env.num_envs != config.num_envs:
             raise ValueError(f"env: has {env.num_envs} envs, but config.num_envs is {config.num_envs}")
         encoding = observation_encoding(env.single_observation_space, where="env.observation_space")
@@ -115,6 +125,7 @@ class TrainLoop:
         self.actor.set_weights(self.learner.get_weights())
         self.credit = 0.0
         self.resumes = 0
+        self.loaded_from: Path | None = None
         self._reset_envs_before_acting = False
 
     @property
@@ -168,24 +179,71 @@ class TrainLoop:
     def load(self, directory: str | os.PathLike[str]) -> dict[str, Any]:
         """Restore a checkpoint written by :meth:`save` into this loop; returns its ``extra``.
 
+        All or nothing: every file is read and checked first (``loop.json``'s
+        fields, the learner's arrays, the replay), then swapped in as a whole
+        with Ctrl-C held; a bad checkpoint raises :class:`CheckpointError` naming
+        the file and leaves this loop exactly as it was. :attr:`loaded_from` is
+        the directory actually read (see :func:`agents.r2d2.checkpoint.read_meta`).
+
         The envs restart from a fresh reset (seeded from the seed and the number
         of resumes) at the next :meth:`iterate`; episodes that were open at save
         time are then closed in the replay as truncated, so no window spans the gap.
         """
         path, meta = read_meta(directory)
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"checkpoint: format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT}")
-        check_same(comparable_config(meta["config"]), comparable_config(self.config), "config field")
-        self.learner.load_state_dict(read_learner_arrays(path))
-        replay = SequenceReplay.load(path / "replay.npz")
-        check_same(replay.config.to_json(), self.replay.config.to_json(), "replay layout field")
-        self.replay = replay
-        self.actor.replay = replay
-        self.actor.load_state_dict(meta["actor"])
-        self.credit = float(meta["credit"])
-        self.resumes = int(meta["resumes"]) + 1
-        self.actor.set_weights(self.learner.get_weights())
-        # The envs restart from a fresh reset when acting resumes; until then the
-        # loaded replay is exactly what was saved.
-        self._reset_envs_before_acting = True
-        return meta.get("extra", {})
+        file = path / "loop.json"
+        if "kind" in meta:
+            raise CheckpointError(
+                f"checkpoint {file}: kind {meta['kind']!r}, expected a single-process checkpoint "
+                "(a distributed one resumes with --actors)"
+            )
+        meta_config(file, meta, self.config)
+        credit = meta_field(file, meta, "credit", check_float, low=0.0, high=1.0)
+        resumes = meta_field(file, meta, "resumes", check_int, minimum=0)
+        meta_field(file, meta, "seed", check_int, minimum=0)
+        extra = meta.get("extra", {})
+        if not isinstance(extra, dict):
+            raise CheckpointError(f"checkpoint {file}: extra: expected a JSON object, got {extra!r:.80}")
+        for name in ("steps", "env_steps", "episodes"):
+            meta_field(file, meta, f"actor.{name}", check_int, minimum=0)
+        try:
+            actor = Actor.check_state_dict(meta["actor"])
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"checkpoint {file}: {err}") from None
+        learner = self._read_learner(path, actor["env_steps"])
+        replay = self._read_replay(path)
+        with deferred_interrupts():
+            learner_before, actor_before = self.learner.state_dict(), self.actor.model.get_weights()
+            try:
+                self.learner.assign_state(learner)
+                self.actor.set_weights(self.learner.get_weights())
+            except BaseException:
+                self.learner.assign_state(learner_before)
+                self.actor.set_weights(actor_before)
+                raise
+            self.replay = self.actor.replay = replay
+            self.actor.steps, self.actor.env_steps = actor["steps"], actor["env_steps"]
+            self.actor.episodes, self.actor.rng = actor["episodes"], actor["rng"]
+            self.credit, self.resumes, self.loaded_from = credit, resumes + 1, path
+            # The envs restart from a fresh reset when acting resumes; until then the
+            # loaded replay is exactly what was saved.
+            self._reset_envs_before_acting = True
+        return extra
+
+    def _read_learner(self, path: Path, env_steps: int) -> dict[str, Any]:
+        """``learner.npz``, checked against this learner, with no more updates than ``env_steps`` earn."""
+        arrays = self.learner.read_checkpoint(path)
+        most = env_steps / self.config.env_steps_per_update
+        if int(arrays["num_updates"]) > most + 1:
+            raise CheckpointError(
+                f"checkpoint {path / 'learner.npz'}: num_updates is {int(arrays['num_updates'])}, but the "
+                f"{env_steps} env steps of loop.json earn at most {int(most)} "
+                f"(env_steps_per_update {self.config.env_steps_per_update})"
+            )
+        return arrays
+
+    def _read_replay(self, path: Path) -> SequenceReplay:
+        """``replay.npz``, its layout checked against this loop's replay."""
+        file = path / "replay.npz"
+        replay = read_replay(file)
+        check_same(replay.config.to_json(), self.replay.config.to_json(), "replay layout field", where=file)
+        return replay

@@ -1,0 +1,141 @@
+"""What every command-line script (``python -m agents.<name>``) shares: one-line errors and exit codes.
+
+Argparse's convention, kept to one line: a bad flag or value prints
+``PROG: error: --flag: expected …, got …`` on stderr and exits 2 (no
+traceback, no usage block: ``--help`` has it). A config check that names a
+field (``batch_size: expected an int >= 1, got 0``) is reported under its
+flag (``--batch-size: …``). A bad checkpoint (:class:`CheckpointError`) is
+reported the same way, naming the file, and exits 2. Ctrl-C or SIGTERM exits
+130 (:data:`EXIT_INTERRUPTED`); a training run first writes its final
+checkpoint. A script's ``main`` is ``run_script(PROG, body)``.
+
+Importing this module imports TensorFlow with its C++ start-up messages
+hidden (TensorFlow 2.21's absl logs ignore ``TF_CPP_MIN_LOG_LEVEL``), so that
+an error really is one line; ``TF_CPP_MIN_LOG_LEVEL=0`` or ``1`` shows them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+from agents.interrupts import sigterm_as_interrupt
+
+__all__ = [
+    "EXIT_INTERRUPTED",
+    "EXIT_USAGE",
+    "ArgumentParser",
+    "import_tensorflow_quietly",
+    "one_line",
+    "run_script",
+]
+
+EXIT_USAGE = 2
+"""Exit status of a bad flag, value or checkpoint (argparse's)."""
+EXIT_INTERRUPTED = 130
+"""Exit status after Ctrl-C or SIGTERM (128 + SIGINT, the shell's convention)."""
+
+T = TypeVar("T")
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow and find its devices with the stderr file descriptor pointed at /dev/null, unless it
+    is imported already or ``TF_CPP_MIN_LOG_LEVEL`` (default 2 here, as the scripts set it) is below 2.
+
+    Python's own errors are unaffected: an exception raised meanwhile is printed after stderr is back.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" in sys.modules or os.environ["TF_CPP_MIN_LOG_LEVEL"] not in ("2", "3"):
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+import_tensorflow_quietly()  # before anything imports it (agents.r2d2 does)
+
+
+def one_line(message: object) -> str:
+    """``message`` with its whitespace runs (newlines included) collapsed to single spaces."""
+    return " ".join(str(message).split())
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one line, and which reports config errors under their flag."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)}\n")
+
+    def flag(self, dest: str) -> str | None:
+        """The option string of the argument stored in ``dest`` (``batch_size`` -> ``--batch-size``), or None."""
+        for action in self._actions:
+            if action.dest == dest and action.option_strings:
+                return action.option_strings[-1]
+        return None
+
+    def fail(self, err: BaseException, *, aliases: Mapping[str, str] | None = None) -> NoReturn:
+        """:meth:`error` for a ``ValueError``/``TypeError`` of a check: a leading ``field:`` that is an
+        argument's destination (or, through ``aliases``, another name for one) becomes its flag."""
+        text = one_line(err)
+        name, sep, rest = text.partition(": ")
+        dest = (aliases or {}).get(name, name)
+        flag = self.flag(dest) if sep else None
+        self.error(f"{flag}: {rest}" if flag else text)
+
+    def build(
+        self,
+        factory: Callable[..., T],
+        /,
+        *args: Any,
+        aliases: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> T:
+        """``factory(*args, **kwargs)``; a ``ValueError`` or ``TypeError`` it raises goes to :meth:`fail`."""
+        try:
+            return factory(*args, **kwargs)
+        except (TypeError, ValueError) as err:
+            self.fail(err, aliases=aliases)
+
+    def checkpoint(self, dest: str, path: str | os.PathLike[str]) -> Path:
+        """The checkpoint directory the argument ``dest`` names (or the previous one a crashed save left it
+        falling back to); :meth:`error` if there is no readable checkpoint there."""
+        from agents.r2d2.checkpoint import CheckpointError, read_meta
+
+        try:
+            found, _ = read_meta(path)
+        except CheckpointError as err:
+            self.error(
+                f"{self.flag(dest) or dest}: expected a checkpoint directory, got {str(path)!r}: {err}"
+            )
+        return found
+
+
+def run_script(prog: str, body: Callable[[], int]) -> int:
+    """Run a script's ``body`` with SIGTERM as Ctrl-C; returns its exit status.
+
+    A :class:`CheckpointError` prints one line and gives :data:`EXIT_USAGE`;
+    Ctrl-C or SIGTERM that ``body`` does not handle gives :data:`EXIT_INTERRUPTED`.
+    """
+    from agents.r2d2.checkpoint import CheckpointError  # after TensorFlow's quiet import
+
+    with sigterm_as_interrupt():
+        try:
+            return body()
+        except CheckpointError as err:
+            print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED

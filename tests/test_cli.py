@@ -1,0 +1,275 @@
+"""The scripts' command lines (issue 11, item 7): a bad flag or value, or a bad checkpoint, is one line on
+stderr naming the flag (or the file), the value and what is expected, exit 2, no traceback; a failed
+resume leaves no empty run directory; an interrupted run exits 130 after its final checkpoint; ``--eval``
+follows a crashed save's fallback (item 11) and refuses NaN weights (item 8)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agents import ablation, cartpole, delta_q_probe
+from agents.r2d2 import TrainLoop
+
+FLAGS = [
+    "--min-replay-steps", "100", "--eval-every", "100", "--eval-episodes", "2", "--num-envs", "4",
+    "--batch-size", "8", "--core-units", "16", "--head-units", "16", "--torso-units", "16", "--burn-in", "4",
+    "--unroll", "8", "--period", "4", "--n-step", "2", "--replay-capacity", "2000", "--progress", "false",
+    "--env-steps-per-update", "4",
+]  # fmt: skip
+
+
+def outcome(main, argv: list[str], capsys) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of ``main(argv)`` in this process."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_one_line_error(err: str, prog: str, *texts: str) -> None:
+    """``err`` is one error line (after any progress bar lines of the work done before it)."""
+    lines = [line for line in err.strip().splitlines() if "it/s]" not in line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"python -m agents.{prog}: error: "), err
+    for text in texts:
+        assert text in lines[0], (text, err)
+    assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint of the FLAGS config (an untrained loop: enough to evaluate and resume)."""
+    _, config = cartpole.parse_args(FLAGS)
+    loop = TrainLoop(config, cartpole.make_env(config.num_envs, seed=0), seed=0)
+    for _ in range(40):
+        loop.iterate()
+    path = tmp_path_factory.mktemp("cli") / "run" / "checkpoint"
+    loop.save(path, extra={"history": {}, "wall_time_s": 1.0})
+    loop.actor.env.close()
+    return path
+
+
+def corrupted(checkpoint: Path, tmp_path: Path, how: str) -> Path:
+    """A copy of ``checkpoint`` spoiled ``how``."""
+    path = tmp_path / how / "checkpoint"
+    shutil.copytree(checkpoint, path)
+    if how == "nan-weights":
+        with np.load(path / "learner.npz") as data:
+            arrays = {k: data[k] for k in data.files}
+        arrays["online/0"] = np.full_like(arrays["online/0"], np.nan)
+        np.savez(path / "learner.npz", **arrays)
+    elif how == "truncated-learner":
+        data = (path / "learner.npz").read_bytes()
+        (path / "learner.npz").write_bytes(data[: len(data) // 2])
+    elif how == "bad-json":
+        (path / "loop.json").write_text('{"format": 1, "config": ')
+    elif how == "missing-replay":
+        (path / "replay.npz").unlink()
+    elif how == "config-key":
+        meta = json.loads((path / "loop.json").read_text())
+        del meta["config"]
+        (path / "loop.json").write_text(json.dumps(meta))
+    return path
+
+
+BAD_FLAGS = [
+    (["--seed", "-1"], "--seed: expected an int >= 0, got -1"),
+    (["--batch-size", "0"], "--batch-size: expected an int >= 1, got 0"),
+    (["--period", "1000"], "--period: expected an int <= unroll (40), got 1000"),
+    (["--gamma", "2"], "--gamma: expected a finite number >= 0.0 and <= 1.0, got 2.0"),
+    (["--learning-rate", "nan"], "--learning-rate: expected a finite number > 0.0, got nan"),
+    (["--core", "foo"], "--core: expected one of 'lstm', 'dense', got 'foo'"),
+    (["--torso-units", "16", "0"], "--torso-units: expected a tuple of ints >= 1, got (16, 0)"),
+    (["--epsilon-base", "-0.5"], "--epsilon-base: expected a finite number >= 0.0 and <= 1.0, got -0.5"),
+    (["--min-replay-steps", "-1"], "--min-replay-steps: expected an int >= 0, got -1"),
+    (["--state-strategy", "zero", "--refresh-states", "true"], "--refresh-states: only meaningful with"),
+    (["--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
+    (["--progress", "maybe"], "argument --progress: expected true/false, got 'maybe'"),
+    (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
+    (["--resume", "/nonexistent/ckpt"], "--resume: expected a checkpoint directory, got '/nonexistent/ckpt'"),
+    (["--eval", "/nonexistent/ckpt"], "--eval: expected a checkpoint directory, got '/nonexistent/ckpt'"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_cartpole_bad_flag_is_one_line_and_exit_2(argv, message, capsys):
+    code, _, err = outcome(cartpole.main, argv, capsys)
+    assert code == 2
+    assert_one_line_error(err, "cartpole", message)
+
+
+def test_eval_or_resume_of_a_directory_that_is_no_checkpoint(tmp_path, capsys):
+    code, _, err = outcome(cartpole.main, ["--eval", str(tmp_path)], capsys)
+    assert code == 2
+    assert_one_line_error(
+        err, "cartpole", f"--eval: expected a checkpoint directory, got '{tmp_path}'", "no loop.json"
+    )
+    argv = ["--run-dir", str(tmp_path / "runs"), "--name", "x", "--resume", "auto"]
+    code, _, err = outcome(cartpole.main, argv, capsys)
+    assert code == 2
+    assert_one_line_error(err, "cartpole", "--resume: expected a checkpoint directory", "runs/x/checkpoint")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_no_traceback_from_the_real_command_line():
+    run = subprocess.run(
+        [sys.executable, "-m", "agents.cartpole", "--batch-size", "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2
+    assert run.stderr == "python -m agents.cartpole: error: --batch-size: expected an int >= 1, got 0\n"
+
+
+@pytest.mark.parametrize(
+    ("how", "texts"),
+    [
+        ("nan-weights", ("learner.npz", "array 'online/0': expected finite values, got [nan")),
+        ("truncated-learner", ("learner.npz", "truncated or corrupt")),
+        ("bad-json", ("--eval: expected a checkpoint directory", "loop.json", "unreadable (JSONDecodeError")),
+        ("missing-replay", None),  # --eval needs no replay
+        ("config-key", ("loop.json", "field 'config': expected a JSON object")),
+    ],
+)
+def test_eval_of_a_bad_checkpoint_names_the_file(checkpoint, tmp_path, capsys, how, texts):
+    code, out, err = outcome(cartpole.main, ["--eval", str(corrupted(checkpoint, tmp_path, how))], capsys)
+    if texts is None:
+        assert code == 0 and json.loads(out.splitlines()[-1])["episodes"] == 20
+        return
+    assert code == 2, out
+    assert_one_line_error(err, "cartpole", *texts)
+    assert "mean_return" not in out
+
+
+def test_eval_follows_the_fallback_of_a_crashed_save(checkpoint, tmp_path, capsys):
+    """Item 11: between the two renames of a save only the previous checkpoint exists; --eval reads it
+    and says so."""
+    previous = tmp_path / ".checkpoint.previous"
+    shutil.copytree(checkpoint, previous)
+    code, out, err = outcome(
+        cartpole.main, ["--eval", str(tmp_path / "checkpoint"), "--eval-episodes", "2"], capsys
+    )
+    assert code == 0, err
+    result = json.loads(out.splitlines()[-1])
+    assert result["checkpoint"] == str(previous) and result["episodes"] == 2
+
+
+@pytest.mark.parametrize("how", ["nan-weights", "truncated-learner", "missing-replay"])
+def test_a_failed_resume_leaves_no_run_directory(checkpoint, tmp_path, capsys, how):
+    bad = corrupted(checkpoint, tmp_path, how)
+    runs = tmp_path / "runs"
+    argv = [*FLAGS, "--total-env-steps", "200", "--run-dir", str(runs), "--name", "r", "--resume", str(bad)]
+    code, _, err = outcome(cartpole.main, argv, capsys)
+    assert code == 2
+    assert_one_line_error(err, "cartpole", str(bad))
+    assert not runs.exists()
+
+
+def test_resume_says_which_directory_it_read(checkpoint, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    (runs / "r").mkdir(parents=True)
+    shutil.copytree(checkpoint, runs / "r" / ".checkpoint.previous")  # a crash between the renames
+    argv = [*FLAGS, "--total-env-steps", "200", "--run-dir", str(runs), "--name", "r", "--resume", "auto"]
+    code, out, err = outcome(cartpole.main, argv, capsys)
+    assert code == 0, err
+    previous = runs / "r" / ".checkpoint.previous"
+    assert (
+        f"resumed from {previous} (the previous checkpoint: {runs / 'r' / 'checkpoint'} was not complete)"
+        in out
+    )
+    assert (
+        sorted(p.name for p in (runs / "r").iterdir() if p.name.startswith(".")) == []
+    )  # the save tidied up
+
+
+def test_an_interrupted_run_exits_130_after_its_final_checkpoint(tmp_path, capsys, monkeypatch):
+    real_iterate = TrainLoop.iterate
+    calls = []
+
+    def iterate(self):
+        calls.append(1)
+        if len(calls) == 30:
+            raise KeyboardInterrupt
+        return real_iterate(self)
+
+    monkeypatch.setattr(TrainLoop, "iterate", iterate)
+    argv = [*FLAGS, "--total-env-steps", "100000", "--run-dir", str(tmp_path), "--name", "i"]
+    code, out, _ = outcome(cartpole.main, argv, capsys)
+    assert code == 130
+    assert "interrupted: writing a final checkpoint" in out
+    meta = json.loads((tmp_path / "i" / "checkpoint" / "loop.json").read_text())
+    assert meta["actor"]["steps"] == 29
+    assert json.loads((tmp_path / "i" / "summary.json").read_text())["stop_reason"] == "interrupted"
+
+
+def test_sigterm_exits_130_after_its_final_checkpoint(tmp_path):
+    argv = [*FLAGS, "--total-env-steps", "1000000", "--run-dir", str(tmp_path), "--name", "t"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agents.cartpole", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        for line in proc.stdout:  # wait until it trains: the first evaluation
+            if line.startswith("eval @"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert "interrupted: writing a final checkpoint" in out
+    assert json.loads((tmp_path / "t" / "summary.json").read_text())["stop_reason"] == "interrupted"
+    assert (tmp_path / "t" / "checkpoint" / "learner.npz").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--seeds", "0", "-1"], "--seeds: expected ints >= 0, got [-1]"),
+        (["--set", "gamma=2"], "--set: gamma: expected a finite number >= 0.0 and <= 1.0, got 2"),
+        (["--set", "gamma=abc"], "--set: expected a JSON value for gamma, got 'abc'"),
+        (
+            ["--set", "bogus=1"],
+            "--set: expected FIELD=VALUE with FIELD an R2D2Config or run option, got 'bogus=1'",
+        ),
+        (["--set", "eval_every=0"], "--set: eval_every: expected an int >= 1, got 0"),
+        (["--workers", "0"], "--workers: expected an int >= 1, got 0"),
+        (["--env-steps", "10"], "--env-steps: expected an int >= 1000, got 10"),
+    ],
+)
+def test_ablation_bad_flag_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
+    base = ["--strategies", "zero", "--env-steps", "1000", "--workers", "1", "--run-dir", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    code, _, err = outcome(ablation.main, [*base, *argv], capsys)
+    assert code == 2
+    assert_one_line_error(err, "ablation", message)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_delta_q_probe_bad_run_dir_or_checkpoint_is_one_line(checkpoint, tmp_path, capsys):
+    code, _, err = outcome(delta_q_probe.main, ["--run-dir", str(tmp_path / "none")], capsys)
+    assert code == 2
+    assert_one_line_error(err, "delta_q_probe", "--run-dir: expected a directory of runs")
+    runs = tmp_path / "runs"
+    bad = corrupted(checkpoint, runs, "truncated-learner")
+    argv = ["--run-dir", str(runs), "--batches", "1", "--out", str(tmp_path / "out")]
+    code, _, err = outcome(delta_q_probe.main, argv, capsys)
+    assert code == 2
+    assert_one_line_error(err, "delta_q_probe", str(bad / "learner.npz"), "truncated or corrupt")
