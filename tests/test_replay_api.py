@@ -347,7 +347,7 @@ BAD_CALLS = [
     ("states_dtype", lambda r: r.add([0, 1], **good_add(states=((np.zeros((2, 2)), np.full((2, 3), "x")),))),
      TypeError, r"states\[0\]\[1\]: expected a floating array"),
     ("states_nan_kept", lambda r: r.add([0, 1], **good_add(states=NAN_STATE)), ValueError,
-     r"states\[0\]\[0\]: expected finite values in the rows kept now \(lanes \[0\]\)"),
+     r"states\[0\]\[0\]: expected finite values, got NaN or inf in the rows kept now, at lanes \[0\]"),
     ("final_obs_with_flag", lambda r: r.add([0, 1], **good_add(terminated=np.array([False, True]))), ValueError,
      r"terminated/truncated: lanes \[1\] are storing the final observation"),
     ("batch_size_zero", lambda r: r.sample(0), ValueError, "batch_size: expected an int >= 1, got 0"),
