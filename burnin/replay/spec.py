@@ -308,7 +308,8 @@ def check_array(name: str, value: Any, shape: tuple[int, ...], target: np.dtype)
             raise ValueError(
                 f"{name}: expected values in [{info.min}, {info.max}] for {target}, got {lo}..{hi}"
             )
-    out = arr.astype(target, copy=False)
+    with np.errstate(over="ignore"):  # a value beyond the stored dtype becomes inf: refused just below
+        out = arr.astype(target, copy=False)
     if target.kind == "f":
         check_finite(name, arr, out, target)
     return out
@@ -340,7 +341,8 @@ def cast_states(name: str, states: RecurrentState, dtype: np.dtype, **where: Any
     for i, layer in enumerate(states):
         arrays = []
         for j, arr in enumerate(layer):
-            stored = arr.astype(dtype, copy=False)
+            with np.errstate(over="ignore"):
+                stored = arr.astype(dtype, copy=False)
             check_finite(f"{name}[{i}][{j}]", arr, stored, dtype, **where)
             arrays.append(stored)
         out.append(tuple(arrays))
