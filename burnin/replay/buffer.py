@@ -172,6 +172,9 @@ class SequenceReplay:
         self._actor_states_2d = (
             self._rows_2d(self._actor_states_flat) if config.keep_actor_states else self._states_2d
         )
+        self._no_rows = self._flat_rows((), 0) if not self._state_widths else tuple(
+            np.empty((0, w), dtype=config.state_dtype) for w in self._state_widths
+        )  # fmt: skip
         # Scratch for add, reused under the lock: lanes are distinct, so n <= num_lanes.
         self._rows_buf = np.empty(nl, dtype=np.int64)
         self._flat_buf = np.empty(nl, dtype=np.int64)
@@ -313,9 +316,12 @@ class SequenceReplay:
                 )
             rows = self._rows_buf[:m].copy()
             # Only the state rows kept now must be finite, as stored.
-            picked = tuple(tuple(arr[rows] for arr in layer) for layer in st)
-            where = {"rows": "the rows kept now, at lanes", "ids": lanes[rows]}
-            kept = self._flat_rows(cast_states("states", picked, cfg.state_dtype, **where), m)
+            if m:
+                picked = tuple(tuple(arr[rows] for arr in layer) for layer in st)
+                where = {"rows": "the rows kept now, at lanes", "ids": lanes[rows]}
+                kept = self._flat_rows(cast_states("states", picked, cfg.state_dtype, **where), m)
+            else:
+                kept = self._no_rows
             # Every write in one compiled call: an interrupt finds the add either not begun or done.
             done = kernels.commit_add(
                 lanes, act, rew, term, trunc, self._tables, self._layout, self._flat_buf, self._sslot_buf,

@@ -308,11 +308,23 @@ def check_array(name: str, value: Any, shape: tuple[int, ...], target: np.dtype)
             raise ValueError(
                 f"{name}: expected values in [{info.min}, {info.max}] for {target}, got {lo}..{hi}"
             )
-    with np.errstate(over="ignore"):  # a value beyond the stored dtype becomes inf: refused just below
-        out = arr.astype(target, copy=False)
+    out = _cast(arr, target)
     if target.kind == "f":
         check_finite(name, arr, out, target)
     return out
+
+
+def _cast(arr: np.ndarray, target: np.dtype) -> np.ndarray:
+    """``arr`` as ``target``; a value beyond a narrower float's range becomes inf (quietly: the callers refuse it)."""
+    if arr.dtype == target:
+        return arr
+    narrowing = target.kind == "f" and (
+        (arr.dtype.kind == "f" and arr.dtype.itemsize > target.itemsize) or target.itemsize <= 2
+    )
+    if not narrowing:  # np.errstate costs microseconds: only where an overflow can happen
+        return arr.astype(target)
+    with np.errstate(over="ignore"):
+        return arr.astype(target)
 
 
 def check_finite(
@@ -341,8 +353,7 @@ def cast_states(name: str, states: RecurrentState, dtype: np.dtype, **where: Any
     for i, layer in enumerate(states):
         arrays = []
         for j, arr in enumerate(layer):
-            with np.errstate(over="ignore"):
-                stored = arr.astype(dtype, copy=False)
+            stored = _cast(arr, dtype)
             check_finite(f"{name}[{i}][{j}]", arr, stored, dtype, **where)
             arrays.append(stored)
         out.append(tuple(arrays))
