@@ -387,9 +387,10 @@ def _copy_rows(dst, targets, src):
         d = dst[k]
         s = src[k]
         for r in range(targets.size):
-            row = targets[r]
-            for x in range(s.shape[1]):
-                d[row, x] = s[r, x]
+            # Plain counters over row views: numba drops the wrap-around checks and vectorises.
+            out, row = d[targets[r]], s[r]
+            for x in range(row.size):
+                out[x] = row[x]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -403,9 +404,9 @@ def commit_add(
     m = add_steps(lanes, action, reward, terminated, truncated, t, lay, t.priority[1], flat_out, state_slot_out)
     width = observation.shape[1]
     for i in range(lanes.size):
-        base = flat_out[i] * width
+        out, row = t.observation[flat_out[i] * width : (flat_out[i] + 1) * width], observation[i]
         for x in range(width):
-            t.observation[base + x] = observation[i, x]
+            out[x] = row[x]
     slots = state_slot_out[: min(m, kept[0].shape[0])]
     _copy_rows(states, slots, kept)
     if keep_actor:
@@ -434,9 +435,7 @@ def commit_close(lanes, t, lay, flat_out, state_slot_out):
         )  # fmt: skip
         width = t.observation.size // t.flags.size
         for i in range(n):
-            base = flat_out[i] * width
-            for x in range(width):
-                t.observation[base + x] = 0
+            _fill(t.observation[flat_out[i] * width : (flat_out[i] + 1) * width], 0)
     close_lanes(lanes, t, lay, leaf)
 
 
