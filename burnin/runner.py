@@ -174,7 +174,9 @@ class BurnInRunner:
 
     def _prepare(self, inputs: Any, states: Any, mask: Any) -> tuple[Any, Any, Any]:
         if inputs is None:
-            raise TypeError("inputs: expected an array or tensor [batch, time, ...] (or a structure of them), got None")
+            raise TypeError(
+                "inputs: expected an array or tensor [batch, time, ...] (or a structure of them), got None"
+            )
         leaves = tf.nest.flatten(inputs)
         if not leaves:
             raise ValueError("inputs: expected at least one array")

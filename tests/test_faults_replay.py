@@ -265,14 +265,18 @@ def test_interrupted_add_is_all_or_nothing(keep_actor_states: bool) -> None:
     """Issue 11 item 2: an interrupt after the bookkeeping and before the copies left a half-written step."""
     base = wrapping_replay(keep_actor_states=keep_actor_states)
     assert base.stats()["windows_evicted"] > 0
-    outcomes = interrupt_everywhere(f"add(keep_actor_states={keep_actor_states})", base, lambda r: r.add([0, 1], **ADD))
+    outcomes = interrupt_everywhere(
+        f"add(keep_actor_states={keep_actor_states})", base, lambda r: r.add([0, 1], **ADD)
+    )
     assert outcomes["nothing"] > 0
 
 
 def test_interrupted_final_observation_add_is_all_or_nothing() -> None:
     base = wrapping_replay()
     play(base, ["0:20T 1:120t"])
-    interrupt_everywhere("add(final observations)", base, lambda r: r.add([1, 0], **{**ADD, "terminated": np.zeros(2, bool)}))
+    interrupt_everywhere(
+        "add(final observations)", base, lambda r: r.add([1, 0], **{**ADD, "terminated": np.zeros(2, bool)})
+    )
 
 
 def test_interrupted_priority_update_is_all_or_nothing() -> None:
@@ -307,9 +311,13 @@ def test_interrupted_sample_draws_nothing_or_everything() -> None:
     interrupt_everywhere("sample", base, lambda r: r.sample(8, extra_state_offsets=[0, 2]))
 
 
-def test_interrupted_save_leaves_old_or_new_file_and_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_save_leaves_old_or_new_file_and_no_temp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Issue 11 item 10 (the replay's part): no temp file outlives a failed save, wherever the interrupt lands."""
-    monkeypatch.setattr(os, "fsync", lambda fd: None)  # durability is not what is tested here; speed is needed
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: None
+    )  # durability is not what is tested here; speed is needed
     old = busy_replay()
     path = tmp_path / "replay.npz"
     old.save(path)
@@ -411,7 +419,9 @@ def with_meta(change: Callable[[dict[str, Any]], Any]) -> Callable[..., Members]
     return build
 
 
-def with_member(name: str, change: Callable[[bytes, np.ndarray | None], list[tuple[str, bytes, int]]]) -> Callable[..., Members]:
+def with_member(
+    name: str, change: Callable[[bytes, np.ndarray | None], list[tuple[str, bytes, int]]]
+) -> Callable[..., Members]:
     """Replace member ``name`` (raw bytes) by what ``change(bytes, array)`` returns (several members, or none)."""
 
     def build(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Members:
@@ -444,15 +454,72 @@ def structural_cases(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> lis
     for name, arr in [("meta", np.array(json.dumps(meta))), *arrays.items()]:
         n = name
         reject = f"checkpoint .*{'array' if name != 'meta' else ''}"
-        cases.append(Crafted(f"{n}:missing", with_member(n, lambda d, a: []), "reject", "missing|no 'meta' entry"))
-        cases.append(Crafted(f"{n}:duplicate", with_member(n, lambda d, a, n=n: [(f"{n}.npy", d, 0)] * 2), "reject", "appears twice"))
-        cases.append(Crafted(f"{n}:trailing_bytes", with_member(n, lambda d, a, n=n: [(f"{n}.npy", d + bytes(1000), 0)]), "reject", "zip member holds"))
-        cases.append(Crafted(f"{n}:truncated", with_member(n, lambda d, a, n=n: [(f"{n}.npy", d[:-8], 0)]), "reject", reject))
-        cases.append(Crafted(f"{n}:header_only", with_member(n, lambda d, a, n=n: [(f"{n}.npy", d[: d.index(b"\n") + 1], 0)]), "reject", reject))
-        cases.append(Crafted(f"{n}:object_dtype", with_member(n, lambda d, a, n=n: [(f"{n}.npy", npy_header((3,), "|O") + bytes(24), 0)]), "reject", reject))
-        cases.append(Crafted(f"{n}:terabyte_header", with_member(n, lambda d, a, n=n: [(f"{n}.npy", npy_header((2**40, 8), "<f8") + d[128:], 0)]), "reject", r"2\*\*40|1099511627776"))
-        cases.append(Crafted(f"{n}:npy_version_9", with_member(n, lambda d, a, n=n: [(f"{n}.npy", d[:6] + b"\x09\x00" + d[8:], 0)]), "reject", reject))
-        cases.append(Crafted(f"{n}:deflated", with_member(n, lambda d, a, n=n: [(f"{n}.npy", d, zipfile.ZIP_DEFLATED)]), "same"))
+        cases.append(
+            Crafted(f"{n}:missing", with_member(n, lambda d, a: []), "reject", "missing|no 'meta' entry")
+        )
+        cases.append(
+            Crafted(
+                f"{n}:duplicate",
+                with_member(n, lambda d, a, n=n: [(f"{n}.npy", d, 0)] * 2),
+                "reject",
+                "appears twice",
+            )
+        )
+        cases.append(
+            Crafted(
+                f"{n}:trailing_bytes",
+                with_member(n, lambda d, a, n=n: [(f"{n}.npy", d + bytes(1000), 0)]),
+                "reject",
+                "zip member holds",
+            )
+        )
+        cases.append(
+            Crafted(
+                f"{n}:truncated",
+                with_member(n, lambda d, a, n=n: [(f"{n}.npy", d[:-8], 0)]),
+                "reject",
+                reject,
+            )
+        )
+        cases.append(
+            Crafted(
+                f"{n}:header_only",
+                with_member(n, lambda d, a, n=n: [(f"{n}.npy", d[: d.index(b"\n") + 1], 0)]),
+                "reject",
+                reject,
+            )
+        )
+        cases.append(
+            Crafted(
+                f"{n}:object_dtype",
+                with_member(n, lambda d, a, n=n: [(f"{n}.npy", npy_header((3,), "|O") + bytes(24), 0)]),
+                "reject",
+                reject,
+            )
+        )
+        cases.append(
+            Crafted(
+                f"{n}:terabyte_header",
+                with_member(n, lambda d, a, n=n: [(f"{n}.npy", npy_header((2**40, 8), "<f8") + d[128:], 0)]),
+                "reject",
+                r"2\*\*40|1099511627776",
+            )
+        )
+        cases.append(
+            Crafted(
+                f"{n}:npy_version_9",
+                with_member(n, lambda d, a, n=n: [(f"{n}.npy", d[:6] + b"\x09\x00" + d[8:], 0)]),
+                "reject",
+                reject,
+            )
+        )
+        cases.append(
+            Crafted(
+                f"{n}:deflated",
+                with_member(n, lambda d, a, n=n: [(f"{n}.npy", d, zipfile.ZIP_DEFLATED)]),
+                "same",
+            )
+        )
         if name == "meta":
             continue
         kind = arr.dtype.kind
@@ -460,16 +527,45 @@ def structural_cases(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> lis
             wrong = (np.float64 if arr.dtype == np.float32 else np.float32) if kind == "f" else other[kind]
             if kind == "i" and arr.dtype == np.int32:
                 wrong = np.int64
-            cases.append(Crafted(f"{n}:dtype", with_array(n, lambda a, w=wrong: a.astype(w)), "reject", "expected"))
+            cases.append(
+                Crafted(f"{n}:dtype", with_array(n, lambda a, w=wrong: a.astype(w)), "reject", "expected")
+            )
         if arr.dtype.itemsize > 1:
-            cases.append(Crafted(f"{n}:big_endian", with_array(n, lambda a: a.astype(a.dtype.newbyteorder(">"))), "reject", "expected"))
+            cases.append(
+                Crafted(
+                    f"{n}:big_endian",
+                    with_array(n, lambda a: a.astype(a.dtype.newbyteorder(">"))),
+                    "reject",
+                    "expected",
+                )
+            )
         cases.append(Crafted(f"{n}:one_row_short", with_array(n, lambda a: a[:-1]), "reject", "expected"))
-        cases.append(Crafted(f"{n}:one_row_more", with_array(n, lambda a: np.concatenate([a, a[:1]])), "reject", "expected"))
+        cases.append(
+            Crafted(
+                f"{n}:one_row_more", with_array(n, lambda a: np.concatenate([a, a[:1]])), "reject", "expected"
+            )
+        )
         if arr.ndim > 1:
-            cases.append(Crafted(f"{n}:flattened", with_array(n, lambda a: a.reshape(-1)), "reject", "expected"))
+            cases.append(
+                Crafted(f"{n}:flattened", with_array(n, lambda a: a.reshape(-1)), "reject", "expected")
+            )
             cases.append(Crafted(f"{n}:fortran_order", with_array(n, np.asfortranarray), "same"))
-    cases.append(Crafted("extra_member", lambda m, a: [*members_of(m, a), ("junk.npy", npy(np.zeros(3)), 0)], "reject", "unexpected arrays"))
-    cases.append(Crafted("non_npy_member", lambda m, a: [*members_of(m, a), ("notes.txt", b"hi", 0)], "reject", "unexpected member"))
+    cases.append(
+        Crafted(
+            "extra_member",
+            lambda m, a: [*members_of(m, a), ("junk.npy", npy(np.zeros(3)), 0)],
+            "reject",
+            "unexpected arrays",
+        )
+    )
+    cases.append(
+        Crafted(
+            "non_npy_member",
+            lambda m, a: [*members_of(m, a), ("notes.txt", b"hi", 0)],
+            "reject",
+            "unexpected member",
+        )
+    )
     return cases
 
 
@@ -488,12 +584,44 @@ def table_cases(r: SequenceReplay, arrays: dict[str, np.ndarray]) -> list[Crafte
             for tag, value in (("neg", -1), ("big", BIG), ("min", np.iinfo(np.int64).min), ("1e6", 10**6),
                                ("plus1", int(win[slot, c]) + 1), ("minus1", int(win[slot, c]) - 1)):  # fmt: skip
                 # A padded window's state number is virtual: only its extra states read it, checked by position.
-                expect = "either" if col == "state" and label == "padded" and tag not in ("big", "min") else "reject"
-                cases.append(Crafted(f"windows[{label}].{col}={tag}", with_array("windows", setter((slot, c), value)), expect, "corrupt"))
-    cases.append(Crafted("windows[dead].generation+1", with_array("windows", setter((dead, 5), int(win[dead, 5]) + 1)), "reject", "generation"))
+                expect = (
+                    "either"
+                    if col == "state" and label == "padded" and tag not in ("big", "min")
+                    else "reject"
+                )
+                cases.append(
+                    Crafted(
+                        f"windows[{label}].{col}={tag}",
+                        with_array("windows", setter((slot, c), value)),
+                        expect,
+                        "corrupt",
+                    )
+                )
+    cases.append(
+        Crafted(
+            "windows[dead].generation+1",
+            with_array("windows", setter((dead, 5), int(win[dead, 5]) + 1)),
+            "reject",
+            "generation",
+        )
+    )
     cases.append(Crafted("windows[dead].start=big", with_array("windows", setter((dead, 0), BIG)), "either"))
-    cases.append(Crafted("window_alive[live]=False", with_array("window_alive", setter(own, False)), "reject", "window_alive"))
-    cases.append(Crafted("window_alive[dead]=True", with_array("window_alive", setter(dead, True)), "reject", "window_alive"))
+    cases.append(
+        Crafted(
+            "window_alive[live]=False",
+            with_array("window_alive", setter(own, False)),
+            "reject",
+            "window_alive",
+        )
+    )
+    cases.append(
+        Crafted(
+            "window_alive[dead]=True",
+            with_array("window_alive", setter(dead, True)),
+            "reject",
+            "window_alive",
+        )
+    )
     # lanes: every column of every lane.
     lanes = arrays["lanes"]
     for lane in range(lanes.shape[0]):
@@ -504,23 +632,72 @@ def table_cases(r: SequenceReplay, arrays: dict[str, np.ndarray]) -> list[Crafte
                     expect = "reject"  # pos, head, tail: counters disagree
                 if c in (8, 9, 10) and tag == "two":
                     expect = "reject"
-                cases.append(Crafted(f"lanes[{lane}][{c}]={tag}", with_array("lanes", setter((lane, c), value)), expect, "corrupt"))
+                cases.append(
+                    Crafted(
+                        f"lanes[{lane}][{c}]={tag}",
+                        with_array("lanes", setter((lane, c), value)),
+                        expect,
+                        "corrupt",
+                    )
+                )
     # stored-state slots.
     sp = arrays["state_pos"].reshape(-1)
     owned_row = (own // wpl) * spl + win[own, 4] % spl
     empty_row = np.flatnonzero(sp == NO_POS)[0]
     for tag, value in (("neg", -1), ("big", BIG), ("plus1", int(sp[owned_row]) + 1), ("empty", NO_POS)):
-        cases.append(Crafted(f"state_pos[owned]={tag}", with_array("state_pos", lambda a, v=value: a.reshape(-1).__setitem__(owned_row, v)), "reject", "corrupt"))
-    cases.append(Crafted("state_pos[empty]=0", with_array("state_pos", lambda a: a.reshape(-1).__setitem__(empty_row, 0)), "either"))
-    for tag, value in (("minus1", -1), ("neg2", -2), ("big", BIG), ("plus1", int(arrays["state_owner"].reshape(-1)[owned_row]) + 1)):
-        cases.append(Crafted(f"state_owner[owned]={tag}", with_array("state_owner", lambda a, v=value: a.reshape(-1).__setitem__(owned_row, v)), "reject", "corrupt"))
+        cases.append(
+            Crafted(
+                f"state_pos[owned]={tag}",
+                with_array("state_pos", lambda a, v=value: a.reshape(-1).__setitem__(owned_row, v)),
+                "reject",
+                "corrupt",
+            )
+        )
+    cases.append(
+        Crafted(
+            "state_pos[empty]=0",
+            with_array("state_pos", lambda a: a.reshape(-1).__setitem__(empty_row, 0)),
+            "either",
+        )
+    )
+    for tag, value in (
+        ("minus1", -1),
+        ("neg2", -2),
+        ("big", BIG),
+        ("plus1", int(arrays["state_owner"].reshape(-1)[owned_row]) + 1),
+    ):
+        cases.append(
+            Crafted(
+                f"state_owner[owned]={tag}",
+                with_array("state_owner", lambda a, v=value: a.reshape(-1).__setitem__(owned_row, v)),
+                "reject",
+                "corrupt",
+            )
+        )
     # counters.
     for i in range(arrays["counters"].size):
-        cases.append(Crafted(f"counters[{i}]=-1", with_array("counters", setter(i, -1)), "reject", "counters"))
-        cases.append(Crafted(f"counters[{i}]=big", with_array("counters", setter(i, BIG)), "reject", "counters"))
-        cases.append(Crafted(f"counters[{i}]+1", with_array("counters", setter(i, arrays["counters"][i] + 1)), "reject" if i in (0, 1, 3, 4) else "either", "counters"))
+        cases.append(
+            Crafted(f"counters[{i}]=-1", with_array("counters", setter(i, -1)), "reject", "counters")
+        )
+        cases.append(
+            Crafted(f"counters[{i}]=big", with_array("counters", setter(i, BIG)), "reject", "counters")
+        )
+        cases.append(
+            Crafted(
+                f"counters[{i}]+1",
+                with_array("counters", setter(i, arrays["counters"][i] + 1)),
+                "reject" if i in (0, 1, 3, 4) else "either",
+                "counters",
+            )
+        )
     # the priority tree.
-    for tag, value in (("nan", np.nan), ("inf", np.inf), ("neg", -1.0), ("plus1", float(arrays["tree"][own]) + 1), ("1e308", 1e308)):
+    for tag, value in (
+        ("nan", np.nan),
+        ("inf", np.inf),
+        ("neg", -1.0),
+        ("plus1", float(arrays["tree"][own]) + 1),
+        ("1e308", 1e308),
+    ):
         cases.append(Crafted(f"tree[live]={tag}", with_array("tree", setter(own, value)), "reject", "tree"))
     cases.append(Crafted("tree[dead]=1", with_array("tree", setter(dead, 1.0)), "reject", "tree"))
 
@@ -532,15 +709,36 @@ def table_cases(r: SequenceReplay, arrays: dict[str, np.ndarray]) -> list[Crafte
 
         return change
 
-    cases.append(Crafted("tree[dead]=1 (sums rebuilt)", with_array("tree", rebuilt(dead, 1.0)), "reject", "evicted window keeps a priority"))
-    cases.append(Crafted("tree[live]=1e9 (sums rebuilt)", with_array("tree", rebuilt(own, 1e9)), "reject", "above max_priority"))
+    cases.append(
+        Crafted(
+            "tree[dead]=1 (sums rebuilt)",
+            with_array("tree", rebuilt(dead, 1.0)),
+            "reject",
+            "evicted window keeps a priority",
+        )
+    )
+    cases.append(
+        Crafted(
+            "tree[live]=1e9 (sums rebuilt)",
+            with_array("tree", rebuilt(own, 1e9)),
+            "reject",
+            "above max_priority",
+        )
+    )
     cases.append(Crafted("tree[live]=0.25 (sums rebuilt)", with_array("tree", rebuilt(own, 0.25)), "either"))
     # steps and stored values.
     cap = r.config.lane_capacity
     lane, start = own // wpl, int(win[own, 0])
     inner = lane * cap + (start + 1) % cap
     for value in (16, 255, 5):
-        cases.append(Crafted(f"step_flags={value}", with_array("step_flags", setter((lane, (start + 1) % cap), value)), "reject", "step_flags|steps"))
+        cases.append(
+            Crafted(
+                f"step_flags={value}",
+                with_array("step_flags", setter((lane, (start + 1) % cap), value)),
+                "reject",
+                "step_flags|steps",
+            )
+        )
 
     def final_inside(a: np.ndarray) -> None:
         a.reshape(-1)[inner] = 4
@@ -551,10 +749,19 @@ def table_cases(r: SequenceReplay, arrays: dict[str, np.ndarray]) -> list[Crafte
     cases.append(Crafted("final observation inside a live window", lambda m, a: members_of(m, {
         **a, "step_flags": _changed(a["step_flags"], final_inside), "step_action": _changed(a["step_action"], zero_step),
         "step_reward": _changed(a["step_reward"], zero_step)}), "reject", "spans two episodes|ended"))  # fmt: skip
-    cases.append(Crafted("step_action=anything", with_array("step_action", setter((0, 0), -123456)), "either"))
+    cases.append(
+        Crafted("step_action=anything", with_array("step_action", setter((0, 0), -123456)), "either")
+    )
     for name in [n for n, a in arrays.items() if a.dtype.kind == "f" and n != "tree"]:
         for tag, value in (("nan", np.nan), ("inf", np.inf), ("-inf", -np.inf)):
-            cases.append(Crafted(f"{name}={tag}", with_array(name, lambda a, v=value: a.reshape(-1).__setitem__(-1, v)), "reject", f"{name}: expected finite"))
+            cases.append(
+                Crafted(
+                    f"{name}={tag}",
+                    with_array(name, lambda a, v=value: a.reshape(-1).__setitem__(-1, v)),
+                    "reject",
+                    f"{name}: expected finite",
+                )
+            )
     return cases
 
 
@@ -568,13 +775,37 @@ def meta_cases(meta: dict[str, Any]) -> list[Crafted]:
     cases = [
         Crafted("meta:not_json", with_meta(lambda m: "{not json"), "reject", "not JSON"),
         Crafted("meta:a_list", with_meta(lambda m: [1, 2]), "reject", "format version"),
-        Crafted("meta:deeply_nested", with_meta(lambda m: "[" * 100_000 + "]" * 100_000), "reject", "nested|format version"),
-        Crafted("meta:huge_string", with_member("meta", lambda d, a: [("meta.npy", npy_header((), "<U100000000"), 0)]), "reject", "JSON string of at most"),
+        Crafted(
+            "meta:deeply_nested",
+            with_meta(lambda m: "[" * 100_000 + "]" * 100_000),
+            "reject",
+            "nested|format version",
+        ),
+        Crafted(
+            "meta:huge_string",
+            with_member("meta", lambda d, a: [("meta.npy", npy_header((), "<U100000000"), 0)]),
+            "reject",
+            "JSON string of at most",
+        ),
     ]
     for value in (2, 0, "1", True, None, 1.0000001):
-        cases.append(Crafted(f"format_version={value!r}", with_meta(lambda m, v=value: m.__setitem__("format_version", v)), "reject", "format version"))
+        cases.append(
+            Crafted(
+                f"format_version={value!r}",
+                with_meta(lambda m, v=value: m.__setitem__("format_version", v)),
+                "reject",
+                "format version",
+            )
+        )
     for key in ("format_version", "config", "max_priority", "registry", "rng"):
-        cases.append(Crafted(f"meta.{key}:missing", with_meta(lambda m, k=key: m.pop(k)), "reject", "missing|format version"))
+        cases.append(
+            Crafted(
+                f"meta.{key}:missing",
+                with_meta(lambda m, k=key: m.pop(k)),
+                "reject",
+                "missing|format version",
+            )
+        )
     config_values: dict[str, list[Any]] = {
         "spec": [[0, 0, 0, 0], [1, 2], "abcd", None, [1, 2, 3, 1], [2**70, 2, 2, 1]],
         "num_lanes": [0, -1, 2.5, "3", None, 2, 10**7],
@@ -590,20 +821,64 @@ def meta_cases(meta: dict[str, Any]) -> list[Crafted]:
     }
     for key in config_values:
         if key != "keep_actor_states":
-            cases.append(Crafted(f"config.{key}:missing", with_meta(lambda m, k=key: m["config"].pop(k)), "reject", "config"))
+            cases.append(
+                Crafted(
+                    f"config.{key}:missing",
+                    with_meta(lambda m, k=key: m["config"].pop(k)),
+                    "reject",
+                    "config",
+                )
+            )
         for value in config_values[key]:
-            cases.append(Crafted(f"config.{key}={value!r}"[:80], with_meta(lambda m, k=key, v=value: m["config"].__setitem__(k, v)), "reject", "corrupt|config|expected|declares|unexpected|missing"))
-    cases.append(Crafted("config.obs_dtype='>f4'", with_meta(lambda m: m["config"].__setitem__("obs_dtype", ">f4")), "same"))
+            cases.append(
+                Crafted(
+                    f"config.{key}={value!r}"[:80],
+                    with_meta(lambda m, k=key, v=value: m["config"].__setitem__(k, v)),
+                    "reject",
+                    "corrupt|config|expected|declares|unexpected|missing",
+                )
+            )
+    cases.append(
+        Crafted(
+            "config.obs_dtype='>f4'", with_meta(lambda m: m["config"].__setitem__("obs_dtype", ">f4")), "same"
+        )
+    )
     for value in (float("nan"), -1.0, 0.5, 0, float("inf"), "2", True, None, [3], 2**1100):
-        cases.append(Crafted(f"max_priority={value!r}"[:60], with_meta(lambda m, v=value: m.__setitem__("max_priority", v)), "reject", "max_priority|corrupt"))
+        cases.append(
+            Crafted(
+                f"max_priority={value!r}"[:60],
+                with_meta(lambda m, v=value: m.__setitem__("max_priority", v)),
+                "reject",
+                "max_priority|corrupt",
+            )
+        )
     for value in (1e6, 1e308):  # a running maximum above every leaf is consistent
-        cases.append(Crafted(f"max_priority={value}", with_meta(lambda m, v=value: m.__setitem__("max_priority", v)), "either"))
+        cases.append(
+            Crafted(
+                f"max_priority={value}",
+                with_meta(lambda m, v=value: m.__setitem__("max_priority", v)),
+                "either",
+            )
+        )
     registries = [{"remote": [99]}, {"remote": [3]}, {"remote": [-1]}, {"remote": [1.5]}, {"remote": ["2"]}, {"remote": []},
                   {"remote": [True]}, {"remote": 2}, {"": [2]}, {"a": [2], "b": [2]}, {"a": [2, 2]}, [2], "remote",
                   {"remote": [2**64]}]  # fmt: skip
     for value in registries:
-        cases.append(Crafted(f"registry={json.dumps(value)}", with_meta(lambda m, v=value: m.__setitem__("registry", v)), "reject", "registry"))
-    cases.append(Crafted("registry=two owners", with_meta(lambda m: m.__setitem__("registry", {"remote": [2], "x": [0]})), "either"))
+        cases.append(
+            Crafted(
+                f"registry={json.dumps(value)}",
+                with_meta(lambda m, v=value: m.__setitem__("registry", v)),
+                "reject",
+                "registry",
+            )
+        )
+    cases.append(
+        Crafted(
+            "registry=two owners",
+            with_meta(lambda m: m.__setitem__("registry", {"remote": [2], "x": [0]})),
+            "either",
+        )
+    )
     rng_changes: dict[str, Callable[[dict[str, Any]], Any]] = {
         "unknown": lambda s: s.__setitem__("bit_generator", "Foo"),
         "not_a_dict": lambda s: "PCG64",
@@ -613,9 +888,13 @@ def meta_cases(meta: dict[str, Any]) -> list[Crafted]:
         "state_str": lambda s: s["state"].__setitem__("inc", "x"),
         "object_array": lambda s: s["state"].__setitem__("state", {"__ndarray__": [1, 2], "dtype": "|O"}),
         "float_array": lambda s: s["state"].__setitem__("state", {"__ndarray__": [1.5], "dtype": "<f8"}),
-        "mt_short_key": lambda s: {"bit_generator": "MT19937", "state": {"key": {"__ndarray__": [1, 2, 3], "dtype": "<u4"}, "pos": 0}},
+        "mt_short_key": lambda s: {
+            "bit_generator": "MT19937",
+            "state": {"key": {"__ndarray__": [1, 2, 3], "dtype": "<u4"}, "pos": 0},
+        },
     }
     for tag, change in rng_changes.items():
+
         def edit(m: dict[str, Any], change: Callable[[dict[str, Any]], Any] = change) -> None:
             out = change(m["rng"])
             if out is not None:
@@ -665,7 +944,9 @@ def exercise(replay: SequenceReplay) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_crafted_checkpoint(case: Crafted, good_checkpoint: tuple[SequenceReplay, Path], tmp_path: Path) -> None:
+def test_crafted_checkpoint(
+    case: Crafted, good_checkpoint: tuple[SequenceReplay, Path], tmp_path: Path
+) -> None:
     original, good = good_checkpoint
     meta, arrays = read_raw(good)
     path = write_zip(tmp_path / "crafted.npz", case.build(meta, arrays))
@@ -689,7 +970,9 @@ def test_crafted_checkpoint(case: Crafted, good_checkpoint: tuple[SequenceReplay
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_random_table_mutations_never_crash(seed: int, good_checkpoint: tuple[SequenceReplay, Path], tmp_path: Path) -> None:
+def test_random_table_mutations_never_crash(
+    seed: int, good_checkpoint: tuple[SequenceReplay, Path], tmp_path: Path
+) -> None:
     """Random single-entry mutations of every integer table: refused, or loaded and safe to use."""
     _, good = good_checkpoint
     meta, arrays = read_raw(good)
@@ -706,7 +989,13 @@ def test_random_table_mutations_never_crash(seed: int, good_checkpoint: tuple[Se
         elif arr.dtype == np.uint8:
             flat[i] = rng.integers(256)
         else:
-            choices = [int(flat[i]) + int(rng.integers(-3, 4)), int(rng.integers(-(2**63), 2**63 - 1)), -1, 0, BIG]
+            choices = [
+                int(flat[i]) + int(rng.integers(-3, 4)),
+                int(rng.integers(-(2**63), 2**63 - 1)),
+                -1,
+                0,
+                BIG,
+            ]
             flat[i] = choices[rng.integers(len(choices))]
         path = write_zip(tmp_path / f"m{seed}.npz", members_of(meta, {**arrays, name: arr}))
         try:
@@ -750,7 +1039,9 @@ for col, value in [(2, 100000), (1, -100000), (0, -5000000000), (1, 10**9), (2, 
 print(json.dumps(results))
 """
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
     assert proc.returncode == 0, f"the child died (returncode {proc.returncode}): {proc.stderr[-1500:]}"
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["refused"] * 6
 
@@ -758,11 +1049,18 @@ print(json.dumps(results))
 # -- crafted-checkpoint regressions named by the issue (item 9) --------------------------------
 
 
-def test_terabyte_header_is_a_value_error_not_a_memory_error(good_checkpoint: tuple[SequenceReplay, Path], tmp_path: Path) -> None:
+def test_terabyte_header_is_a_value_error_not_a_memory_error(
+    good_checkpoint: tuple[SequenceReplay, Path], tmp_path: Path
+) -> None:
     _, good = good_checkpoint
     meta, arrays = read_raw(good)
-    members = [(n, npy_header((2**40, 8), "<f8") if n == "step_reward.npy" else d, c) for n, d, c in members_of(meta, arrays)]
-    with pytest.raises(ValueError, match=r"array 'step_reward' is float64 \(1099511627776, 8\), expected float32"):
+    members = [
+        (n, npy_header((2**40, 8), "<f8") if n == "step_reward.npy" else d, c)
+        for n, d, c in members_of(meta, arrays)
+    ]
+    with pytest.raises(
+        ValueError, match=r"array 'step_reward' is float64 \(1099511627776, 8\), expected float32"
+    ):
         SequenceReplay.load(write_zip(tmp_path / "tb.npz", members))
     # A config that declares terabytes (with headers to match) is refused before anything is allocated.
     meta["config"]["lane_capacity"] = 10**12
@@ -779,12 +1077,16 @@ def zip_raw(path: Path, members: list[tuple[str, bytes, int, int, int]]) -> Path
         out += b"PK\x03\x04" + fields + struct.pack("<HH", len(name), 0) + name.encode() + payload
         central += b"PK\x01\x02" + struct.pack("<H", 20) + fields
         central += struct.pack("<HHHHHII", len(name), 0, 0, 0, 0, 0, offset) + name.encode()
-    end = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, len(members), len(members), len(central), len(out), 0)
+    end = struct.pack(
+        "<4sHHHHIIH", b"PK\x05\x06", 0, 0, len(members), len(members), len(central), len(out), 0
+    )
     path.write_bytes(bytes(out + central + end))
     return path
 
 
-def test_member_inflating_to_a_gigabyte_is_refused_before_inflating(good_checkpoint: tuple[SequenceReplay, Path], tmp_path: Path) -> None:
+def test_member_inflating_to_a_gigabyte_is_refused_before_inflating(
+    good_checkpoint: tuple[SequenceReplay, Path], tmp_path: Path
+) -> None:
     """Issue 11 item 9: a member that inflates to 1 GB was inflated before its shape was checked."""
     _, good = good_checkpoint
     meta, arrays = read_raw(good)
@@ -811,7 +1113,9 @@ def test_member_inflating_to_a_gigabyte_is_refused_before_inflating(good_checkpo
     tracemalloc.start()
     start = time.perf_counter()
     try:
-        with pytest.raises(ValueError, match=r"array 'step_reward' is float32 \(268435456,\), expected float32 \(3, 12\)"):
+        with pytest.raises(
+            ValueError, match=r"array 'step_reward' is float32 \(268435456,\), expected float32 \(3, 12\)"
+        ):
             SequenceReplay.load(path)
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -820,7 +1124,9 @@ def test_member_inflating_to_a_gigabyte_is_refused_before_inflating(good_checkpo
     assert time.perf_counter() - start < 5.0
 
 
-def test_max_priority_and_registry_are_checked(good_checkpoint: tuple[SequenceReplay, Path], tmp_path: Path) -> None:
+def test_max_priority_and_registry_are_checked(
+    good_checkpoint: tuple[SequenceReplay, Path], tmp_path: Path
+) -> None:
     """Issue 11 item 9: max_priority NaN or negative and registry lanes out of range or negative loaded."""
     _, good = good_checkpoint
     for key, value, match in [
@@ -853,7 +1159,9 @@ np.lib.format.write_array = dying
 replay.save({str(tmp_path / "replay.npz")!r})
 """
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, env=env, timeout=300, check=False
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-1000:]
     left = [p.name for p in tmp_path.iterdir()]
     assert len(left) == 1 and left[0].startswith(".replay.npz.") and left[0].endswith(".tmp"), left
@@ -861,7 +1169,9 @@ replay.save({str(tmp_path / "replay.npz")!r})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["replay.npz"]
 
 
-def test_second_interrupt_during_the_cleanup_leaves_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_second_interrupt_during_the_cleanup_leaves_no_temp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A save fails, and a real SIGINT (Ctrl-C) arrives while its temp file is being removed: the removal
     still happens (the interrupt is held back until then), and the interrupt is raised after it."""
     replay = busy_replay()
@@ -886,7 +1196,9 @@ def test_second_interrupt_during_the_cleanup_leaves_no_temp(tmp_path: Path, monk
     assert list(tmp_path.iterdir()) == []
 
 
-def test_interrupt_during_a_save_stops_it_and_removes_the_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupt_during_a_save_stops_it_and_removes_the_temp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A real SIGINT in the middle of writing: the save stops at its next write, cleans up, and raises."""
     replay = busy_replay()
     real, calls = np.lib.format.write_array, {"n": 0}
@@ -919,7 +1231,10 @@ def test_priority_overflow_to_inf_is_refused_before_anything_changes() -> None:
     before = snapshot(replay)
     priorities = np.ones(keys.size)
     priorities[-1] = 1e200
-    with pytest.raises(ValueError, match=r"priorities: expected priority\*\*alpha \(alpha=2.0\) > 0 and <= .* got priorities \[1e\+200\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"priorities: expected priority\*\*alpha \(alpha=2.0\) > 0 and <= .* got priorities \[1e\+200\]",
+    ):
         replay.update_priorities(keys, priorities)
     assert_same(before, snapshot(replay))
     # Largest priorities that are accepted keep sampling sane, even when new windows start at them.
@@ -953,7 +1268,9 @@ def stored_overflow_calls() -> list[tuple[str, Callable[[SequenceReplay], Any], 
 
 
 @pytest.mark.parametrize("case", [c for c in stored_overflow_calls() if c[1] is not None], ids=lambda c: c[0])
-def test_values_beyond_float32_are_refused_as_stored(case: tuple[str, Callable[[SequenceReplay], Any], str]) -> None:
+def test_values_beyond_float32_are_refused_as_stored(
+    case: tuple[str, Callable[[SequenceReplay], Any], str],
+) -> None:
     """Issue 11 item 4: finite float64 values beyond float32 were stored as inf."""
     _, call, match = case
     replay = replay_for(S2, lanes=2)
@@ -965,18 +1282,39 @@ def test_values_beyond_float32_are_refused_as_stored(case: tuple[str, Callable[[
 
 
 def test_float16_observations_overflow_is_refused() -> None:
-    replay = SequenceReplay(S2, num_lanes=1, lane_capacity=16, obs_shape=(2,), obs_dtype=np.float16, state_shapes=())
-    with pytest.raises(ValueError, match=r"observation: expected values within float16's range \(\|x\| <= 65504\), got \[70000\]"):
-        replay.add([0], observation=np.array([[1, 70000]]), action=[0], reward=[0.0], terminated=[False], truncated=[False])
+    replay = SequenceReplay(
+        S2, num_lanes=1, lane_capacity=16, obs_shape=(2,), obs_dtype=np.float16, state_shapes=()
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"observation: expected values within float16's range \(\|x\| <= 65504\), got \[70000\]",
+    ):
+        replay.add(
+            [0],
+            observation=np.array([[1, 70000]]),
+            action=[0],
+            reward=[0.0],
+            terminated=[False],
+            truncated=[False],
+        )
     assert replay.stats()["steps_added"] == 0
 
 
 def test_non_native_byte_order_is_stored_natively() -> None:
     """Found beyond the list: obs_dtype='>f4' was accepted, then every add failed inside numba."""
-    replay = SequenceReplay(S2, num_lanes=1, lane_capacity=16, obs_shape=(1,), obs_dtype=">f4", state_shapes=())
+    replay = SequenceReplay(
+        S2, num_lanes=1, lane_capacity=16, obs_shape=(1,), obs_dtype=">f4", state_shapes=()
+    )
     assert replay.config.obs_dtype == np.dtype("<f4") or replay.config.obs_dtype.isnative
     for i in range(6):
-        replay.add([0], observation=np.array([[i]], ">f4"), action=[0], reward=[0.0], terminated=[False], truncated=[False])
+        replay.add(
+            [0],
+            observation=np.array([[i]], ">f4"),
+            action=[0],
+            reward=[0.0],
+            terminated=[False],
+            truncated=[False],
+        )
     assert replay.sample(3).observation.dtype.isnative
 
 
@@ -987,9 +1325,13 @@ def test_uint64_keys_and_lanes_are_printed_as_given() -> None:
     replay = replay_for(S2, lanes=2)
     play(replay, ["0:1", "0:2", "0:3"])
     huge = np.array([2**64 - 5], np.uint64)
-    with pytest.raises(ValueError, match=r"keys: expected window keys <= 9223372036854775807, got \[18446744073709551611\]"):
+    with pytest.raises(
+        ValueError, match=r"keys: expected window keys <= 9223372036854775807, got \[18446744073709551611\]"
+    ):
         replay.update_priorities(huge, [1.0])
-    with pytest.raises(ValueError, match=r"lanes: expected lane ids <= 9223372036854775807, got \[18446744073709551611\]"):
+    with pytest.raises(
+        ValueError, match=r"lanes: expected lane ids <= 9223372036854775807, got \[18446744073709551611\]"
+    ):
         replay.close_lanes(huge)
 
 

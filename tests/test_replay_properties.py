@@ -67,9 +67,13 @@ def run(replay: SequenceReplay, op: tuple[Any, ...]) -> Any:
     return replay.update_states(keys, [2], (((np.full((keys.size, 3), op[1]),),),))
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 @given(alpha=alphas, beta=st.sampled_from([0.0, 0.6, 1.0]), program=programs)
-def test_every_call_is_accepted_whole_or_refused_unchanged(alpha: float, beta: float, program: list[tuple[Any, ...]]) -> None:
+def test_every_call_is_accepted_whole_or_refused_unchanged(
+    alpha: float, beta: float, program: list[tuple[Any, ...]]
+) -> None:
     replay = SequenceReplay(S2, num_lanes=3, lane_capacity=12, obs_shape=(2,), state_shapes=(((3,),),),
                             alpha=alpha, beta=beta, seed=0)  # fmt: skip
     for op in program:
@@ -83,7 +87,10 @@ def test_every_call_is_accepted_whole_or_refused_unchanged(alpha: float, beta: f
         stats = replay.stats()
         assert np.isfinite(stats["total_priority"]) and np.isfinite(stats["max_priority"])
         if op[0] == "sample":
-            assert np.isfinite(out.probabilities).all() and ((out.probabilities >= 0) & (out.probabilities <= 1)).all()
+            assert (
+                np.isfinite(out.probabilities).all()
+                and ((out.probabilities >= 0) & (out.probabilities <= 1)).all()
+            )
             assert np.isfinite(out.weights).all() and ((out.weights >= 0) & (out.weights <= 1)).all()
             assert out.weights.max() == 1.0
             assert np.isfinite(out.observation).all() and np.isfinite(out.reward).all()

@@ -545,7 +545,9 @@ class SequenceReplay:
             keep = every.size - 1 - last
             rows_2d = self._flat_rows(
                 tuple(
-                    tuple(np.concatenate([trees[i][a][j][r] for i, r in picks])[keep] for j in range(len(layer)))
+                    tuple(
+                        np.concatenate([trees[i][a][j][r] for i, r in picks])[keep] for j in range(len(layer))
+                    )
                     for a, layer in enumerate(self._config.state_shapes)
                 ),
                 target.size,
@@ -660,4 +662,3 @@ class SequenceReplay:
         new._setup(self._config, rng, arrays, tree, max_priority=float(prio[0]), registry=registry)
         new._prio[:] = prio
         return new
-

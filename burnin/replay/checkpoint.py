@@ -171,7 +171,9 @@ class _Counting:
         return data
 
 
-def _read_npy(zf: zipfile.ZipFile, info: zipfile.ZipInfo, shape: tuple[int, ...] | None, dtype: np.dtype | None) -> np.ndarray:
+def _read_npy(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, shape: tuple[int, ...] | None, dtype: np.dtype | None
+) -> np.ndarray:
     """One ``.npy`` member, its header checked against ``shape`` and ``dtype`` before its data is read.
 
     ``shape``/``dtype`` None: the JSON meta member (a scalar unicode string of at most META_CHARS).
@@ -185,7 +187,9 @@ def _read_npy(zf: zipfile.ZipFile, info: zipfile.ZipInfo, shape: tuple[int, ...]
         elif version == (2, 0):
             got_shape, fortran, got_dtype = np.lib.format.read_array_header_2_0(f)
         else:
-            raise CorruptCheckpoint(f"array {name!r} has .npy format version {version}, expected (1, 0) or (2, 0)")
+            raise CorruptCheckpoint(
+                f"array {name!r} has .npy format version {version}, expected (1, 0) or (2, 0)"
+            )
         if dtype is None:
             if got_shape != () or got_dtype.kind != "U" or got_dtype.itemsize > 4 * META_CHARS:
                 raise CorruptCheckpoint(
@@ -219,7 +223,9 @@ def _read_members(zf: zipfile.ZipFile, max_bytes: int) -> Checkpoint:
     members: dict[str, zipfile.ZipInfo] = {}
     for info in infos:
         if not info.filename.endswith(".npy"):
-            raise CorruptCheckpoint(f"unexpected member {info.filename!r} (a checkpoint holds .npy arrays only)")
+            raise CorruptCheckpoint(
+                f"unexpected member {info.filename!r} (a checkpoint holds .npy arrays only)"
+            )
         name = info.filename[:-4]
         if name in members:
             raise CorruptCheckpoint(f"array {name!r} appears twice")
@@ -257,7 +263,9 @@ def _read_members(zf: zipfile.ZipFile, max_bytes: int) -> Checkpoint:
         raise CorruptCheckpoint(f"unexpected arrays {extra}")
     top = meta["max_priority"]
     if isinstance(top, bool) or not isinstance(top, (int, float)) or not math.isfinite(top) or top < 1:
-        raise CorruptCheckpoint(f"max_priority: expected a finite number >= 1 (the running maximum starts at 1), got {top!r}")
+        raise CorruptCheckpoint(
+            f"max_priority: expected a finite number >= 1 (the running maximum starts at 1), got {top!r}"
+        )
     problem = registry_problem(meta["registry"], config.num_lanes)
     if problem is not None:
         raise CorruptCheckpoint(problem)

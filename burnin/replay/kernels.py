@@ -401,7 +401,9 @@ def commit_add(
     """Every write of one ``SequenceReplay.add``: the bookkeeping (:func:`add_steps`), the observations
     (``observation`` [n, obs_size]) and the state rows kept now (``kept``: per state array [m, width], in the
     order :func:`plan_add` listed them) into ``states`` (and ``actor_states`` if ``keep_actor``)."""
-    m = add_steps(lanes, action, reward, terminated, truncated, t, lay, t.priority[1], flat_out, state_slot_out)
+    m = add_steps(
+        lanes, action, reward, terminated, truncated, t, lay, t.priority[1], flat_out, state_slot_out
+    )
     width = observation.shape[1]
     for i in range(lanes.size):
         out, row = t.observation[flat_out[i] * width : (flat_out[i] + 1) * width], observation[i]
@@ -424,7 +426,11 @@ def commit_close(lanes, t, lay, flat_out, state_slot_out):
     n = 0
     for i in range(lanes.size):
         lane = lanes[i]
-        if lt[lane, LANE_OPEN] != 0 and lt[lane, LANE_PENDING_FINAL] != 0 and lt[lane, LANE_PENDING_TERM] != 0:
+        if (
+            lt[lane, LANE_OPEN] != 0
+            and lt[lane, LANE_PENDING_FINAL] != 0
+            and lt[lane, LANE_PENDING_TERM] != 0
+        ):
             ends[n] = lane
             n += 1
     if n > 0:
