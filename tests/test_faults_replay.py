@@ -1281,23 +1281,40 @@ def test_values_beyond_float32_are_refused_as_stored(
     assert_same(before, snapshot(replay))
 
 
-def test_float16_observations_overflow_is_refused() -> None:
-    replay = SequenceReplay(
-        S2, num_lanes=1, lane_capacity=16, obs_shape=(2,), obs_dtype=np.float16, state_shapes=()
-    )
+def test_float16_states_are_stored_and_their_overflow_is_refused() -> None:
+    replay = SequenceReplay(S2, num_lanes=1, lane_capacity=16, obs_shape=(1,), state_shapes=(((2,),),),
+                            state_dtype=np.float16, seed=0)  # fmt: skip
+    step = {
+        "observation": [[1.0]],
+        "action": [0],
+        "reward": [0.0],
+        "terminated": [False],
+        "truncated": [False],
+    }
+    replay.add([0], **step, states=((np.array([[9.0, 0.5]]),),))  # episode step 0; step 1 keeps its state
+    before = fingerprint(replay)
     with pytest.raises(
         ValueError,
-        match=r"observation: expected values within float16's range \(\|x\| <= 65504\), got \[70000\]",
+        match=r"states\[0\]\[0\]: expected values within float16's range \(\|x\| <= 65504\), got \[70000.0\]",
     ):
-        replay.add(
-            [0],
-            observation=np.array([[1, 70000]]),
-            action=[0],
-            reward=[0.0],
-            terminated=[False],
-            truncated=[False],
+        replay.add([0], **step, states=((np.array([[1.0, 70000.0]]),),))
+    assert fingerprint(replay) == before
+    for i in range(1, 7):
+        replay.add([0], **step, states=((np.array([[i, 0.5]]),),))
+    batch = replay.sample(4)
+    assert batch.state[0][0].dtype == np.float16
+    assert set(batch.state[0][0][~(batch.state[0][0] == 0).all(axis=1), 1].tolist()) <= {0.5}
+    replay.check_invariants()
+
+
+def test_float_observations_other_than_float32_and_float64_are_refused() -> None:
+    """Found beyond the list: float16 observations were accepted, then every add failed inside numba."""
+    with pytest.raises(
+        TypeError, match="obs_dtype: expected float32 or float64 for floating observations, got float16"
+    ):
+        SequenceReplay(
+            S2, num_lanes=1, lane_capacity=16, obs_shape=(2,), obs_dtype=np.float16, state_shapes=()
         )
-    assert replay.stats()["steps_added"] == 0
 
 
 def test_non_native_byte_order_is_stored_natively() -> None:

@@ -413,7 +413,7 @@ def test_sample_from_an_empty_buffer() -> None:
         ({"num_lanes": 0}, ValueError, "num_lanes: expected an int >= 1"),
         ({"obs_shape": (0,)}, ValueError, "obs_shape: expected a tuple of ints >= 1"),
         ({"obs_dtype": object}, TypeError, "obs_dtype: expected a bool, integer or floating dtype"),
-        ({"state_dtype": np.int32}, TypeError, "state_dtype: expected a floating dtype"),
+        ({"state_dtype": np.int32}, TypeError, "state_dtype: expected float16, float32 or float64"),
         ({"state_shapes": ((),)}, ValueError, "state_shapes: expected a tuple"),
         ({"state_shapes": (((0,),),)}, ValueError, r"state_shapes\[0\]\[0\]: expected a tuple of ints >= 1"),
         ({"alpha": -0.1}, ValueError, "alpha: expected a finite float >= 0.0"),

@@ -172,9 +172,9 @@ class SequenceReplay:
         self._actor_states_2d = (
             self._rows_2d(self._actor_states_flat) if config.keep_actor_states else self._states_2d
         )
-        self._no_rows = self._flat_rows((), 0) if not self._state_widths else tuple(
-            np.empty((0, w), dtype=config.state_dtype) for w in self._state_widths
-        )  # fmt: skip
+        self._no_rows = self._flat_rows(
+            tuple((np.empty((0, w), dtype=config.state_dtype),) for w in self._state_widths), 0
+        )
         # Scratch for add, reused under the lock: lanes are distinct, so n <= num_lanes.
         self._rows_buf = np.empty(nl, dtype=np.int64)
         self._flat_buf = np.empty(nl, dtype=np.int64)
@@ -187,17 +187,22 @@ class SequenceReplay:
             for i, layer in enumerate(self._config.state_shapes)
         )
 
+    def _bits(self, arr: np.ndarray) -> np.ndarray:
+        """A state array as unsigned integers of its width: the commits copy bits, so float16 states
+        (which numba cannot type) are stored as well."""
+        return arr.view(np.dtype(f"u{arr.dtype.itemsize}"))
+
     def _rows_2d(self, flat: tuple[tuple[np.ndarray, ...], ...] | None) -> tuple[np.ndarray, ...]:
-        arrays = tuple(buf.reshape(buf.shape[0], -1) for buffers in flat or () for buf in buffers)
-        return arrays or (np.empty((0, 0), dtype=self._config.state_dtype),)
+        arrays = tuple(self._bits(buf.reshape(buf.shape[0], -1)) for buffers in flat or () for buf in buffers)
+        return arrays or (self._bits(np.empty((0, 0), dtype=self._config.state_dtype)),)
 
     def _flat_rows(self, tree: RecurrentState, m: int) -> tuple[np.ndarray, ...]:
         """The arrays of ``tree`` (``m`` rows each, in the stored dtype) as [m, width] arrays, for the commits."""
         out = tuple(
-            np.ascontiguousarray(arr).reshape(m, width)
+            self._bits(np.ascontiguousarray(arr).reshape(m, width))
             for arr, width in zip((a for layer in tree for a in layer), self._state_widths)
         )
-        return out or (np.empty((m, 0), dtype=self._config.state_dtype),)
+        return out or (self._bits(np.empty((m, 0), dtype=self._config.state_dtype)),)
 
     @property
     def _max_priority(self) -> float:

@@ -128,8 +128,13 @@ class ReplayConfig:
             raise TypeError(f"obs_dtype/state_dtype: expected numpy dtypes ({err})") from None
         if obs_dtype.kind not in "biuf":
             raise TypeError(f"obs_dtype: expected a bool, integer or floating dtype, got {obs_dtype}")
-        if state_dtype.kind != "f":
-            raise TypeError(f"state_dtype: expected a floating dtype, got {state_dtype}")
+        if state_dtype.kind != "f" or state_dtype.itemsize > 8:
+            raise TypeError(f"state_dtype: expected float16, float32 or float64, got {state_dtype}")
+        if obs_dtype.kind == "f" and obs_dtype.itemsize not in (4, 8):
+            # The compiled kernels copy observations by type; numba has no float16 nor longdouble.
+            raise TypeError(
+                f"obs_dtype: expected float32 or float64 for floating observations, got {obs_dtype}"
+            )
         # Stored in native byte order (the kernels take no other; '>f4' and '<f4' hold the same values).
         obs_dtype, state_dtype = obs_dtype.newbyteorder("="), state_dtype.newbyteorder("=")
         object.__setattr__(self, "obs_dtype", obs_dtype)
