@@ -1062,6 +1062,10 @@ def test_terabyte_header_is_a_value_error_not_a_memory_error(
         ValueError, match=r"array 'step_reward' is float64 \(1099511627776, 8\), expected float32"
     ):
         SequenceReplay.load(write_zip(tmp_path / "tb.npz", members))
+    with pytest.raises(ValueError, match=r"config declares \d+ bytes of arrays, more than max_bytes=1000"):
+        SequenceReplay.load(good, max_bytes=1000)
+    with pytest.raises(TypeError, match="max_bytes: expected an int, got str"):
+        SequenceReplay.load(good, max_bytes="1e9")
     # A config that declares terabytes (with headers to match) is refused before anything is allocated.
     meta["config"]["lane_capacity"] = 10**12
     with pytest.raises(ValueError, match=r"config declares \d+ bytes of arrays, more than max_bytes"):

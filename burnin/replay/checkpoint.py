@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from burnin._checks import check_int
 from burnin._io import atomic_write
 from burnin.replay.spec import ReplayConfig, array_specs
 from burnin.replay.testing import registry_problem
@@ -136,7 +137,7 @@ def read_checkpoint(path: str | os.PathLike[str], *, max_bytes: int | None = Non
     """
     path = Path(path)
     where = f"checkpoint {path}"
-    limit = default_max_bytes() if max_bytes is None else int(max_bytes)
+    limit = default_max_bytes() if max_bytes is None else check_int("max_bytes", max_bytes, minimum=1)
     try:
         with open(path, "rb") as f:
             if f.read(6) == b"\x93NUMPY":
