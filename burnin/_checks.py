@@ -120,6 +120,11 @@ def int_vector(name: str, value: Any, what: str) -> np.ndarray:
         raise TypeError(f"{name}: expected integer {what}, got dtype {arr.dtype}")
     if arr.ndim != 1:
         raise ValueError(f"{name}: expected a 1-D array of {what}, got shape {arr.shape}")
+    if arr.dtype.kind == "u" and arr.dtype.itemsize >= 8 and arr.size:
+        # uint64 values past the int64 range would turn negative: name them as they were given.
+        big = arr[arr > np.iinfo(np.int64).max]
+        if big.size:
+            raise ValueError(f"{name}: expected {what} <= {np.iinfo(np.int64).max}, got {fmt(big)}")
     return arr.astype(np.int64, copy=False)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import keras
@@ -67,6 +67,11 @@ class BurnInRunner:
         if not isinstance(model, keras.layers.Layer):
             raise TypeError(f"model: expected a keras.Model, got {type(model).__name__}")
         check_int("burn_in", burn_in, minimum=0)
+        if isinstance(state_offsets, (str, bytes)) or not isinstance(state_offsets, Iterable):
+            raise TypeError(
+                f"state_offsets: expected a sequence of ints >= 0, got {type(state_offsets).__name__} "
+                f"{state_offsets!r}"
+            )
         offsets = [check_int("state_offsets", o, minimum=0) for o in state_offsets]
         if len(set(offsets)) != len(offsets):
             raise ValueError(f"state_offsets: expected distinct offsets, got {tuple(offsets)}")
@@ -107,9 +112,17 @@ class BurnInRunner:
             mask: optional bool validity mask ``[B, T]``.
         """
         inputs, states, mask = self._prepare(inputs, states, mask)
-        if mask is not None and not self._masking_checked and tf.executing_eagerly():
-            self.check_masking(inputs)
-        return self._compiled(inputs, states, mask)
+        if not tf.executing_eagerly():
+            return self._compiled(inputs, states, mask)
+        # A call that fails puts the model's state back as it was (the pass writes it as it goes).
+        saved = self._read()
+        try:
+            if mask is not None and not self._masking_checked:
+                self.check_masking(inputs)
+            return self._compiled(inputs, states, mask)
+        except BaseException:
+            self._write(saved)
+            raise
 
     def run(self, inputs: Any, states: Any = None, *, mask: Any = None) -> RunnerOutput:
         """The same pass without compiling it; for use inside the caller's ``tf.function``."""
@@ -138,7 +151,8 @@ class BurnInRunner:
             self._call_model(first, mask)
             after = get_states(self.model)
         finally:
-            set_states(self.model, saved)
+            # The model's own state goes back bit for bit, NaN included (no checks: it is not input).
+            self._write(saved)
         for layer, before_entry, after_entry in zip(self._layers, probe_state, after):
             if not all(np.array_equal(b, a) for b, a in zip(before_entry, after_entry)):
                 raise ValueError(
@@ -151,10 +165,21 @@ class BurnInRunner:
     # ---------------------------------------------------------------- internal
 
     def _prepare(self, inputs: Any, states: Any, mask: Any) -> tuple[Any, Any, Any]:
+        if inputs is None:
+            raise TypeError(
+                "inputs: expected an array or tensor [batch, time, ...] (or a structure of them), got None"
+            )
         leaves = tf.nest.flatten(inputs)
         if not leaves:
             raise ValueError("inputs: expected at least one array")
-        converted = [tf.convert_to_tensor(x) for x in leaves]
+        converted = []
+        for i, x in enumerate(leaves):
+            try:
+                converted.append(tf.convert_to_tensor(x))
+            except (TypeError, ValueError) as err:
+                raise TypeError(
+                    f"inputs[{i}]: expected an array or tensor [batch, time, ...], got {type(x).__name__} ({err})"
+                ) from None
         batch = self.batch_size
         length = None
         for i, x in enumerate(converted):

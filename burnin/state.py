@@ -218,8 +218,15 @@ def reset_rows(model: keras.layers.Layer, rows: Any) -> None:
 def broadcast_row(states: RecurrentState, row: int) -> RecurrentState:
     """Return a copy of ``states`` where every row equals row ``row`` (article case 5)."""
     check_int("row", row)
+    if not isinstance(states, Sequence) or isinstance(states, (str, bytes)):
+        raise TypeError(
+            "states: expected a RecurrentState (a tuple with one tuple of arrays per stateful layer), "
+            f"got {type(states).__name__}"
+        )
     out = []
     for i, entry in enumerate(states):
+        if not isinstance(entry, Sequence) or isinstance(entry, (str, bytes)):
+            raise TypeError(f"states[{i}]: expected a tuple of state arrays, got {type(entry).__name__}")
         arrays = []
         for j, value in enumerate(entry):
             arr = np.asarray(value)

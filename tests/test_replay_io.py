@@ -162,7 +162,7 @@ def test_corrupt_files_give_clear_errors(tmp_path: Path) -> None:
     def kill_window(arrays: dict[str, np.ndarray]) -> None:
         arrays["window_alive"] = np.zeros_like(arrays["window_alive"])
 
-    with pytest.raises(ValueError, match="window table and priorities disagree"):
+    with pytest.raises(ValueError, match="is corrupt: window_alive: disagrees with the lane table"):
         SequenceReplay.load(rewrite(path, tmp_path / "alive.npz", kill_window))
 
     with pytest.raises(FileNotFoundError):

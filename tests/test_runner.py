@@ -347,3 +347,74 @@ def test_bad_calls(case, rng):
     call, error, message = BAD_CALLS[case]
     with pytest.raises(error, match=message):
         call(runner, x, mask, random_state(model, rng))
+
+
+# -- issue 11: a failed call restores the model's state; clear errors ----------------------
+
+
+def set_raw(model, states):
+    """Write states into the model's variables without the checks of set_states (NaN allowed)."""
+    for layer, entry in zip(burnin.stateful_layers(model), states):
+        for var, value in zip(burnin.state.state_variables(layer), entry):
+            var.assign(value)
+
+
+def test_nan_in_the_live_state_does_not_break_a_masked_call(rng):
+    """Issue 11 item 12: NaN in the model's live state made the first masked call fail with an error
+    about states (the masking probe could not put the NaN state back) and left the probe state in."""
+    model = lstm_model()
+    runner = burnin.BurnInRunner(model, burn_in=3)
+    x = rng.standard_normal((4, T, 3)).astype(np.float32)
+    start = random_state(model, rng)
+    clean = lstm_model()
+    expected = burnin.BurnInRunner(clean, burn_in=3)(x, start, mask=np.ones((4, T), bool))
+    nan_state = tuple(tuple(np.full_like(a, np.nan) for a in entry) for entry in start)
+    set_raw(model, nan_state)
+    out = runner(x, start, mask=np.ones((4, T), bool))
+    np.testing.assert_array_equal(out.outputs.numpy(), expected.outputs.numpy())
+    assert_states_equal(burnin.get_states(model), np_states(expected.final_state))
+
+
+def test_failed_masking_check_restores_a_nan_state_bit_for_bit(rng):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input(batch_shape=(4, None, 3))
+    x = keras.layers.LSTM(5, stateful=True, return_sequences=True, name="lstm")(DropMask()(inputs))
+    model = keras.Model(inputs, x)
+    runner = burnin.BurnInRunner(model, burn_in=2)
+    live = random_state(model, rng)
+    live[0][0][1, 2] = np.nan
+    set_raw(model, live)
+    with pytest.raises(ValueError, match="fully masked step changed the state of layer 'lstm'"):
+        runner(rng.standard_normal((4, T, 3)).astype(np.float32), None, mask=np.ones((4, T), bool))
+    assert_states_equal(burnin.get_states(model), live)
+
+
+def test_a_failed_call_restores_the_models_state(rng, monkeypatch):
+    """The pass writes the state variables as it goes; a call that fails half way puts them back."""
+    model = lstm_model()
+    runner = burnin.BurnInRunner(model, burn_in=3)
+    x = rng.standard_normal((4, T, 3)).astype(np.float32)
+    runner(x, random_state(model, rng))  # traced once
+    live = random_state(model, rng)
+    burnin.set_states(model, live)
+
+    def failing(inputs, states, mask):
+        runner._write(random_state(model, rng))
+        raise tf.errors.ResourceExhaustedError(None, None, "out of memory half way")
+
+    monkeypatch.setattr(runner, "_compiled", failing)
+    with pytest.raises(tf.errors.ResourceExhaustedError):
+        runner(x, random_state(model, rng))
+    assert_states_equal(burnin.get_states(model), live)
+
+
+def test_none_arguments_raise_type_errors_naming_them():
+    """Issue 11 item 13: raw TypeErrors that named no argument."""
+    model = lstm_model()
+    with pytest.raises(TypeError, match="state_offsets: expected a sequence of ints >= 0, got NoneType None"):
+        burnin.BurnInRunner(model, burn_in=1, state_offsets=None)
+    runner = burnin.BurnInRunner(model, burn_in=1)
+    with pytest.raises(TypeError, match=r"inputs: expected an array or tensor \[batch, time, ...\]"):
+        runner(None)
+    with pytest.raises(TypeError, match=r"inputs\[1\]: expected an array or tensor"):
+        runner([np.zeros((4, T, 3), np.float32), None])

@@ -400,3 +400,13 @@ def test_guard_is_idempotent(rng):
     assert burnin.guard_batch_size(model) is model
     out = model.predict(rng.standard_normal((6, 3, 3)).astype(np.float32), verbose=0)
     assert out.shape == (6, 3, 2)
+
+
+def test_broadcast_row_of_no_states_names_the_argument():
+    """Issue 11 item 13: broadcast_row(None, 0) raised a raw TypeError that named nothing."""
+    with pytest.raises(TypeError, match=r"states: expected a RecurrentState .* got NoneType"):
+        burnin.broadcast_row(None, 0)
+    with pytest.raises(TypeError, match=r"states\[0\]: expected a tuple of state arrays, got ndarray"):
+        burnin.broadcast_row((np.zeros((2, 3)),), 0)
+    with pytest.raises(TypeError, match="row: expected an int, got float 1.0"):
+        burnin.broadcast_row(((np.zeros((2, 3)),),), 1.0)

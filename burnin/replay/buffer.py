@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import math
 import os
 import threading
@@ -12,17 +15,14 @@ import numpy as np
 
 from burnin._checks import check_int, fmt
 from burnin.replay import kernels
-from burnin.replay.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
+from burnin.replay.checkpoint import Checkpoint, encode_json, read_checkpoint, write_checkpoint
 from burnin.replay.kernels import (
-    C_PRIO,
     C_SAMPLEABLE,
     C_SAMPLES,
     C_STALE,
-    C_STATES,
     LANE_EVICT_AT,
     LANE_OPEN,
     LANE_PENDING_FINAL,
-    LANE_PENDING_TERM,
     LANE_POS,
     NEVER,
     NO_POS,
@@ -43,12 +43,13 @@ from burnin.replay.spec import (
     SequenceBatch,
     SequenceSpec,
     array_specs,
+    cast_states,
     check_array,
     check_keys,
     check_offsets,
     check_state_tree,
 )
-from burnin.replay.testing import check_tables, live_keys
+from burnin.replay.testing import TOTAL_LIMIT, data_problem, live_keys, registry_problem, table_problem
 from burnin.sumtree import SumTree, tree_find
 
 __all__ = ["SequenceReplay"]
@@ -139,6 +140,8 @@ class SequenceReplay:
         self._registry = LaneRegistry(nl, registry)
         self._arrays = arrays
         self._layout = Layout.of(config, fanout=tree.fanout)
+        with np.errstate(over="ignore"):
+            self._prio = np.array([max_priority, np.float64(max_priority) ** config.alpha], dtype=np.float64)
         self._tables = Tables(
             lanes=arrays["lanes"],
             windows=arrays["windows"],
@@ -152,6 +155,7 @@ class SequenceReplay:
             tree=tree.nodes,
             tree_offsets=tree.offsets,
             counters=arrays["counters"],
+            priority=self._prio,
         )
         # Short names for the tables read outside the kernels.
         self._lt, self._win, self._alive = arrays["lanes"], arrays["windows"], arrays["window_alive"]
@@ -161,7 +165,16 @@ class SequenceReplay:
         self._actor_states_flat = (
             self._flat_states(arrays, "actor_state") if config.keep_actor_states else None
         )
-        self._set_max_priority(max_priority)
+        # The same arrays as [rows, width] views, one tuple for the compiled commits (a zero-width
+        # stand-in when nothing is stored, as the commits take one type of tuple).
+        self._state_widths = [math.prod(shape) for layer in config.state_shapes for shape in layer]
+        self._states_2d = self._rows_2d(self._states_flat)
+        self._actor_states_2d = (
+            self._rows_2d(self._actor_states_flat) if config.keep_actor_states else self._states_2d
+        )
+        self._no_rows = self._flat_rows(
+            tuple((np.empty((0, w), dtype=config.state_dtype),) for w in self._state_widths), 0
+        )
         # Scratch for add, reused under the lock: lanes are distinct, so n <= num_lanes.
         self._rows_buf = np.empty(nl, dtype=np.int64)
         self._flat_buf = np.empty(nl, dtype=np.int64)
@@ -174,9 +187,27 @@ class SequenceReplay:
             for i, layer in enumerate(self._config.state_shapes)
         )
 
-    def _set_max_priority(self, value: float) -> None:
-        self._max_priority = float(value)
-        self._new_leaf = self._max_priority**self._config.alpha
+    def _bits(self, arr: np.ndarray) -> np.ndarray:
+        """A state array as unsigned integers of its width: the commits copy bits, so float16 states
+        (which numba cannot type) are stored as well."""
+        return arr.view(np.dtype(f"u{arr.dtype.itemsize}"))
+
+    def _rows_2d(self, flat: tuple[tuple[np.ndarray, ...], ...] | None) -> tuple[np.ndarray, ...]:
+        arrays = tuple(self._bits(buf.reshape(buf.shape[0], -1)) for buffers in flat or () for buf in buffers)
+        return arrays or (self._bits(np.empty((0, 0), dtype=self._config.state_dtype)),)
+
+    def _flat_rows(self, tree: RecurrentState, m: int) -> tuple[np.ndarray, ...]:
+        """The arrays of ``tree`` (``m`` rows each, in the stored dtype) as [m, width] arrays, for the commits."""
+        out = tuple(
+            self._bits(np.ascontiguousarray(arr).reshape(m, width))
+            for arr, width in zip((a for layer in tree for a in layer), self._state_widths)
+        )
+        return out or (self._bits(np.empty((m, 0), dtype=self._config.state_dtype)),)
+
+    @property
+    def _max_priority(self) -> float:
+        """The running maximum priority, which new windows start with (to the alpha)."""
+        return float(self._prio[0])
 
     # -- properties -----------------------------------------------------------------------
 
@@ -272,13 +303,14 @@ class SequenceReplay:
         lanes = check_lanes(lanes, self.num_lanes)
         n = lanes.size
         obs = check_array("observation", observation, (n, *cfg.obs_shape), cfg.obs_dtype)
-        act = check_array("action", action, (n,), np.dtype(np.int32)).astype(np.int32, copy=False)
-        rew = check_array("reward", reward, (n,), np.dtype(np.float32)).astype(np.float32, copy=False)
+        act = check_array("action", action, (n,), np.dtype(np.int32))
+        rew = check_array("reward", reward, (n,), np.dtype(np.float32))
         term = check_array("terminated", terminated, (n,), np.dtype(np.bool_))
         trunc = check_array("truncated", truncated, (n,), np.dtype(np.bool_))
         st = check_state_tree(cfg, "states", states, n)
         if n == 0:
             return
+        obs_rows = np.ascontiguousarray(obs).reshape(n, self._obs_size)
         with self._lock:
             bad, m = kernels.plan_add(lanes, term | trunc, self._lt, self._layout, self._rows_buf)
             if bad:
@@ -288,22 +320,19 @@ class SequenceReplay:
                     "of their episode (their previous add ended it), so both flags must be False there"
                 )
             rows = self._rows_buf[:m].copy()
-            _check_kept_states(st, rows, lanes)
-            # Nothing raises from here on.
-            kept = kernels.add_steps(
-                lanes, act, rew, term, trunc, self._tables, self._layout, self._new_leaf,
-                self._flat_buf, self._sslot_buf,
-            )  # fmt: skip
-            assert kept == m
-            self._obs_flat[self._flat_buf[:n]] = obs
+            # Only the state rows kept now must be finite, as stored.
             if m:
-                slots = self._sslot_buf[:m]
-                for buffers, layer in zip(self._states_flat, st):
-                    for buf, arr in zip(buffers, layer):
-                        buf[slots] = arr[rows]
-                for buffers, layer in zip(self._actor_states_flat or (), st):
-                    for buf, arr in zip(buffers, layer):
-                        buf[slots] = arr[rows]
+                picked = tuple(tuple(arr[rows] for arr in layer) for layer in st)
+                where = {"rows": "the rows kept now, at lanes", "ids": lanes[rows]}
+                kept = self._flat_rows(cast_states("states", picked, cfg.state_dtype, **where), m)
+            else:
+                kept = self._no_rows
+            # Every write in one compiled call: an interrupt finds the add either not begun or done.
+            done = kernels.commit_add(
+                lanes, act, rew, term, trunc, self._tables, self._layout, self._flat_buf, self._sslot_buf,
+                obs_rows, self._states_2d, self._actor_states_2d, cfg.keep_actor_states, kept,
+            )  # fmt: skip
+            assert done == m
 
     def close_lanes(self, lanes: Any) -> None:
         """End the open episode of each lane cleanly, e.g. when its writer goes away.
@@ -320,28 +349,7 @@ class SequenceReplay:
         """
         lanes = check_lanes(lanes, self.num_lanes)
         with self._lock:
-            self._close(lanes)
-
-    def _close(self, lanes: np.ndarray) -> None:
-        lt = self._lt
-        pending_term = (
-            (lt[lanes, LANE_OPEN] != 0)
-            & (lt[lanes, LANE_PENDING_FINAL] != 0)
-            & (lt[lanes, LANE_PENDING_TERM] != 0)
-        )
-        if pending_term.any():
-            # A terminated episode never bootstraps from its final observation (discount 0):
-            # store a zero one, so that the terminating transition and its reward are kept.
-            ends = lanes[pending_term]
-            n = ends.size
-            no = np.zeros(n, np.bool_)
-            kept = kernels.add_steps(
-                ends, np.zeros(n, np.int32), np.zeros(n, np.float32), no, no, self._tables, self._layout,
-                self._new_leaf, self._flat_buf, self._sslot_buf,
-            )  # fmt: skip
-            assert kept == 0  # a final observation never starts a window, so it keeps no state
-            self._obs_flat[self._flat_buf[:n]] = 0
-        kernels.close_lanes(lanes, self._tables, self._layout, self._new_leaf)
+            kernels.commit_close(lanes, self._tables, self._layout, self._flat_buf, self._sslot_buf)
 
     def register_lanes(self, owner: str, count: int) -> np.ndarray:
         """Lane ids for a writer named ``owner``: ``count`` lanes never written to nor registered before.
@@ -358,7 +366,7 @@ class SequenceReplay:
             if held is None:
                 return self._registry.assign(owner, count, written=self._lt[:, LANE_POS] > 0)
             self._registry.check_count(owner, held, count)
-            self._close(held)
+            kernels.commit_close(held, self._tables, self._layout, self._flat_buf, self._sslot_buf)
             return held
 
     # -- sampling and updates --------------------------------------------------------------
@@ -381,15 +389,25 @@ class SequenceReplay:
             total = self._tree.total()
             if not total > 0:
                 raise ValueError("sample: every sampleable window has priority 0")
-            slots = np.empty(batch, dtype=np.int64)
-            tree = self._tree
-            tree_find(tree.nodes, tree.offsets, tree.fanout, self._rng.random(batch) * total, slots)
-            prob = tree.nodes[slots] / total
-            n_windows = int(self._counters[C_SAMPLEABLE])
-            parts = self._gather(slots, offsets)
-            self._counters[C_SAMPLES] += 1
-        weights = (n_windows * prob) ** -self._config.beta
-        weights = (weights / weights.max()).astype(np.float32)
+            # A sample changes the RNG and then the sample counter: if it is interrupted (or fails)
+            # before the counter moved, the RNG is put back, so the draw never happened.
+            rng_state = self._rng.bit_generator.state
+            count = int(self._counters[C_SAMPLES])
+            try:
+                slots = np.empty(batch, dtype=np.int64)
+                tree = self._tree
+                tree_find(tree.nodes, tree.offsets, tree.fanout, self._rng.random(batch) * total, slots)
+                leaves = tree.nodes[slots]
+                parts = self._gather(slots, offsets)
+                self._counters[C_SAMPLES] += 1
+            except BaseException:
+                if self._counters[C_SAMPLES] == count:
+                    self._rng.bit_generator.state = rng_state
+                raise
+        prob = leaves / total
+        # (N·P)**-beta / max over the batch = (P / min P)**-beta: no NaN even if a probability underflows.
+        with np.errstate(over="ignore"):
+            weights = ((leaves / leaves.min()) ** -self._config.beta).astype(np.float32)
         return SequenceBatch(probabilities=prob, weights=weights, **parts)
 
     def _gather(self, slots: np.ndarray, offsets: np.ndarray) -> dict[str, Any]:
@@ -461,13 +479,21 @@ class SequenceReplay:
         bad = ~np.isfinite(pr) | (pr < 0)
         if bad.any():
             raise ValueError(f"priorities: expected finite values >= 0, got {fmt(pr[bad])}")
-        leaves = pr**self._config.alpha
+        alpha = self._config.alpha
+        with np.errstate(over="ignore", under="ignore"):
+            leaves = pr**alpha
+        # Every window may come to hold the largest leaf (new windows start at the running maximum),
+        # so num_slots times it must stay finite; and a positive priority must stay sampleable.
+        limit = TOTAL_LIMIT / self._num_slots
+        bad = ~(leaves <= limit) | ((pr > 0) & (leaves <= 0))
+        if bad.any():
+            raise ValueError(
+                f"priorities: expected priority**alpha (alpha={alpha}) > 0 and <= {limit:.4g} (the sum over "
+                f"{self._num_slots} window slots must stay finite), got priorities {fmt(pr[bad])} "
+                f"(priority**alpha {fmt(leaves[bad])})"
+            )
         with self._lock:
-            stale, largest = kernels.update_priorities(keys, pr, leaves, self._tables, self._layout)
-            self._counters[C_STALE] += stale
-            self._counters[C_PRIO] += keys.size - stale
-            if largest > self._max_priority:
-                self._set_max_priority(largest)
+            kernels.commit_priorities(keys, pr, leaves, alpha, self._tables, self._layout)
 
     def update_states(self, keys: Any, offsets: Sequence[int], states: Sequence[RecurrentState]) -> int:
         """Refresh stored states with ones the learner recomputed; returns how many stored states were written.
@@ -487,14 +513,12 @@ class SequenceReplay:
             raise ValueError(
                 f"states: expected a sequence of {offs.size} RecurrentStates aligned with offsets, got {got}"
             )
-        trees = [check_state_tree(self._config, f"states[{i}]", s, keys.size) for i, s in enumerate(states)]
-        for i, tree in enumerate(trees):
-            for a, layer in enumerate(tree):
-                for j, arr in enumerate(layer):
-                    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-                        raise ValueError(f"states[{i}][{a}][{j}]: expected finite values, got NaN or inf")
+        dtype = self._config.state_dtype
+        trees = [
+            cast_states(f"states[{i}]", check_state_tree(self._config, f"states[{i}]", s, keys.size), dtype)
+            for i, s in enumerate(states)
+        ]
         period, spl = self._spec.period, self._spl
-        written = 0
         with self._lock:
             slots, live = self._live(keys)
             lane = slots // self._wpl
@@ -505,7 +529,8 @@ class SequenceReplay:
                 win[:, WIN_RIGHT],
                 win[:, WIN_STATE],
             )
-            for o, tree in zip(offs, trees):
+            targets, picks, written = [], [], 0
+            for i, o in enumerate(offs):
                 srow = lane * spl + (snum + o // period) % spl
                 ok = live & (o >= left) & (o < right) & (self._spos[srow] == start + o)
                 if not ok.any():
@@ -514,11 +539,26 @@ class SequenceReplay:
                 # Last row wins: numpy does not promise an order for repeated fancy writes.
                 target, last = np.unique(srow[rows][::-1], return_index=True)
                 rows = rows[::-1][last]
-                for buffers, layer in zip(self._states_flat, tree):
-                    for buf, arr in zip(buffers, layer):
-                        buf[target] = arr[rows]
+                targets.append(target)
+                picks.append((i, rows))
                 written += target.size
-            self._counters[C_STATES] += written
+            if not written:
+                return 0
+            # Across offsets too the last (offset, row) wins: keep each state row's last write only.
+            every = np.concatenate(targets)
+            target, last = np.unique(every[::-1], return_index=True)
+            keep = every.size - 1 - last
+            rows_2d = self._flat_rows(
+                tuple(
+                    tuple(
+                        np.concatenate([trees[i][a][j][r] for i, r in picks])[keep] for j in range(len(layer))
+                    )
+                    for a, layer in enumerate(self._config.state_shapes)
+                ),
+                target.size,
+            )
+            # Every write in one compiled call: an interrupt finds the refresh either not begun or done.
+            kernels.commit_states(self._states_2d, target, rows_2d, self._counters, written)
         return written
 
     # -- checkpoints (format: burnin.replay.checkpoint) -------------------------------------
@@ -544,15 +584,22 @@ class SequenceReplay:
             )
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> SequenceReplay:
-        """Read a checkpoint written by :meth:`save`, without pickle.
+    def load(cls, path: str | os.PathLike[str], *, max_bytes: int | None = None) -> SequenceReplay:
+        """Read a checkpoint written by :meth:`save`, without pickle, as untrusted input.
 
-        A truncated, corrupt or wrong-version file raises ``ValueError`` saying
-        so; a missing file raises ``FileNotFoundError``.
+        Every member's header is checked against the saved configuration before
+        it is read, and every table's values and ranges after (the invariants of
+        :meth:`check_invariants`), so a bad file raises ``ValueError`` naming the
+        file and what is wrong, and cannot crash a later call. ``max_bytes``
+        bounds what the configuration may declare (default: the machine's
+        physical memory). A missing file raises ``FileNotFoundError``.
         """
-        ck: Checkpoint = read_checkpoint(path)
+        ck: Checkpoint = read_checkpoint(path, max_bytes=max_bytes)
         self = cls.__new__(cls)
         self._setup(ck.config, ck.rng, ck.arrays, ck.tree, max_priority=ck.max_priority, registry=ck.registry)
+        problem = self._problem()
+        if problem is not None:
+            raise ValueError(f"checkpoint {path} is corrupt: {problem}")
         return self
 
     # -- for tests, debugging and diagnostics ------------------------------------------------
@@ -575,17 +622,48 @@ class SequenceReplay:
         return SequenceBatch(probabilities=prob, weights=np.ones(keys.size, np.float32), **parts)
 
     def check_invariants(self) -> None:
-        """Assert that the bookkeeping is consistent (tests call this after every operation)."""
+        """Assert that the bookkeeping is consistent and every stored value finite (tests call this after
+        every operation; :meth:`load` refuses a checkpoint that breaks it)."""
         with self._lock:
-            check_tables(self._tables, self._layout)
+            problem = self._problem()
+        assert problem is None, problem
 
+    def _problem(self) -> str | None:
+        return (
+            table_problem(self._tables, self._layout, alpha=self._config.alpha)
+            or registry_problem(self._registry.to_json(), self.num_lanes)
+            or data_problem(self._arrays)
+        )
 
-def _check_kept_states(states: RecurrentState, rows: np.ndarray, lanes: np.ndarray) -> None:
-    """ValueError if a state row that :meth:`SequenceReplay.add` keeps holds NaN or inf."""
-    for i, layer in enumerate(states):
-        for j, arr in enumerate(layer):
-            if rows.size and arr.dtype.kind == "f" and not np.isfinite(arr[rows]).all():
-                raise ValueError(
-                    f"states[{i}][{j}]: expected finite values in the rows kept now "
-                    f"(lanes {fmt(lanes[rows])}), got NaN or inf"
-                )
+    def fingerprint(self) -> str:
+        """A SHA-256 of everything the buffer holds: every array, the priorities, the running maximum,
+        the lane registry, the configuration and the RNG state. Equal fingerprints, equal buffers."""
+        with self._lock:
+            h = hashlib.sha256()
+            for name in sorted(self._arrays):
+                arr = self._arrays[name]
+                h.update(f"{name} {arr.dtype.str} {arr.shape}".encode())
+                h.update(np.ascontiguousarray(arr).view(np.uint8).reshape(-1))
+            h.update(self._tree.nodes.view(np.uint8))
+            h.update(self._prio.view(np.uint8))
+            meta = {
+                "config": self._config.to_json(),
+                "registry": self._registry.to_json(),
+                "rng": encode_json(self._rng.bit_generator.state),
+            }
+            h.update(json.dumps(meta, sort_keys=True).encode())
+            return h.hexdigest()
+
+    def copy(self) -> SequenceReplay:
+        """An independent copy of the buffer (arrays, priorities, registry and RNG state)."""
+        with self._lock:
+            arrays = {name: arr.copy() for name, arr in self._arrays.items()}
+            tree = SumTree(self._num_slots, fanout=self._tree.fanout)
+            tree.nodes[:] = self._tree.nodes
+            rng = copy.deepcopy(self._rng)
+            prio = self._prio.copy()
+            registry = self._registry.to_json()
+        new = type(self).__new__(type(self))
+        new._setup(self._config, rng, arrays, tree, max_priority=float(prio[0]), registry=registry)
+        new._prio[:] = prio
+        return new

@@ -5,6 +5,12 @@ lane; as numpy it costs ~100 small array operations per add. These kernels run
 it in one compiled call. Observations and states are copied by numpy in the
 buffer. Every kernel takes the buffer's tables as one :class:`Tables` and its
 sizes as one :class:`Layout`; the tables are updated in place.
+
+Each mutating method of the buffer checks and prepares everything first and
+then makes all its writes in one ``commit_*`` call. Python delivers a
+KeyboardInterrupt only between bytecodes, never inside a compiled call, so an
+interrupt finds the buffer either before the commit or after it, never half
+way (tests/test_faults_replay.py interrupts every bytecode to check this).
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ __all__ = [
     "Tables",
     "add_steps",
     "close_lanes",
+    "commit_add",
+    "commit_close",
+    "commit_priorities",
+    "commit_states",
     "gather",
     "lanes_problem",
     "plan_add",
@@ -94,6 +104,8 @@ class Tables(NamedTuple):
     """int64: the sum-tree's level offsets (SumTree.offsets)."""
     counters: np.ndarray
     """int64 [len(COUNTERS)]: C_* counters."""
+    priority: np.ndarray
+    """float64 [2]: the running maximum priority and its priority**alpha, the leaf new windows start with."""
 
 
 class Layout(NamedTuple):
@@ -366,6 +378,91 @@ def close_lanes(lanes, t, lay, leaf):
             pf = lane * cap + (last - 1) % cap
             t.flags[pf] = (t.flags[pf] & ~TERMINATED & 0xFF) | TRUNCATED
         _end_episode(lane, T, t, lay, leaf)
+
+
+@numba.njit(cache=True, nogil=True)
+def _copy_rows(dst, targets, src):
+    """``dst[k][targets[r]] = src[k][r]`` for every array pair ``k`` of two equally long tuples of 2-D arrays."""
+    for k in range(len(dst)):
+        d = dst[k]
+        s = src[k]
+        for r in range(targets.size):
+            # Plain counters over row views: numba drops the wrap-around checks and vectorises.
+            out, row = d[targets[r]], s[r]
+            for x in range(row.size):
+                out[x] = row[x]
+
+
+@numba.njit(cache=True, nogil=True)
+def commit_add(
+    lanes, action, reward, terminated, truncated, t, lay, flat_out, state_slot_out,
+    observation, states, actor_states, keep_actor, kept,
+):  # fmt: skip
+    """Every write of one ``SequenceReplay.add``: the bookkeeping (:func:`add_steps`), the observations
+    (``observation`` [n, obs_size]) and the state rows kept now (``kept``: per state array [m, width], in the
+    order :func:`plan_add` listed them) into ``states`` (and ``actor_states`` if ``keep_actor``)."""
+    m = add_steps(
+        lanes, action, reward, terminated, truncated, t, lay, t.priority[1], flat_out, state_slot_out
+    )
+    width = observation.shape[1]
+    for i in range(lanes.size):
+        out, row = t.observation[flat_out[i] * width : (flat_out[i] + 1) * width], observation[i]
+        for x in range(width):
+            out[x] = row[x]
+    slots = state_slot_out[: min(m, kept[0].shape[0])]
+    _copy_rows(states, slots, kept)
+    if keep_actor:
+        _copy_rows(actor_states, slots, kept)
+    return m
+
+
+@numba.njit(cache=True, nogil=True)
+def commit_close(lanes, t, lay, flat_out, state_slot_out):
+    """Every write of ``SequenceReplay.close_lanes``: a zero final observation for each lane whose last add
+    terminated its episode, then :func:`close_lanes`."""
+    leaf = t.priority[1]
+    lt = t.lanes
+    ends = np.empty(lanes.size, dtype=np.int64)
+    n = 0
+    for i in range(lanes.size):
+        lane = lanes[i]
+        if (
+            lt[lane, LANE_OPEN] != 0
+            and lt[lane, LANE_PENDING_FINAL] != 0
+            and lt[lane, LANE_PENDING_TERM] != 0
+        ):
+            ends[n] = lane
+            n += 1
+    if n > 0:
+        no = np.zeros(n, dtype=np.bool_)
+        add_steps(
+            ends[:n], np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.float32), no, no, t, lay, leaf,
+            flat_out, state_slot_out,
+        )  # fmt: skip
+        width = t.observation.size // t.flags.size
+        for i in range(n):
+            _fill(t.observation[flat_out[i] * width : (flat_out[i] + 1) * width], 0)
+    close_lanes(lanes, t, lay, leaf)
+
+
+@numba.njit(cache=True, nogil=True)
+def commit_priorities(keys, priorities, leaves, alpha, t, lay):
+    """Every write of ``SequenceReplay.update_priorities``: the leaves (:func:`update_priorities`), the
+    counters and the running maximum; returns the stale count."""
+    stale, largest = update_priorities(keys, priorities, leaves, t, lay)
+    t.counters[C_STALE] += stale
+    t.counters[C_PRIO] += keys.size - stale
+    if largest > t.priority[0]:
+        t.priority[0] = largest
+        t.priority[1] = largest**alpha
+    return stale
+
+
+@numba.njit(cache=True, nogil=True)
+def commit_states(states, targets, rows, counters, written):
+    """Every write of ``SequenceReplay.update_states``: ``states[k][targets[r]] = rows[k][r]``, and the counter."""
+    _copy_rows(states, targets, rows)
+    counters[C_STATES] += written
 
 
 @numba.njit(cache=True, nogil=True)

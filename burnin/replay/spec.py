@@ -21,7 +21,9 @@ __all__ = [
     "SequenceBatch",
     "SequenceSpec",
     "array_specs",
+    "cast_states",
     "check_array",
+    "check_finite",
     "check_keys",
     "check_offsets",
     "check_state_tree",
@@ -126,8 +128,15 @@ class ReplayConfig:
             raise TypeError(f"obs_dtype/state_dtype: expected numpy dtypes ({err})") from None
         if obs_dtype.kind not in "biuf":
             raise TypeError(f"obs_dtype: expected a bool, integer or floating dtype, got {obs_dtype}")
-        if state_dtype.kind != "f":
-            raise TypeError(f"state_dtype: expected a floating dtype, got {state_dtype}")
+        if state_dtype.kind != "f" or state_dtype.itemsize > 8:
+            raise TypeError(f"state_dtype: expected float16, float32 or float64, got {state_dtype}")
+        if obs_dtype.kind == "f" and obs_dtype.itemsize not in (4, 8):
+            # The compiled kernels copy observations by type; numba has no float16 nor longdouble.
+            raise TypeError(
+                f"obs_dtype: expected float32 or float64 for floating observations, got {obs_dtype}"
+            )
+        # Stored in native byte order (the kernels take no other; '>f4' and '<f4' hold the same values).
+        obs_dtype, state_dtype = obs_dtype.newbyteorder("="), state_dtype.newbyteorder("=")
         object.__setattr__(self, "obs_dtype", obs_dtype)
         object.__setattr__(self, "state_dtype", state_dtype)
         shapes = self.state_shapes
@@ -285,26 +294,71 @@ def _iinfo(dtype: np.dtype) -> np.iinfo:
 
 
 def check_array(name: str, value: Any, shape: tuple[int, ...], target: np.dtype) -> np.ndarray:
-    """``value`` as an array of ``shape`` castable to ``target`` without loss: finite floats, ints in range."""
+    """``value`` as an array of ``shape`` cast to ``target``, refused unless the cast loses nothing:
+    integers in range, and floats finite as stored (a float64 1e39 is inf in float32)."""
     arr = np.asarray(value)
     kinds = {"b": "b", "i": "biu", "u": "biu", "f": "biuf"}[target.kind]
     if arr.dtype.kind not in kinds:
         raise TypeError(f"{name}: expected dtype castable to {target}, got {arr.dtype}")
     if arr.shape != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {arr.shape}")
-    if arr.dtype.kind == "f":
-        finite = np.isfinite(arr)
-        if not finite.all():
-            rows = np.flatnonzero(~finite.reshape(shape[0], -1).all(axis=1))
-            raise ValueError(f"{name}: expected finite values, got NaN or inf in rows {fmt(rows)}")
-    elif target.kind in "iu" and arr.dtype != target and arr.size:
+    if target.kind in "iu" and arr.dtype != target and arr.size:
         info = _iinfo(target)
         lo, hi = arr.min(), arr.max()
         if lo < info.min or hi > info.max:
             raise ValueError(
                 f"{name}: expected values in [{info.min}, {info.max}] for {target}, got {lo}..{hi}"
             )
-    return arr
+    out = _cast(arr, target)
+    if target.kind == "f":
+        check_finite(name, arr, out, target)
+    return out
+
+
+def _cast(arr: np.ndarray, target: np.dtype) -> np.ndarray:
+    """``arr`` as ``target``; a value beyond a narrower float's range becomes inf (quietly: the callers refuse it)."""
+    if arr.dtype == target:
+        return arr
+    narrowing = target.kind == "f" and (
+        (arr.dtype.kind == "f" and arr.dtype.itemsize > target.itemsize) or target.itemsize <= 2
+    )
+    if not narrowing:  # np.errstate costs microseconds: only where an overflow can happen
+        return arr.astype(target)
+    with np.errstate(over="ignore"):
+        return arr.astype(target)
+
+
+def check_finite(
+    name: str, given: np.ndarray, stored: np.ndarray, dtype: np.dtype, *, rows: str = "rows", ids: Any = None
+) -> None:
+    """ValueError unless ``stored`` (``given`` cast to ``dtype``) is finite, naming the bad rows (axis 0)
+    as ``rows`` with ids ``ids`` (default: their indices)."""
+    finite = np.isfinite(stored)
+    if finite.all():
+        return
+    bad = np.flatnonzero(~finite.reshape(finite.shape[0], -1).all(axis=1))
+    where = f"in {rows} {fmt(bad if ids is None else np.asarray(ids)[bad])}"
+    values = given[~finite]
+    if given.dtype.kind != "f" or np.isfinite(values).all():
+        raise ValueError(
+            f"{name}: expected values within {dtype}'s range (|x| <= {float(np.finfo(dtype).max):.8g}), "
+            f"got {fmt(values)} {where}"
+        )
+    raise ValueError(f"{name}: expected finite values, got NaN or inf {where}")
+
+
+def cast_states(name: str, states: RecurrentState, dtype: np.dtype, **where: Any) -> RecurrentState:
+    """``states`` cast to the stored ``dtype``; ValueError naming the array if a value is not finite as stored
+    (``where``: see :func:`check_finite`)."""
+    out = []
+    for i, layer in enumerate(states):
+        arrays = []
+        for j, arr in enumerate(layer):
+            stored = _cast(arr, dtype)
+            check_finite(f"{name}[{i}][{j}]", arr, stored, dtype, **where)
+            arrays.append(stored)
+        out.append(tuple(arrays))
+    return tuple(out)
 
 
 def check_state_tree(config: ReplayConfig, name: str, states: Any, batch: int) -> RecurrentState:
@@ -329,7 +383,7 @@ def check_state_tree(config: ReplayConfig, name: str, states: Any, batch: int) -
         arrays = []
         for j, (shape, value) in enumerate(zip(layer, entry)):
             arr = np.asarray(value)
-            if arr.dtype.kind not in "biuf":
+            if arr.dtype.kind != "f":
                 raise TypeError(f"{name}[{i}][{j}]: expected a floating array, got dtype {arr.dtype}")
             if arr.shape != (batch, *shape):
                 raise ValueError(f"{name}[{i}][{j}]: expected shape {(batch, *shape)}, got {arr.shape}")
