@@ -260,7 +260,14 @@ def _check_windows(t: Tables, lay: Layout) -> np.ndarray:
         live,
         start + right,
     )
-    n = num[live]
+    _check_window_order(t, lay, live, num[live])
+    return live
+
+
+def _check_window_order(t: Tables, lay: Layout, live: np.ndarray, n: np.ndarray) -> None:
+    """Live windows of a lane are in FIFO order, and each lane's evict_at is its oldest window's touch."""
+    wpl, win, lt = lay.windows_per_lane, t.windows, t.lanes
+    lane, touch = live // wpl, win[live, WIN_TOUCH]
     order = np.lexsort((n, lane))
     same = lane[order][1:] == lane[order][:-1]
     _require(
@@ -279,7 +286,6 @@ def _check_windows(t: Tables, lay: Layout) -> np.ndarray:
         lanes_ids,
         lt[:, LANE_EVICT_AT],
     )
-    return live
 
 
 def _check_states(t: Tables, lay: Layout, live: np.ndarray) -> None:
