@@ -29,6 +29,7 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_USAGE",
     "ArgumentParser",
+    "configure_threads",
     "import_tensorflow_quietly",
     "one_line",
     "run_script",
@@ -64,7 +65,27 @@ def import_tensorflow_quietly() -> None:
         os.close(saved)
 
 
+def configure_threads(intra: int = 1, inter: int | None = None) -> bool:
+    """TensorFlow's thread pools for this process, if it has not run anything yet (else False).
+
+    One thread per op and one op per core at once (``inter`` defaults to the CPU count): the
+    learner's ops are small matmuls that split poorly across threads, while its online and
+    target passes run side by side; measured 1.13× the updates/s of TensorFlow's default (a thread
+    pool of every core per op) at the demo's scale, and no slower at the paper's
+    (``benchmarks/README.md``).
+    """
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+        tf.config.threading.set_inter_op_parallelism_threads(inter or os.cpu_count() or 1)
+    except RuntimeError:  # the context is running already: its pools stay as they are
+        return False
+    return True
+
+
 import_tensorflow_quietly()  # before anything imports it (agents.r2d2 does)
+configure_threads()
 
 
 def one_line(message: object) -> str:

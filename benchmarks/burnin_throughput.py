@@ -44,11 +44,11 @@ PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16"}
 
 
 def scales(precision: str, lstm_impl: str, jit: bool) -> dict[str, Scale]:
-    """The two workloads. ``lstm_impl='auto'``: Keras' LSTM in fp32, HoistedLSTM in bf16 (fastest of each, measured)."""
+    """The two workloads. ``lstm_impl='auto'``: the config's default (the fastest, measured)."""
     from agents.r2d2 import R2D2Config
 
     if lstm_impl == "auto":
-        lstm_impl = "keras" if precision == "fp32" else "hoisted"
+        lstm_impl = R2D2Config().lstm_impl
     common = {"lstm_impl": lstm_impl, "jit_compile": jit, "precision": PRECISIONS[precision]}
     # The demo's default learner (python -m agents.cartpole).
     cartpole = R2D2Config(**common)
@@ -473,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         parser.error(f"--rounds: expected >= 1, got {args.rounds}")
 
+    from agents.cli import configure_threads  # the thread pools every agents script runs with
+
+    configure_threads()
     import tensorflow as tf
 
     tf.config.experimental.enable_op_determinism()
@@ -488,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
             "tensorflow": tf.__version__,
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
+            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
         },
         "precision": args.precision,
         "command": "python -m benchmarks.burnin_throughput "

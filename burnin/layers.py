@@ -6,6 +6,7 @@ import keras
 import tensorflow as tf
 
 from burnin._checks import check_bool, check_int
+from burnin.lstm_sequence import lstm_sequence
 
 __all__ = ["HoistedLSTM"]
 
@@ -30,14 +31,27 @@ class HoistedLSTM(keras.layers.LSTM):
     other than tanh / sigmoid.
     """
 
-    def __init__(self, units: int, *, max_unroll: int = 0, float32_gates: bool = True, **kwargs) -> None:
+    def __init__(
+        self,
+        units: int,
+        *,
+        max_unroll: int = 0,
+        float32_gates: bool = True,
+        fused_gradient: bool = False,
+        jit_loops: bool = False,
+        **kwargs,
+    ) -> None:
         """Args: as ``keras.layers.LSTM``, plus ``max_unroll``: when a call's time
         dimension is static and at most this long, the loop is unrolled into
         straight-line ops (no ``tf.while_loop``); 0 never unrolls. And
         ``float32_gates``: under a 16-bit compute dtype (``mixed_bfloat16``), the
         matmuls stay 16-bit but the gate math and the cell state inside a call
         run in float32, which is faster on CPUs whose 16-bit element-wise ops are
-        slow (``benchmarks/lstm_step.py``) and more accurate. No effect in float32."""
+        slow (``benchmarks/lstm_step.py``) and more accurate. No effect in float32.
+        And ``fused_gradient``: run the loop through :func:`burnin.lstm_sequence.lstm_sequence`,
+        whose hand-written gradient keeps one matmul per step in the backward loop (forward
+        outputs unchanged; gradients equal to rounding), and with ``jit_loops`` compile its two
+        loops with XLA (faster per step; outputs then equal to rounding, ~1e-7 relative)."""
         for option in ("dropout", "recurrent_dropout"):
             if kwargs.get(option, 0.0):
                 raise ValueError(f"{option}: HoistedLSTM supports only 0, got {kwargs[option]!r}")
@@ -52,13 +66,25 @@ class HoistedLSTM(keras.layers.LSTM):
             )
         max_unroll = check_int("max_unroll", max_unroll, minimum=0)
         float32_gates = check_bool("float32_gates", float32_gates)
+        fused_gradient = check_bool("fused_gradient", fused_gradient)
+        jit_loops = check_bool("jit_loops", jit_loops)
+        if jit_loops and not fused_gradient:
+            raise ValueError("jit_loops: needs fused_gradient=True (it compiles that path's loops)")
         kwargs["use_cudnn"] = False
         super().__init__(units, **kwargs)
         self.max_unroll = max_unroll
         self.float32_gates = float32_gates
+        self.fused_gradient = fused_gradient
+        self.jit_loops = jit_loops
 
     def get_config(self):
-        return {**super().get_config(), "max_unroll": self.max_unroll, "float32_gates": self.float32_gates}
+        return {
+            **super().get_config(),
+            "max_unroll": self.max_unroll,
+            "float32_gates": self.float32_gates,
+            "fused_gradient": self.fused_gradient,
+            "jit_loops": self.jit_loops,
+        }
 
     def _gate_dtype(self, compute_dtype: tf.DType) -> tf.DType:
         if self.float32_gates and compute_dtype in (tf.bfloat16, tf.float16):
@@ -98,6 +124,8 @@ class HoistedLSTM(keras.layers.LSTM):
         h0, c_in = initial_state[0], initial_state[1]
         c0 = tf.cast(c_in, self._gate_dtype(c_in.dtype))  # the cell state's dtype sets the gate math's
         static_steps = sequences.shape[1]
+        if self.fused_gradient and not (static_steps is not None and static_steps <= self.max_unroll):
+            return self._fused_loop(sequences, h0, c_in, c0, mask)
         # [B, T, in] @ [in, 4u] -> [B, T, 4u]: one matmul for every step.
         x_proj = tf.matmul(sequences, tf.convert_to_tensor(cell.kernel))
         w_h = tf.convert_to_tensor(cell.recurrent_kernel)
@@ -133,3 +161,34 @@ class HoistedLSTM(keras.layers.LSTM):
         )
         outputs = tf.transpose(outputs.stack(), [1, 0, 2])  # [B, T, u]
         return last_out, outputs, [h_last, tf.cast(c_last, c_in.dtype)]
+
+    def _fused_loop(self, sequences, h0, c_in, c0, mask):
+        """The loop of :meth:`inner_loop` through :func:`lstm_sequence` (time-major inside)."""
+        cell = self.cell
+        x = tf.transpose(sequences, [1, 0, 2])  # [T, B, in]: the narrow tensor moves, not [B, T, 4u]
+        steps, batch = tf.shape(x)[0], tf.shape(x)[1]
+        kernel = tf.convert_to_tensor(cell.kernel)
+        x_proj = tf.reshape(
+            tf.matmul(tf.reshape(x, [-1, x.shape[-1]]), kernel), [steps, batch, kernel.shape[-1]]
+        )
+        bias = tf.cast(tf.convert_to_tensor(cell.bias), c0.dtype) if cell.use_bias else None
+        keep = None if mask is None else tf.transpose(tf.cast(mask, tf.bool), [1, 0])
+        batch_size = h0.shape[0]
+        # Two row blocks in the backward loop keep two cores busy; only when they split evenly.
+        blocks = 2 if batch_size is not None and batch_size % 2 == 0 and batch_size >= 16 else 1
+        hs, h_last, c_last = lstm_sequence(
+            x_proj,
+            h0,
+            c0,
+            tf.convert_to_tensor(cell.recurrent_kernel),
+            bias,
+            keep,
+            backward_blocks=blocks,
+            jit_loops=self.jit_loops,
+        )
+        if keep is not None:
+            # Keras' outputs: zeros until a row's first valid step, then h (repeated over masked steps).
+            seen = tf.cast(tf.math.cumsum(tf.cast(keep, tf.int32), axis=0) > 0, tf.bool)[:, :, None]
+            hs = tf.where(seen, hs, tf.zeros_like(hs))
+        outputs = tf.transpose(hs, [1, 0, 2])  # [B, T, u]
+        return outputs[:, -1], outputs, [h_last, tf.cast(c_last, c_in.dtype)]

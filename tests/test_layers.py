@@ -14,10 +14,10 @@ from burnin.layers import HoistedLSTM
 B, D, U, T = 4, 5, 8, 15
 
 
-def pair(max_unroll: int = 0) -> tuple[keras.Model, keras.Model]:
-    """A Keras LSTM model and the same model with HoistedLSTM, sharing weights."""
+def pair(options: dict | None = None) -> tuple[keras.Model, keras.Model]:
+    """A Keras LSTM model and the same model with HoistedLSTM(**options), sharing weights."""
     models = []
-    for cls, kwargs in ((keras.layers.LSTM, {}), (HoistedLSTM, {"max_unroll": max_unroll})):
+    for cls, kwargs in ((keras.layers.LSTM, {}), (HoistedLSTM, options or {})):
         keras.utils.set_random_seed(7)
         inputs = keras.Input(batch_shape=(B, None, D))
         x = cls(U, stateful=True, return_sequences=True, name="lstm", **kwargs)(inputs)
@@ -37,13 +37,17 @@ def run(request):
     return call
 
 
-UNROLL = pytest.mark.parametrize("max_unroll", [0, 64], ids=["while_loop", "unrolled"])
+UNROLL = pytest.mark.parametrize(
+    "options",
+    [{}, {"max_unroll": 64}, {"fused_gradient": True}],
+    ids=["while_loop", "unrolled", "fused_gradient"],
+)
 
 
 @UNROLL
 @pytest.mark.parametrize("masked", [False, True])
-def test_bitwise_equal_to_keras_lstm(masked, max_unroll, run, rng):
-    keras_model, hoisted = pair(max_unroll)
+def test_bitwise_equal_to_keras_lstm(masked, options, run, rng):
+    keras_model, hoisted = pair(options)
     x = rng.standard_normal((B, T, D)).astype(np.float32)
     mask = None
     if masked:
@@ -60,16 +64,30 @@ def test_bitwise_equal_to_keras_lstm(masked, max_unroll, run, rng):
 
 
 @UNROLL
-def test_gradients_match_keras_lstm(max_unroll, rng):
-    keras_model, hoisted = pair(max_unroll)
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradients_match_keras_lstm(options, masked, rng):
+    keras_model, hoisted = pair(options)
     x = tf.constant(rng.standard_normal((B, T, D)).astype(np.float32))
+    mask = None
+    if masked:
+        mask = rng.random((B, T)) > 0.3
+        mask[:, :3] = False  # left padding: no gradient reaches those steps' inputs
+        mask = tf.constant(mask)
     start = random_state(keras_model, rng)
+    # Weigh every step and unit differently, so a gradient sent to the wrong step or gate shows.
+    weights = tf.constant(rng.standard_normal((B, T, 3)).astype(np.float32))
     grads = []
     for model in (keras_model, hoisted):
         burnin.set_states(model, start)
+        layer = model.get_layer("lstm")
+        h0, c0 = (tf.constant(keras.ops.convert_to_numpy(v)) for v in layer.states)
         with tf.GradientTape() as tape:
-            tape.watch(x)
-            loss = tf.reduce_sum(tf.square(model(x)))
+            tape.watch([x, h0, c0])
+            for v, value in zip(layer.states, (h0, c0)):
+                v.assign(value)
+            out = model(x) if mask is None else model(x, mask=mask)
+            h_t, c_t = layer.states
+            loss = tf.reduce_sum(weights * out) + tf.reduce_sum(tf.square(h_t)) + 0.5 * tf.reduce_sum(c_t)
         grads.append(tape.gradient(loss, [x, *model.trainable_variables]))
     # dW_x is summed in one matmul instead of step by step: same terms, another order.
     for g_keras, g_hoisted in zip(*grads):
@@ -77,8 +95,8 @@ def test_gradients_match_keras_lstm(max_unroll, rng):
 
 
 @UNROLL
-def test_runner_split_is_exact_with_hoisted_lstm(max_unroll, rng):
-    _, model = pair(max_unroll)
+def test_runner_split_is_exact_with_hoisted_lstm(options, rng):
+    _, model = pair(options)
     x = rng.standard_normal((B, T, D)).astype(np.float32)
     start = random_state(model, rng)
     burnin.set_states(model, start)
@@ -89,8 +107,8 @@ def test_runner_split_is_exact_with_hoisted_lstm(max_unroll, rng):
 
 
 @UNROLL
-def test_xla_within_tolerance(max_unroll, rng):
-    _, model = pair(max_unroll)
+def test_xla_within_tolerance(options, rng):
+    _, model = pair(options)
     x = rng.standard_normal((B, T, D)).astype(np.float32)
     start = random_state(model, rng)
     plain = burnin.BurnInRunner(model, burn_in=4)(x, start).outputs.numpy()
@@ -117,17 +135,17 @@ def test_unsupported_options_raise(kwargs, message):
 
 
 @UNROLL
-def test_float32_gates_under_mixed_bfloat16_are_closer_to_float32(max_unroll, rng):
+def test_float32_gates_under_mixed_bfloat16_are_closer_to_float32(options, rng):
     """bf16 matmuls with the gate math in float32 track the float32 layer better than all-bf16 math."""
     x = rng.standard_normal((B, 40, D)).astype(np.float32)
     layers = {
         "f32": keras.layers.LSTM(U, return_sequences=True, return_state=True),
         "gates32": HoistedLSTM(
-            U, max_unroll=max_unroll, return_sequences=True, return_state=True, dtype="mixed_bfloat16"
+            U, **options, return_sequences=True, return_state=True, dtype="mixed_bfloat16"
         ),
         "bf16": HoistedLSTM(
             U,
-            max_unroll=max_unroll,
+            **options,
             float32_gates=False,
             return_sequences=True,
             return_state=True,

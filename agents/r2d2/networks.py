@@ -34,7 +34,7 @@ CORES = ("lstm", "dense")
 """'lstm': the stateful recurrent core (its layers: ``core_layers``); 'dense': the feed-forward ablation."""
 CORE_LAYERS = ("lstm", "gru")
 """Kinds of stateful layers a recurrent core stacks."""
-LSTM_IMPLS = ("keras", "hoisted", "unrolled")
+LSTM_IMPLS = ("keras", "hoisted", "unrolled", "fused")
 """LSTM implementations: keras.layers.LSTM, or burnin.layers.HoistedLSTM (same outputs)."""
 DTYPE_POLICIES = ("float32", "mixed_bfloat16", "bfloat16")
 """Keras dtype policies the networks may use; state variables stay float32 under the mixed one."""
@@ -76,9 +76,11 @@ class NetworkConfig:
     """Width of the core (units of each recurrent layer, or Dense units)."""
     core_layers: tuple[str, ...] = ("lstm",)
     """Stateful layers of the recurrent core, input side first, each 'lstm' or 'gru' (core='lstm' only)."""
-    lstm_impl: Literal["keras", "hoisted", "unrolled"] = "keras"
+    lstm_impl: Literal["keras", "hoisted", "unrolled", "fused"] = "keras"
     """'keras': keras.layers.LSTM; 'hoisted': burnin.layers.HoistedLSTM (same outputs, input matmul hoisted);
-    'unrolled': HoistedLSTM that also unrolls every call whose length is static (the runner's segments)."""
+    'unrolled': HoistedLSTM that also unrolls every call whose length is static (the runner's segments);
+    'fused': HoistedLSTM with its hand-written sequence gradient, and in float32 both loops compiled
+    with XLA (outputs and gradients equal to rounding; the fastest on the CPU, benchmarks/README.md)."""
     head_units: int = 64
     """Hidden width of each dueling head (value and advantage)."""
     prev_action: bool = True
@@ -189,7 +191,12 @@ def _core_layer(config: NetworkConfig, kind: str, index: int, next_seed, policy)
     if config.lstm_impl == "keras":
         return keras.layers.LSTM(config.core_units, **options)
     return HoistedLSTM(
-        config.core_units, max_unroll=10**6 if config.lstm_impl == "unrolled" else 0, **options
+        config.core_units,
+        max_unroll=10**6 if config.lstm_impl == "unrolled" else 0,
+        fused_gradient=config.lstm_impl == "fused",
+        # XLA's CPU matmuls in bfloat16 are slower than oneDNN's (measured): compile in float32 only.
+        jit_loops=config.lstm_impl == "fused" and config.dtype_policy == "float32",
+        **options,
     )
 
 

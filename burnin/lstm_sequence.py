@@ -1,0 +1,188 @@
+"""An LSTM recurrence over a whole sequence with a hand-written gradient: only h·Wᵀ stays in the time loop."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+__all__ = ["lstm_sequence"]
+
+
+def lstm_sequence(
+    zx: tf.Tensor,
+    h0: tf.Tensor,
+    c0: tf.Tensor,
+    w_h: tf.Tensor,
+    bias: tf.Tensor | None,
+    keep: tf.Tensor | None,
+    *,
+    backward_blocks: int = 1,
+    jit_loops: bool = False,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Run ``z_t = (zx_t + h_{t-1} W_h) + b``, gates ``i, f, g, o`` (Keras order), over ``T`` steps.
+
+    ``c_t = f ⊙ c_{t-1} + i ⊙ tanh(z_g)``, ``h_t = o ⊙ tanh(c_t)``; where ``keep_t`` is False the
+    row keeps ``h_{t-1}, c_{t-1}`` (Keras masking). The forward arithmetic is Keras' LSTM cell's,
+    in its order. The gradient is written out: the backward loop carries only ``(dh, dc)`` and does
+    one matmul per step, ``dz_t W_hᵀ``; ``dW_h = Σ_t h_{t-1}ᵀ dz_t`` and ``d zx = dz`` are formed
+    once, after it, as large matmuls. Rounding differs from autodiff's (sums in another order).
+
+    Args:
+        zx: ``[T, B, 4u]`` input projections ``x_t W_x`` (time-major), in the matmul dtype.
+        h0: ``[B, u]`` initial output, in the matmul dtype; c0: ``[B, u]`` initial cell, in the gate dtype.
+        w_h: ``[u, 4u]`` recurrent kernel; bias: ``[4u]`` in the gate dtype, or None.
+        keep: ``[T, B]`` bool, or None for every step valid.
+        backward_blocks: run the backward loop as this many independent loops over blocks of
+            rows (``B`` must divide), which the executor runs on separate cores at once.
+        jit_loops: compile the forward and backward loops with XLA (each as one fused program:
+            about 40 % less time per step on the CPU; results then differ from the uncompiled
+            loop by rounding, ~1e-7 relative).
+
+    Returns:
+        ``H [T, B, u]`` (``h_t`` after masking), ``h_T``, ``c_T``.
+    """
+
+    @tf.custom_gradient
+    def run(zx, h0, c0, w_h, bias):
+        # No tape may record inside (eagerly, it would export the loop's TensorLists out of XLA):
+        # this function's gradient is `grad` below.
+        args = tf.nest.map_structure(tf.stop_gradient, (zx, h0, c0, w_h, bias))
+        z, cn, hs, cs = (_forward_xla if jit_loops else _forward)(*args, keep)
+
+        def grad(d_hs, d_h_last, d_c_last):
+            d_z, d_h0, d_c0 = _blocked_backward(
+                backward_blocks, jit_loops, z, cn, hs, cs, h0, c0, w_h, keep, d_hs, d_h_last, d_c_last
+            )
+            h_prev = tf.concat([h0[None], hs[:-1]], axis=0)
+            units = h0.shape[-1]
+            d_w_h = tf.matmul(  # Σ_t h_{t-1}ᵀ dz_t as one [u, T·B] × [T·B, 4u] matmul
+                tf.reshape(h_prev, [-1, units]),
+                tf.reshape(tf.cast(d_z, w_h.dtype), [-1, 4 * units]),
+                transpose_a=True,
+            )
+            d_bias = None if bias is None else tf.reduce_sum(d_z, axis=[0, 1])
+            return tf.cast(d_z, zx.dtype), tf.cast(d_h0, h0.dtype), d_c0, d_w_h, d_bias
+
+        return (hs, hs[-1], cs[-1]), grad
+
+    # Read a stateful layer's state variables now: its backward pass runs after the layer has
+    # written its final state into them.
+    h0, c0 = tf.convert_to_tensor(h0), tf.convert_to_tensor(c0)
+    if bias is None:
+        # custom_gradient needs tensors; a zero bias adds exact zeros.
+        bias = tf.zeros([w_h.shape[-1]], c0.dtype)
+    return run(zx, h0, c0, w_h, bias)
+
+
+def _forward(zx, h0, c0, w_h, bias, keep):
+    """The recurrence; returns per step ``z_t``, the cell before masking, and ``h_t``, ``c_t`` after it."""
+    steps = zx.shape[0] if zx.shape[0] is not None else tf.shape(zx)[0]
+    gate = c0.dtype
+    shape = lambda x: tf.TensorArray(x.dtype, size=steps, element_shape=x.shape)
+    tas = (
+        tf.TensorArray(gate, size=steps, element_shape=(h0.shape[0], w_h.shape[-1])),
+        shape(c0),
+        shape(h0),
+        shape(c0),
+    )
+
+    def body(t, h, c, tas):
+        # Indexing a captured tensor is cheap here: no autodiff runs through this loop.
+        z = (tf.cast(zx[t], gate) + tf.cast(tf.matmul(h, w_h), gate)) + bias
+        z_i, z_f, z_g, z_o = tf.split(z, 4, axis=1)
+        c_new = tf.sigmoid(z_f) * c + tf.sigmoid(z_i) * tf.tanh(z_g)
+        h_new = tf.cast(tf.sigmoid(z_o) * tf.tanh(c_new), h.dtype)
+        if keep is not None:
+            k = keep[t][:, None]
+            h_new, c_kept = tf.where(k, h_new, h), tf.where(k, c_new, c)
+        else:
+            c_kept = c_new
+        z_ta, cn_ta, h_ta, c_ta = tas
+        return (
+            t + 1,
+            h_new,
+            c_kept,
+            (z_ta.write(t, z), cn_ta.write(t, c_new), h_ta.write(t, h_new), c_ta.write(t, c_kept)),
+        )
+
+    _, _, _, tas = tf.while_loop(
+        lambda t, *_: t < steps,
+        body,
+        (tf.constant(0), h0, c0, tas),
+        parallel_iterations=1,
+        maximum_iterations=steps,
+    )
+    return tuple(ta.stack() for ta in tas)
+
+
+def _backward(z, cn, hs, cs, h0, c0, w_h, keep, d_hs, d_h_last, d_c_last):
+    """``dz_t`` for every step and the gradients into ``h0``, ``c0``, by the loop over ``t = T-1 … 0``.
+
+    With σ_* the gates and ``τ = tanh(c_t)`` before masking: ``dc ← dc + dh ⊙ σ_o(1-τ²)``;
+    ``dz = [dc ⊙ g σ_i(1-σ_i), dc ⊙ c_{t-1} σ_f(1-σ_f), dc ⊙ σ_i(1-g²), dh ⊙ τ σ_o(1-σ_o)]``;
+    then ``dh ← dz W_hᵀ``, ``dc ← dc ⊙ σ_f``. A masked step passes ``(dh, dc)`` through, dz = 0.
+    The factors are computed for all steps at once, before the loop."""
+    gate = cn.dtype
+    s_i, s_f, s_o = (tf.sigmoid(p) for p in _gates(z, (0, 1, 3)))
+    g = tf.tanh(_gates(z, (2,))[0])
+    tau = tf.tanh(cn)
+    c_prev = tf.concat([c0[None], cs[:-1]], axis=0)
+    into_c = s_o * (1 - tau * tau)  # ∂h/∂c
+    factors = tf.concat(
+        [g * s_i * (1 - s_i), c_prev * s_f * (1 - s_f), s_i * (1 - g * g), tau * s_o * (1 - s_o)], axis=2
+    )
+    steps = z.shape[0] if z.shape[0] is not None else tf.shape(z)[0]
+    reads = (tf.cast(d_hs, gate), into_c, factors, s_f)
+    w_t = tf.transpose(w_h)  # once, so the loop's matmul reads a plain row-major matrix
+    d_z_ta = tf.TensorArray(gate, size=steps, element_shape=z.shape[1:])
+
+    def body(t, dh, dc, d_z_ta):
+        d_hs_t, into_c_t, factors_t, s_f_t = (r[t] for r in reads)
+        dh_t = d_hs_t + dh
+        dc_t = dc + dh_t * into_c_t
+        dz = tf.concat([dc_t, dc_t, dc_t, dh_t], axis=1) * factors_t
+        dh_prev = tf.cast(tf.matmul(tf.cast(dz, w_t.dtype), w_t), gate)
+        dc_prev = dc_t * s_f_t
+        if keep is not None:
+            k = keep[t][:, None]
+            dz = tf.where(k, dz, tf.zeros_like(dz))
+            dh_prev, dc_prev = tf.where(k, dh_prev, dh_t), tf.where(k, dc_prev, dc)
+        return t - 1, dh_prev, dc_prev, d_z_ta.write(t, dz)
+
+    _, d_h0, d_c0, d_z_ta = tf.while_loop(
+        lambda t, *_: t >= 0,
+        body,
+        (steps - 1, tf.cast(d_h_last, gate), tf.cast(d_c_last, gate), d_z_ta),
+        parallel_iterations=1,
+        maximum_iterations=steps,
+    )
+    return d_z_ta.stack(), d_h0, d_c0
+
+
+def _blocked_backward(k, jit, z, cn, hs, cs, h0, c0, w_h, keep, d_hs, d_h_last, d_c_last):
+    """:func:`_backward` on ``k`` blocks of rows, as independent loops; results joined back by row."""
+    backward = _backward_xla if jit else _backward
+    if k == 1:
+        return backward(z, cn, hs, cs, h0, c0, w_h, keep, d_hs, d_h_last, d_c_last)
+    time_major = [tf.split(x, k, axis=1) for x in (z, cn, hs, cs, d_hs)]
+    rows = [tf.split(x, k, axis=0) for x in (h0, c0, d_h_last, d_c_last)]
+    keeps = [None] * k if keep is None else tf.split(keep, k, axis=1)
+    outs = []
+    for i in range(k):
+        zi, cni, hsi, csi, dhsi = (x[i] for x in time_major)
+        h0i, c0i, dhi, dci = (x[i] for x in rows)
+        outs.append(backward(zi, cni, hsi, csi, h0i, c0i, w_h, keeps[i], dhsi, dhi, dci))
+    return (
+        tf.concat([o[0] for o in outs], axis=1),
+        tf.concat([o[1] for o in outs], 0),
+        tf.concat([o[2] for o in outs], 0),
+    )
+
+
+def _gates(z, which):
+    parts = tf.split(z, 4, axis=-1)
+    return [parts[k] for k in which]
+
+
+# The same loops as single XLA programs (traced per shape and dtype on first use).
+_forward_xla = tf.function(_forward, jit_compile=True, reduce_retracing=False)
+_backward_xla = tf.function(_backward, jit_compile=True, reduce_retracing=False)

@@ -1,0 +1,95 @@
+"""lstm_sequence's hand-written gradient against autodiff of a plain step loop, masked and not, blocked, compiled."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from burnin.lstm_sequence import lstm_sequence
+
+T, B, U = 9, 4, 3
+
+
+def reference(zx, h0, c0, w_h, bias, keep):
+    """The same recurrence step by step in Python, differentiated by TensorFlow (Keras' masking)."""
+    h, c, hs = h0, c0, []
+    for t in range(zx.shape[0]):
+        z = (zx[t] + tf.matmul(h, w_h)) + bias
+        z_i, z_f, z_g, z_o = tf.split(z, 4, axis=1)
+        c_new = tf.sigmoid(z_f) * c + tf.sigmoid(z_i) * tf.tanh(z_g)
+        h_new = tf.sigmoid(z_o) * tf.tanh(c_new)
+        if keep is not None:
+            k = keep[t][:, None]
+            h_new, c_new = tf.where(k, h_new, h), tf.where(k, c_new, c)
+        h, c = h_new, c_new
+        hs.append(h)
+    return tf.stack(hs), h, c
+
+
+def problem(rng, masked):
+    arrays = {
+        "zx": rng.standard_normal((T, B, 4 * U)),
+        "h0": rng.standard_normal((B, U)),
+        "c0": rng.standard_normal((B, U)),
+        "w_h": rng.standard_normal((U, 4 * U)) * 0.6,
+        "bias": rng.standard_normal(4 * U),
+    }
+    tensors = {k: tf.constant(v.astype(np.float32)) for k, v in arrays.items()}
+    keep = None
+    if masked:
+        mask = rng.random((T, B)) > 0.35
+        mask[:3, 0] = False  # a row that starts masked
+        mask[4:, 1] = False  # a row that ends early
+        keep = tf.constant(mask)
+    # Loss weights on every output, on the final h and on the final c, so each gradient path shows.
+    weights = [tf.constant(rng.standard_normal(s).astype(np.float32)) for s in ((T, B, U), (B, U), (B, U))]
+    return tensors, keep, weights
+
+
+def gradients(fn, tensors, keep, weights, compiled):
+    def run(zx, h0, c0, w_h, bias):
+        with tf.GradientTape() as tape:
+            tape.watch([zx, h0, c0, w_h, bias])
+            outs = fn(zx, h0, c0, w_h, bias, keep)
+            loss = sum(tf.reduce_sum(w * o) for w, o in zip(weights, outs))
+        return outs, tape.gradient(loss, [zx, h0, c0, w_h, bias])
+
+    if compiled:
+        run = tf.function(run)
+    outs, grads = run(**tensors)
+    return [o.numpy() for o in outs], [g.numpy() for g in grads]
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["all_valid", "masked"])
+@pytest.mark.parametrize("blocks", [1, 2])
+@pytest.mark.parametrize("jit_loops", [False, True], ids=["plain", "xla"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "function"])
+def test_outputs_and_gradients_match_autodiff(masked, blocks, jit_loops, compiled, rng):
+    tensors, keep, weights = problem(rng, masked)
+    want_outs, want_grads = gradients(reference, tensors, keep, weights, compiled)
+
+    def fused(zx, h0, c0, w_h, bias, keep):
+        return lstm_sequence(zx, h0, c0, w_h, bias, keep, backward_blocks=blocks, jit_loops=jit_loops)
+
+    outs, grads = gradients(fused, tensors, keep, weights, compiled)
+    for got, want in zip(outs, want_outs):
+        if jit_loops:  # XLA fuses the step into one program: rounding differs
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        else:  # the same ops in the same order
+            np.testing.assert_array_equal(got, want)
+    names = ("zx", "h0", "c0", "w_h", "bias")
+    for name, got, want in zip(names, grads, want_grads):
+        # dW_h and the bias are summed over steps in another order: equal to rounding.
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"d{name}")
+
+
+def test_masked_steps_pass_gradient_through_unchanged(rng):
+    """A row masked at every step is the identity from (h0, c0) to (h_T, c_T): its gradient arrives intact."""
+    tensors, _, weights = problem(rng, masked=False)
+    keep = tf.constant(np.ones((T, B), bool) & (np.arange(B) != 2)[None, :])
+    _, grads = gradients(lambda *a: lstm_sequence(*a[:5], a[5]), tensors, keep, weights, compiled=False)
+    d_h0, d_c0 = grads[1][2], grads[2][2]
+    np.testing.assert_allclose(d_h0, weights[0].numpy()[:, 2].sum(0) + weights[1].numpy()[2], rtol=1e-6)
+    np.testing.assert_allclose(d_c0, weights[2].numpy()[2], rtol=1e-6)
+    assert not grads[0][:, 2].any(), "a masked step's input gets no gradient"
