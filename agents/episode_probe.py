@@ -24,6 +24,9 @@ UNKNOWN = -1
 """``LaneLog.episode_start`` of a step whose episode began before the recorder was installed."""
 
 
+LOG_FIELDS = ("observation", "action", "reward", "final", "episode_start", "updates", "q", "token")
+
+
 class LaneLog:
     """Every step one lane stored, in order: arrays valid up to ``len(log)`` (the lane position)."""
 
@@ -47,12 +50,12 @@ class LaneLog:
 
     def append(self, *, observation, action, reward, final, episode_start, updates, q) -> None:
         if self.n == len(self.token):  # amortised doubling: a run stores every step once
-            for name in ("observation", "action", "reward", "final", "episode_start", "updates", "q", "token"):
+            for name in LOG_FIELDS:
                 old = getattr(self, name)
                 setattr(self, name, np.concatenate([old, np.zeros_like(old)]))
         i = self.n
-        self.observation[i], self.action[i], self.reward[i], self.final[i] = observation, action, reward, final
-        self.episode_start[i], self.updates[i], self.q[i] = episode_start, updates, q
+        self.observation[i], self.action[i], self.reward[i] = observation, action, reward
+        self.final[i], self.episode_start[i], self.updates[i], self.q[i] = final, episode_start, updates, q
         self.token[i] = step_token(self.observation[i], self.action[i], self.reward[i], final)
         self.n += 1
 
@@ -128,13 +131,8 @@ class Recorder:
         valid = np.flatnonzero(batch.mask[row])
         if valid.size == 0:
             return None
-        key = np.array(
-            [
-                step_token(batch.observation[row, t], batch.action[row, t], batch.reward[row, t], batch.final[row, t])
-                for t in valid
-            ],
-            np.int64,
-        )
+        fields = (batch.observation[row], batch.action[row], batch.reward[row], batch.final[row])
+        key = np.array([step_token(*(f[t] for f in fields)) for t in valid], np.int64)
         found = []
         for lane, log in self.logs.items():
             tokens = log.token[: len(log)]
@@ -198,7 +196,9 @@ def true_states(learner, recorder: Recorder, batch, rows: Any) -> TrueStates:
     window = [pad_rows(getattr(batch, f)[idx], B) for f in ("observation", "prev_action", "prev_reward")]
     out = runner(learner.model_inputs(*window), state, mask=pad_rows(batch.mask[idx], B))
     if state is None:  # every window starts at or before its episode's first step: the true state is zero
-        true_state = tuple(tuple(np.zeros((n, *s), np.float32) for s in layer) for layer in learner.state_shapes)
+        true_state = tuple(
+            tuple(np.zeros((n, *s), np.float32) for s in layer) for layer in learner.state_shapes
+        )
     else:
         true_state = tuple(tuple(np.asarray(a)[:n] for a in layer) for layer in state)
     return TrueStates(idx, tuple(where), true_state, out.outputs.numpy()[:n])

@@ -69,5 +69,5 @@ def test_windows_before_the_recorder_have_no_episode_start():
         loop.iterate()
     log = recorder.logs[0]
     assert (log.episode_start[:41] == -1).all()  # the rest of the episode the recorder joined
-    assert (log.episode_start[42:len(log)] == 42).all()  # after its final observation (step 41), known
+    assert (log.episode_start[42 : len(log)] == 42).all()  # after its final observation (step 41), known
     env.close()
