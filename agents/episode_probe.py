@@ -14,6 +14,7 @@ __all__ = [
     "LaneLog",
     "Recorder",
     "SecondReading",
+    "SecondReadingHook",
     "TrueStates",
     "pad_rows",
     "second_reading",
@@ -306,3 +307,33 @@ def _learner_q(learner, batch, rows: np.ndarray) -> np.ndarray:
         start = tuple(tuple(pad_rows(a[rows], B) for a in layer) for layer in batch.state)
     out = learner.probe_runner(learner.model_inputs(*window), start, mask=pad_rows(batch.mask[rows], B))
     return out.outputs.numpy()[: len(rows)]
+
+
+class SecondReadingHook:
+    """A run hook (:mod:`agents.experiment`): the second reading at every evaluation, added to that
+    evaluation's entry of the history (``true_delta_q_first``, ``..._last``, ``..._rows``, ``..._mid_episode``).
+
+    Put it after the :class:`agents.experiment.Evaluation` hook. It records the
+    actor's steps from the start (:class:`Recorder`), so it needs a
+    single-process loop with a recurrent network; on any other loop it does nothing.
+    """
+
+    def __init__(self, *, batches: int, seed: int) -> None:
+        self.batches, self.rng = batches, np.random.default_rng(seed)
+        self.recorder: Recorder | None = None
+
+    def on_start(self, run) -> None:
+        loop = run.loop
+        if hasattr(loop, "actor") and loop.learner.network_config.recurrent:
+            self.recorder = Recorder(loop)
+        self.seen = len(run.history.evals)
+
+    def on_step(self, run, stats) -> None:
+        evals = run.history.evals
+        if self.recorder is not None and len(evals) > self.seen:
+            reading = second_reading(run.loop, self.recorder, batches=self.batches, rng=self.rng)
+            evals[-1].update(reading.to_json())
+        self.seen = len(evals)
+
+    def on_end(self, run, summary: dict[str, Any]) -> None:
+        pass
