@@ -124,7 +124,7 @@ def test_defaults_and_quick_never_write_the_committed_results():
     args, jobs = suite.parse_args([])
     assert args.tasks == list(suite.DEFAULT_TASKS) and args.seeds == [0, 1, 2] and args.workers == 2
     assert args.out == Path("benchmarks/results") and args.eval_episodes == 32
-    assert [j.env_steps for j in jobs["RepeatFirstEasy"]] == [100_000] * 3
+    assert [(j.env_steps, j.eval_every) for j in jobs["RepeatFirstEasy"]] == [(120_000, 6_000)] * 3
     args, jobs = suite.parse_args(["--quick"])
     assert Path(tempfile.gettempdir()) in args.out.parents and args.run_dir == args.out / "runs"
     args.out.rmdir()
