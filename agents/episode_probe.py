@@ -96,7 +96,7 @@ class Recorder:
 
         def recording_add(lanes, **kw):
             add(lanes, **kw)  # first: a step the replay refuses is not recorded either
-            self.record(actor, lanes, kw)
+            self._record(actor, lanes, kw)
 
         def recording_close(lanes):
             close(lanes)
@@ -105,7 +105,8 @@ class Recorder:
 
         actor.act, replay.add, replay.close_lanes = recording_act, recording_add, recording_close
 
-    def record(self, actor, lanes, kw: dict[str, Any]) -> None:
+    def _record(self, actor, lanes, kw: dict[str, Any]) -> None:
+        """Append the step ``replay.add`` just stored (its keyword arguments ``kw``) to each lane's log."""
         obs = np.asarray(kw["observation"], self.obs_dtype)
         updates = self.loop.learner.num_updates
         for row, lane in enumerate(np.asarray(lanes)):
@@ -137,6 +138,8 @@ class Recorder:
         found = []
         for lane, log in self.logs.items():
             tokens = log.token[: len(log)]
+            if len(tokens) < key.size:
+                continue
             starts = np.flatnonzero(tokens[: len(tokens) - key.size + 1] == key[0])
             if starts.size:
                 same = (tokens[starts[:, None] + np.arange(key.size)] == key).all(axis=1)
@@ -265,36 +268,39 @@ def second_reading(loop, recorder: Recorder, *, batches: int, rng: np.random.Gen
     state under both strategies, so it is left out and counted in ``mid_episode``.
     """
     learner = loop.learner
-    offsets, b = learner.delta_q_offsets, learner.spec.burn_in
     firsts, lasts, sampled, mid = [], [], 0, 0
     keys = loop.replay.live_keys()
-    for _ in range(batches if offsets and keys.size else 0):
+    for _ in range(batches if learner.delta_q_offsets and keys.size else 0):
         pick = rng.choice(keys, size=min(learner.config.batch_size, keys.size), replace=False)
         batch = loop.replay.windows(pick)
-        sampled += len(pick)
         truth = true_states(learner, recorder, batch, np.arange(len(pick)))
         inside = np.array([first < start for _, first, start in truth.where], bool)
-        mid += int(inside.sum())
-        rows = truth.rows[inside]
-        if rows.size == 0:
-            continue
-        q_hat = _learner_q(learner, batch, rows)
-        q_true, mask = truth.q[inside], batch.mask[rows]
-        seq = tuple(x[:, b:] for x in (q_hat, mask))
-        per_offset = np.stack(
-            [delta_q(q_hat[:, o], q_true[:, o], seq[0], seq[1]).numpy() for o in offsets], 1
-        )
-        valid = mask[:, list(offsets)] & np.isfinite(per_offset)
-        if offsets[0] == b:
-            firsts.extend(per_offset[valid[:, 0], 0])
-        last = np.where(valid.any(1), valid.shape[1] - 1 - np.argmax(valid[:, ::-1], 1), -1)
-        lasts.extend(per_offset[np.flatnonzero(last >= 0), last[last >= 0]])
+        sampled, mid = sampled + len(pick), mid + int(inside.sum())
+        if inside.any():
+            first, last = _delta_q_to_true(learner, batch, truth.rows[inside], truth.q[inside])
+            firsts.extend(first)
+            lasts.extend(last)
     return SecondReading(
         first=float(np.mean(firsts)) if firsts else float("nan"),
         last=float(np.mean(lasts)) if lasts else float("nan"),
         rows=len(lasts),
         mid_episode=mid / sampled if sampled else float("nan"),
     )
+
+
+def _delta_q_to_true(learner, batch, rows: np.ndarray, q_true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``rows``, ΔQ of the learner's start against the true state's Q ``q_true`` at the first
+    trained step (where it is a ΔQ offset) and at the row's last valid ΔQ offset."""
+    offsets, b = learner.delta_q_offsets, learner.spec.burn_in
+    q_hat, mask = _learner_q(learner, batch, rows), batch.mask[rows]
+    per_offset = np.stack(
+        [delta_q(q_hat[:, o], q_true[:, o], q_hat[:, b:], mask[:, b:]).numpy() for o in offsets], 1
+    )  # [rows, offsets]
+    valid = mask[:, list(offsets)] & np.isfinite(per_offset)
+    first = per_offset[valid[:, 0], 0] if offsets[0] == b else np.zeros(0)
+    has = valid.any(1)
+    last = valid.shape[1] - 1 - np.argmax(valid[:, ::-1], 1)  # each row's last valid offset
+    return first, per_offset[has, last[has]]
 
 
 def _learner_q(learner, batch, rows: np.ndarray) -> np.ndarray:

@@ -71,3 +71,17 @@ def test_windows_before_the_recorder_have_no_episode_start():
     assert (log.episode_start[:41] == -1).all()  # the rest of the episode the recorder joined
     assert (log.episode_start[42 : len(log)] == 42).all()  # after its final observation (step 41), known
     env.close()
+
+
+def test_windows_from_before_the_recorder_are_not_replayed():
+    config = preset("popgym", **TINY)
+    env = make_vector_env(config.num_envs, env_id="popgym-RepeatFirstEasy-v0", seed=0)
+    loop = TrainLoop(config, env, seed=0)
+    for _ in range(70):
+        loop.iterate()
+    recorder = Recorder(loop)
+    for _ in range(30):  # the lanes' logs are shorter than most windows
+        loop.iterate()
+    truth = true_states(loop.learner, recorder, loop.replay.sample(8), np.arange(8))
+    assert truth.rows.size == 0 and truth.q.shape == (0, loop.learner.spec.length, 4)  # none began after it
+    env.close()
