@@ -449,7 +449,7 @@ def run_all(
     done: dict[tuple[str, int], dict] = {}
     if workers == 1:
         for s, seed in jobs:
-            done[s, seed] = _run_one(study, s, seed, str(run_dir), 0)
+            done[s, seed] = _completed(_run_one(study, s, seed, str(run_dir), 0))
             bar.update()
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
@@ -459,10 +459,18 @@ def run_all(
                 pool.submit(_run_one, study, s, seed, str(run_dir), threads): (s, seed) for s, seed in jobs
             }
             for fut in futures.as_completed(pending):
-                done[pending[fut]] = fut.result()
+                done[pending[fut]] = _completed(fut.result())
                 bar.update()
     bar.close()
     return done
+
+
+def _completed(summary: dict[str, Any]) -> dict[str, Any]:
+    """``summary``, unless its run was interrupted: then the study stops too (exit 130) rather than report a
+    partial run as finished."""
+    if summary["stop_reason"] == "interrupted":
+        raise KeyboardInterrupt
+    return summary
 
 
 def _main(argv: list[str] | None) -> int:

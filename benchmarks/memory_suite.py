@@ -183,7 +183,7 @@ def run_jobs(jobs: list[Job], *, workers: int, resume: bool) -> dict[tuple[str, 
     with tqdm(total=len(jobs), desc="memory suite runs", unit="run") as bar:
         if workers == 1:
             for job in jobs:
-                done[job.key] = run_job(job, 0, resume)
+                done[job.key] = completed(run_job(job, 0, resume))
                 bar.update()
             return done
         threads = max(1, (os.cpu_count() or 1) // workers)
@@ -191,9 +191,17 @@ def run_jobs(jobs: list[Job], *, workers: int, resume: bool) -> dict[tuple[str, 
         with futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             pending = {pool.submit(run_job, job, threads, resume): job for job in jobs}
             for fut in futures.as_completed(pending):
-                done[pending[fut].key] = fut.result()
+                done[pending[fut].key] = completed(fut.result())
                 bar.update()
     return done
+
+
+def completed(summary: dict[str, Any]) -> dict[str, Any]:
+    """``summary``, unless its run was interrupted (Ctrl-C, SIGTERM): then the suite stops too (exit 130),
+    with the run's final checkpoint written for ``--resume``, rather than report a partial curve."""
+    if summary["stop_reason"] == "interrupted":
+        raise KeyboardInterrupt
+    return summary
 
 
 def random_return(env_id: str, *, episodes: int, seed: int) -> dict[str, Any]:

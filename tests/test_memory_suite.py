@@ -131,3 +131,15 @@ def test_defaults_and_quick_never_write_the_committed_results():
     args, jobs = suite.parse_args(["--tasks", "all", "--env-steps", "200000"])
     assert list(jobs) == list(suite.TASKS)
     assert {(j.env_steps, j.eval_every) for j in jobs["RepeatFirstMedium"]} == {(200_000, 10_000)}
+
+
+def test_an_interrupted_run_stops_the_suite_with_130_and_no_report(tmp_path, monkeypatch, capsys):
+    """Ctrl-C or SIGTERM during a run: the harness writes its final checkpoint and returns; the suite then
+    exits 130 without reporting the partial run (``--resume`` continues it)."""
+    calls = []
+    monkeypatch.setattr(
+        suite, "run_job", lambda job, *a: calls.append(job.key) or {"stop_reason": "interrupted"}
+    )
+    assert suite.main(["--quick", "--out", str(tmp_path)]) == 130
+    assert calls == [("RepeatFirstEasy", 0)] and not (tmp_path / "memory_suite.json").exists()
+    assert "interrupted" in capsys.readouterr().err
