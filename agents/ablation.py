@@ -110,7 +110,7 @@ def run_settings(strategy: str, study: Study) -> tuple[Any, Any]:
     return config, options
 
 
-def _run_one(study: Study, strategy: str, seed: int, out_dir: str, threads: int) -> dict:
+def _run_one(study: Study, strategy: str, seed: int, out_dir: str, *, threads: int) -> dict:
     """One training run (in a worker process, or here with ``threads=0``); returns its summary (also on disk)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if threads:
@@ -449,14 +449,15 @@ def run_all(
     done: dict[tuple[str, int], dict] = {}
     if workers == 1:
         for s, seed in jobs:
-            done[s, seed] = _completed(_run_one(study, s, seed, str(run_dir), 0))
+            done[s, seed] = _completed(_run_one(study, s, seed, str(run_dir), threads=0))
             bar.update()
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
         ctx = multiprocessing.get_context("spawn")
         with futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             pending = {
-                pool.submit(_run_one, study, s, seed, str(run_dir), threads): (s, seed) for s, seed in jobs
+                pool.submit(_run_one, study, s, seed, str(run_dir), threads=threads): (s, seed)
+                for s, seed in jobs
             }
             for fut in futures.as_completed(pending):
                 done[pending[fut]] = _completed(fut.result())

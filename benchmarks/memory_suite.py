@@ -136,7 +136,7 @@ def finished(job: Job) -> dict[str, Any] | None:
     return summary if same and summary.get("stop_reason") == "budget" else None
 
 
-def run_job(job: Job, threads: int, resume: bool) -> dict[str, Any]:
+def run_job(job: Job, *, threads: int, resume: bool) -> dict[str, Any]:
     """Train ``job`` (in a worker process with ``threads`` TensorFlow threads, or here with 0); a killed run
     resumes from its last checkpoint with ``resume`` (and starts over if that checkpoint is of another config)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -183,13 +183,13 @@ def run_jobs(jobs: list[Job], *, workers: int, resume: bool) -> dict[tuple[str, 
     with tqdm(total=len(jobs), desc="memory suite runs", unit="run") as bar:
         if workers == 1:
             for job in jobs:
-                done[job.key] = completed(run_job(job, 0, resume))
+                done[job.key] = completed(run_job(job, threads=0, resume=resume))
                 bar.update()
             return done
         threads = max(1, (os.cpu_count() or 1) // workers)
         ctx = multiprocessing.get_context("spawn")
         with futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            pending = {pool.submit(run_job, job, threads, resume): job for job in jobs}
+            pending = {pool.submit(run_job, job, threads=threads, resume=resume): job for job in jobs}
             for fut in futures.as_completed(pending):
                 done[pending[fut].key] = completed(fut.result())
                 bar.update()

@@ -1,5 +1,4 @@
-"""The episode probe: with the parameters unchanged, the replayed true state gives the actor's Q-values, the
-stored start has ΔQ 0 against it and the zero start does not; windows are found in their lanes."""
+"""The episode probe: windows are found in their lanes, and with θ unchanged the true state gives the actor's Q."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The POPGym memory suite: its task table, the metrics from a curve, and the --quick run end to end
-(files, JSON schema, resume of finished and of killed runs, one-line errors)."""
+"""The POPGym memory suite: its task table, the metrics of a curve, and --quick end to end (files, JSON, resume, errors)."""
 
 from __future__ import annotations
 
@@ -138,7 +137,7 @@ def test_an_interrupted_run_stops_the_suite_with_130_and_no_report(tmp_path, mon
     exits 130 without reporting the partial run (``--resume`` continues it)."""
     calls = []
     monkeypatch.setattr(
-        suite, "run_job", lambda job, *a: calls.append(job.key) or {"stop_reason": "interrupted"}
+        suite, "run_job", lambda job, **kw: calls.append(job.key) or {"stop_reason": "interrupted"}
     )
     assert suite.main(["--quick", "--out", str(tmp_path)]) == 130
     assert calls == [("RepeatFirstEasy", 0)] and not (tmp_path / "memory_suite.json").exists()
