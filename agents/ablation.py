@@ -1,4 +1,4 @@
-"""The R2D2 stored-state study on masked CartPole: six state strategies, several seeds, ΔQ and learning curves."""
+"""The R2D2 stored-state study on any env (masked CartPole by default): state strategies over seeds, ΔQ against the stored and the true state, learning curves."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import functools
 import json
 import multiprocessing
 import os
+import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from agents.cli import ArgumentParser, run_script
+from agents.envs import MASKED_CARTPOLE_ID
 
 PROG = "python -m agents.ablation"
 
@@ -36,20 +39,69 @@ STRATEGIES: dict[str, tuple[str, dict[str, Any]]] = {
     ),
 }
 
+QUICK = dict(
+    torso_units=[16], core_units=16, head_units=16, batch_size=8, num_envs=4, replay_capacity=2000,
+    min_replay_steps=300, env_steps_per_update=8.0, eval_every=500, eval_episodes=8,
+)  # fmt: skip
+"""``--quick`` (CI): a tiny network and replay, 2 evaluations of 8 episodes; ``--set`` goes on top."""
+QUICK_STRATEGIES = ("zero_burn_in", "stored_burn_in")
+"""The strategies of ``--quick`` unless ``--strategies`` is given: the two whose starts differ mid-episode."""
+POPGYM_SOLVED = 0.9
+"""The return that counts as solved on a POPGym env (returns are scaled into [-1, 1]; the issue's target)."""
 
-def run_settings(strategy: str, env_steps: int, extra: dict[str, Any]) -> tuple[Any, Any]:
-    """The (R2D2Config, RunOptions) of one run of ``strategy``: its overrides, then ``extra`` (the ``--set``
-    overrides of either). ValueError/TypeError naming the field for a bad value."""
-    from agents.envs import MASKED_CARTPOLE_SOLVED
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Study:
+    """What every run of one study shares."""
+
+    env: str = MASKED_CARTPOLE_ID
+    preset: str = "masked-cartpole"
+    env_steps: int = 60_000
+    solve_return: float | None = 475.0
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """``--set`` overrides (R2D2Config fields and run options), JSON values."""
+    probe_batches: int = 4
+    """Batches of windows for the second reading of ΔQ at every evaluation (0: none)."""
+
+
+def result_name(env_id: str) -> str:
+    """The study's file name: ``ablation`` for masked CartPole (as before any env was taken),
+    ``ablation_<Class>`` for a POPGym id (its class, e.g. ``RepeatFirstMedium``), else the id sanitised."""
+    bare = env_id.rpartition(":")[2]
+    if bare == MASKED_CARTPOLE_ID:
+        return "ablation"
+    if bare.startswith("popgym-"):
+        import gymnasium as gym
+
+        from agents.envs import ensure_registered
+
+        return "ablation_" + str(gym.spec(ensure_registered(env_id)).entry_point).rpartition(":")[2]
+    return "ablation_" + re.sub(r"[^A-Za-z0-9_-]+", "_", bare)  # no '.': the suffixes are added to it
+
+
+def default_solve_return(env_id: str) -> float | None:
+    """The env spec's reward threshold, else :data:`POPGYM_SOLVED` for a POPGym id, else None."""
+    from agents.envs import solve_threshold
+
+    threshold = solve_threshold(env_id)
+    if threshold is None and env_id.rpartition(":")[2].startswith("popgym-"):
+        return POPGYM_SOLVED
+    return threshold
+
+
+def run_settings(strategy: str, study: Study) -> tuple[Any, Any]:
+    """The (R2D2Config, RunOptions) of one run of ``strategy``: the preset, the strategy's overrides, then
+    ``study.extra``. ValueError/TypeError naming the field for a bad value."""
     from agents.experiment import RunOptions
-    from agents.r2d2 import R2D2Config
+    from agents.r2d2.config import preset
 
     option_names = {f.name for f in dataclasses.fields(RunOptions)}
+    extra = study.extra
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in extra.items() if k not in option_names}
-    config = R2D2Config(**{**STRATEGIES[strategy][1], **fields})
+    config = preset(study.preset, **{**STRATEGIES[strategy][1], **fields})
     options = RunOptions(
-        total_env_steps=env_steps,
-        solve_return=MASKED_CARTPOLE_SOLVED,
+        total_env_steps=study.env_steps,
+        solve_return=study.solve_return,
         stop_when_solved=False,  # every strategy gets the same budget
         checkpoint_every=0,
         progress=False,
@@ -58,56 +110,63 @@ def run_settings(strategy: str, env_steps: int, extra: dict[str, Any]) -> tuple[
     return config, options
 
 
-def _run_one(
-    strategy: str, seed: int, env_steps: int, out_dir: str, threads: int, extra: dict[str, Any]
-) -> dict:
-    """One training run in its own process; returns its summary (also on disk)."""
+def _run_one(study: Study, strategy: str, seed: int, out_dir: str, *, threads: int) -> dict:
+    """One training run (in a worker process, or here with ``threads=0``); returns its summary (also on disk)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    if threads:
+        import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
-    from agents.envs import MASKED_CARTPOLE_ID, make_vector_env
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    from agents.envs import make_vector_env
+    from agents.episode_probe import SecondReadingHook
     from agents.experiment import train
+    from agents.seeds import RunSeeds
 
-    config, options = run_settings(strategy, env_steps, extra)
+    config, options = run_settings(strategy, study)
     name = f"{strategy}-s{seed}"
     run_args = {"seed": seed, "name": name, "run_dir": out_dir, **dataclasses.asdict(options)}
+    probe = study.probe_batches and config.core != "dense"
+    hooks = [SecondReadingHook(batches=study.probe_batches, seed=RunSeeds(seed).probe)] if probe else []
     return train(
         config,
         options,
-        functools.partial(make_vector_env, env_id=MASKED_CARTPOLE_ID),
+        functools.partial(make_vector_env, env_id=study.env),
         seed=seed,
         out_dir=Path(out_dir) / name,
-        title=f"R2D2 on masked CartPole ({config.core}, seed {seed})",
-        fields={"name": name, "seed": seed, "config": config.to_json(), "args": run_args},
-    )
+        title=f"R2D2 on {study.env} ({STRATEGIES[strategy][0]}, seed {seed})",
+        fields={"name": name, "seed": seed, "env": study.env, "preset": study.preset,
+                "config": config.to_json(), "args": run_args},
+        hooks=hooks,
+    )  # fmt: skip
 
 
-def finished_summary(
-    strategy: str, seed: int, env_steps: int, run_dir: Path, extra: dict[str, Any]
-) -> dict | None:
-    """A finished run's summary from disk, if it ran this strategy, seed, budget and overrides; else None."""
+def finished_summary(strategy: str, seed: int, study: Study, run_dir: Path) -> dict | None:
+    """A finished run's summary from disk, if it ran this env, strategy, seed, config and run options; else None."""
     path = run_dir / f"{strategy}-s{seed}" / "summary.json"
     try:
         summary = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    wanted = {**STRATEGIES[strategy][1], **extra}
-    recorded = {**summary.get("config", {}), **summary.get("args", {})}
-    same = all(recorded.get(k) == v for k, v in wanted.items())
-    budget = summary.get("args", {}).get("total_env_steps") == env_steps
-    if same and budget and summary.get("stop_reason") == "budget" and summary.get("seed") == seed:
+    config, options = run_settings(strategy, study)
+    as_json = lambda x: json.loads(json.dumps(x))  # tuples become lists, as on disk
+    args = summary.get("args", {})
+    same = (
+        summary.get("config") == as_json(config.to_json())
+        and all(args.get(k) == v for k, v in as_json(dataclasses.asdict(options)).items())
+        and summary.get("env", MASKED_CARTPOLE_ID) == study.env  # runs from before --env: masked CartPole
+    )
+    if same and summary.get("stop_reason") == "budget" and summary.get("seed") == seed:
         return summary
     return None
 
 
-def run_metrics(summary: dict[str, Any], *, solve_return: float = 475.0) -> dict[str, Any]:
-    """ΔQ over the second half of training, final and best return, area under the return curve, steps to 475."""
+def run_metrics(summary: dict[str, Any], *, solve_return: float | None = 475.0) -> dict[str, Any]:
+    """ΔQ against the stored state (learner, second half of the updates) and against the true state (the
+    second reading, second half of the evaluations); final and best return, area under the return curve,
+    env steps to the first evaluation at ``solve_return``."""
     hist = summary["history"]
-    learner = hist["learner"]
-    half = learner[len(learner) // 2 :] if learner else []
-    evals = hist["evals"]
+    learner, evals = hist["learner"], hist["evals"]
     steps = np.array([e["env_steps"] for e in evals], dtype=float)
     rets = np.array([e["mean_return"] for e in evals], dtype=float)
     # Normalised area under the eval curve: mean return over the budget, starting at 0 steps.
@@ -117,37 +176,50 @@ def run_metrics(summary: dict[str, Any], *, solve_return: float = 475.0) -> dict
         auc = float(np.trapezoid(ys, xs) / xs[-1]) if xs[-1] > 0 else float("nan")
     else:
         auc = float("nan")
-    solved = next((e["env_steps"] for e in evals if e["mean_return"] >= solve_return), None)
-
-    def mean_of(key: str) -> float:
-        values = [x[key] for x in half if x[key] is not None and np.isfinite(x[key])]
-        return float(np.mean(values)) if values else float("nan")
-
+    solved = None
+    if solve_return is not None:
+        solved = next((e["env_steps"] for e in evals if e["mean_return"] >= solve_return), None)
     return {
-        "delta_q_first": mean_of("delta_q_first"),
-        "delta_q_last": mean_of("delta_q_last"),
+        "delta_q_first": _late_mean(learner, "delta_q_first"),
+        "delta_q_last": _late_mean(learner, "delta_q_last"),
+        "true_delta_q_first": _late_mean(evals, "true_delta_q_first"),
+        "true_delta_q_last": _late_mean(evals, "true_delta_q_last"),
         "final_return": float(rets[-1]) if len(rets) else float("nan"),
         "best_return": float(rets.max()) if len(rets) else float("nan"),
         "auc_return": auc,
-        "steps_to_475": solved,
+        "steps_to_solve": solved,
         "wall_time_s": summary["wall_time_s"],
         "updates": summary["updates"],
     }
 
 
+def _late_mean(entries: list[dict[str, Any]], key: str) -> float:
+    """Mean of the finite ``key`` values over the second half of ``entries`` (NaN if none)."""
+    half = entries[len(entries) // 2 :]
+    values = [x[key] for x in half if x.get(key) is not None and np.isfinite(x[key])]
+    return float(np.mean(values)) if values else float("nan")
+
+
+STAT_KEYS = (
+    "delta_q_first", "delta_q_last", "true_delta_q_first", "true_delta_q_last", "final_return",
+    "best_return", "auc_return",
+)  # fmt: skip
+
+
 def aggregate(per_run: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per strategy: mean, std and per-seed values of every metric (NaN left out of the mean and std)."""
     table = {}
     for strategy, runs in per_run.items():
         row: dict[str, Any] = {"description": STRATEGIES[strategy][0], "seeds": sorted(runs)}
-        for key in ("delta_q_first", "delta_q_last", "final_return", "best_return", "auc_return"):
-            values = np.array([r[key] for r in runs.values()], dtype=float)
+        for key in STAT_KEYS:
+            values = np.array([r.get(key, np.nan) for r in runs.values()], dtype=float)
             finite = values[np.isfinite(values)]
             row[key] = {
                 "mean": float(finite.mean()) if finite.size else None,
                 "std": float(finite.std()) if finite.size else None,
                 "values": [None if not np.isfinite(v) else float(v) for v in values],
             }
-        row["steps_to_475"] = [runs[s]["steps_to_475"] for s in sorted(runs)]
+        row["steps_to_solve"] = [runs[s]["steps_to_solve"] for s in sorted(runs)]
         table[strategy] = row
     return table
 
@@ -158,26 +230,56 @@ def _fmt(stat: dict[str, Any], digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}g} ± {stat['std']:.{digits}g}"
 
 
+def _steps(value: int | None) -> str:
+    return "—" if value is None else f"{value / 1000:g}k"
+
+
 def markdown(table: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The study's table: ΔQ (against the actor's stored state, and against the true state), returns."""
+    solve = meta.get("solve_return")
     lines = [
-        f"Masked CartPole, {meta['env_steps']} env steps per run, seeds {meta['seeds']}, "
-        f"mean ± std over seeds. ΔQ is averaged over the second half of each run's updates.",
+        f"{meta.get('env', MASKED_CARTPOLE_ID)} (preset {meta.get('preset', 'masked-cartpole')}), "
+        f"{meta['env_steps']} env steps per run, seeds {meta['seeds']}, mean ± std over seeds. "
+        "ΔQ vs stored: the learner's, against the actor's stored state, averaged over the second half of "
+        "each run's updates. ΔQ vs true: the paper's second reading, against the state replayed from the "
+        "episode's first step with the current network, on windows that start mid-episode, averaged over "
+        "the second half of the evaluations.",
         "",
-        "| strategy | ΔQ first trained step | ΔQ last stored-state step | final return | AUC return | steps to 475 |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| strategy | ΔQ vs stored, first trained step | ΔQ vs stored, last stored-state step | "
+        "ΔQ vs true, first trained step | ΔQ vs true, last stored-state step | final return | "
+        f"best return (MMER) | AUC return | steps to {'—' if solve is None else f'{solve:g}'} |",
+        "| --- " * 9 + "|",
     ]
     for row in table.values():
-        solved = ", ".join("—" if s is None else f"{s // 1000}k" for s in row["steps_to_475"])
-        lines.append(
-            f"| {row['description']} | {_fmt(row['delta_q_first'])} | {_fmt(row['delta_q_last'])} | "
-            f"{_fmt(row['final_return'], 4)} | {_fmt(row['auc_return'], 4)} | {solved} |"
-        )
-    lines.append("")
-    lines.append(f"Command: `{meta['command']}`")
+        solved = ", ".join(_steps(s) for s in row["steps_to_solve"])
+        cells = [_fmt(row[k]) for k in STAT_KEYS[:4]] + [_fmt(row[k], 4) for k in STAT_KEYS[4:]]
+        lines.append(f"| {row['description']} | " + " | ".join(cells) + f" | {solved} |")
+    lines += ["", f"Command: `{meta['command']}`"]
     return "\n".join(lines) + "\n"
 
 
-def plot(per_run_summaries: dict[str, dict[int, dict[str, Any]]], path: Path, env_steps: int) -> None:
+def _band(ax, curves: list[np.ndarray], grid: np.ndarray, color: str, **kw) -> None:
+    """Mean over seeds of curves ``[n, 2]`` (x, y) on ``grid``, and their min–max band."""
+    ys = np.array([np.interp(grid, c[:, 0], c[:, 1]) for c in curves])
+    ax.plot(grid, ys.mean(0), color=color, **kw)
+    ax.fill_between(grid, ys.min(0), ys.max(0), color=color, alpha=0.12)
+
+
+def _points(entries: list[dict[str, Any]], x: str, y: str) -> np.ndarray | None:
+    """``(x, y)`` of the entries with a finite ``y`` (NaN: no ΔQ there, e.g. a feed-forward net)."""
+    pts = [(e[x], e[y]) for e in entries if e.get(y) is not None and np.isfinite(e[y])]
+    return np.array(pts, dtype=float) if pts else None
+
+
+def plot(
+    per_run_summaries: dict[str, dict[int, dict[str, Any]]],
+    path: Path,
+    env_steps: int,
+    *,
+    solve_return: float | None = 475.0,
+) -> None:
+    """ΔQ at the first trained and the last stored-state step against updates (solid: vs the stored state,
+    dashed: vs the true state), and the greedy return against env steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,39 +290,25 @@ def plot(per_run_summaries: dict[str, dict[int, dict[str, Any]]], path: Path, en
     for color, (strategy, runs) in zip(colors, per_run_summaries.items()):
         label = STRATEGIES[strategy][0]
         for key, ax in (("delta_q_first", ax_first), ("delta_q_last", ax_last)):
-            curves = []
-            for summary in runs.values():
-                # NaN: no ΔQ at that update (a feed-forward net, or no row with a stored state there)
-                pts = [
-                    (x["updates"], x[key])
-                    for x in summary["history"]["learner"]
-                    if x[key] is not None and np.isfinite(x[key])
-                ]
-                if pts:
-                    curves.append(np.array(pts, dtype=float))
-            if curves:
-                grid = np.linspace(max(c[0, 0] for c in curves), min(c[-1, 0] for c in curves), 60)
-                ys = np.array([np.interp(grid, c[:, 0], c[:, 1]) for c in curves])
-                ax.plot(grid, ys.mean(0), color=color, label=label)
-                ax.fill_between(grid, ys.min(0), ys.max(0), color=color, alpha=0.15)
-        curves = []
-        for summary in runs.values():
-            ev = summary["history"]["evals"]
-            if ev:
-                curves.append(np.array([(e["env_steps"], e["mean_return"]) for e in ev], dtype=float))
+            for source, name, style in (("learner", key, "-"), ("evals", "true_" + key, "--")):
+                curves = [_points(r["history"][source], "updates", name) for r in runs.values()]
+                curves = [c for c in curves if c is not None]
+                if curves:
+                    lo, hi = max(c[0, 0] for c in curves), min(c[-1, 0] for c in curves)
+                    _band(ax, curves, np.linspace(lo, hi, 60), color, ls=style)
+        curves = [_points(r["history"]["evals"], "env_steps", "mean_return") for r in runs.values()]
+        curves = [c for c in curves if c is not None]
         if curves:
-            grid = np.linspace(curves[0][0, 0], env_steps, 40)
-            ys = np.array([np.interp(grid, c[:, 0], c[:, 1]) for c in curves])
-            ax_ret.plot(grid, ys.mean(0), color=color, label=label)
-            ax_ret.fill_between(grid, ys.min(0), ys.max(0), color=color, alpha=0.15)
+            _band(ax_ret, curves, np.linspace(curves[0][0, 0], env_steps, 40), color, label=label)
     for ax, title in (
         (ax_first, "ΔQ at the first trained step"),
         (ax_last, "ΔQ at the last stored-state step"),
     ):
         ax.set_yscale("symlog", linthresh=1e-3)
         ax.set_xlabel("learner updates")
-        ax.set_title(title)
-    ax_ret.axhline(475, color="gray", ls="--", lw=1)
+        ax.set_title(f"{title}\n— vs the stored state, - - vs the true state")
+    if solve_return is not None:
+        ax_ret.axhline(solve_return, color="gray", ls="--", lw=1)
     ax_ret.set_xlabel("env steps")
     ax_ret.set_title("greedy eval return (mean over seeds, band: min–max)")
     ax_ret.legend(fontsize=8, loc="upper left")
@@ -230,18 +318,34 @@ def plot(per_run_summaries: dict[str, dict[int, dict[str, Any]]], path: Path, en
     plt.close(fig)
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
-    """The study's arguments, and the ``--set`` overrides as a dict. A bad value prints one line naming
-    its flag and exits 2 (:mod:`agents.cli`); every run's config is built here once to check it."""
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Study]:
+    """The study's arguments and the :class:`Study` they describe. A bad value prints one line naming its
+    flag and exits 2 (:mod:`agents.cli`); every run's config is built here once to check it."""
+    from agents.r2d2.config import PRESETS
+    from agents.train import check_env, default_preset
+    from burnin._checks import check_choice
+
     parser = ArgumentParser(prog=PROG, description=__doc__)
-    parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES))
+    parser.add_argument("--env", default=MASKED_CARTPOLE_ID, help="gymnasium env id [%(default)s]")
+    parser.add_argument("--preset", default="", help="R2D2Config preset (default: chosen by the env id)")
+    parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=None)
     parser.add_argument(
-        "--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds per strategy (>= 3 for the study)"
+        "--seeds", nargs="+", type=int, default=None, help="seeds per strategy (>= 2 for the study) [0 1 2]"
     )
-    parser.add_argument("--env-steps", type=int, default=60_000, help="env-step budget of every run")
-    parser.add_argument("--workers", type=int, default=2, help="runs in parallel processes")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ablation"), help="output prefix")
-    parser.add_argument("--run-dir", type=Path, default=Path("runs/ablation"), help="per-run outputs")
+    parser.add_argument("--env-steps", type=int, default=None, help="env-step budget of every run [60000]")
+    parser.add_argument(
+        "--solve-return", type=float, default=None,
+        help="return that counts as solved (default: the env spec's, 0.9 on POPGym, else none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--probe-batches", type=int, default=4,
+        help="batches of windows for ΔQ against the true state at each evaluation (0: off) [4]",
+    )  # fmt: skip
+    parser.add_argument(
+        "--workers", type=int, default=None, help="runs in parallel processes (1: here) [2; --quick: 1]"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="output prefix [benchmarks/results/<name>]")
+    parser.add_argument("--run-dir", type=Path, default=None, help="per-run outputs [runs/<name>]")
     parser.add_argument(
         "--set",
         nargs="*",
@@ -252,23 +356,61 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, An
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="reuse finished runs found in --run-dir with the same strategy, seed, budget and overrides",
+        help="reuse finished runs found in --run-dir with the same env, strategy, seed, config and options",
     )
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="CI: a tiny network, 1000 env steps, seed 0, zero vs stored + burn-in, here, outputs in a temp dir",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    _defaults(args)
     if args.workers < 1:
         parser.error(f"--workers: expected an int >= 1, got {args.workers}")
     if args.env_steps < 1000:
         parser.error(f"--env-steps: expected an int >= 1000, got {args.env_steps}")
+    if args.probe_batches < 0:
+        parser.error(f"--probe-batches: expected an int >= 0, got {args.probe_batches}")
     bad_seeds = [s for s in args.seeds if s < 0]
     if bad_seeds:
         parser.error(f"--seeds: expected ints >= 0, got {bad_seeds}")
-    extra = _overrides(parser, args.set)
+    parser.build(check_env, args.env, aliases={"env_id": "env"})
+    args.preset = parser.build(check_choice, "preset", args.preset or default_preset(args.env), PRESETS)
+    extra = {**(QUICK if args.quick else {}), **_overrides(parser, args.set)}
+    solve = args.solve_return if args.solve_return is not None else default_solve_return(args.env)
+    study = Study(env=args.env, preset=args.preset, env_steps=args.env_steps, solve_return=solve,
+                  extra=extra, probe_batches=args.probe_batches)  # fmt: skip
     for strategy in args.strategies:
         try:
-            run_settings(strategy, args.env_steps, extra)
+            run_settings(strategy, study)
         except (TypeError, ValueError) as err:
             parser.error(f"--set: {' '.join(str(err).split())} (strategy {strategy!r})")
-    return args, extra
+    _outputs(args)  # last: a temp dir is made only for a run that starts
+    return args, study
+
+
+def _defaults(args: argparse.Namespace) -> None:
+    """Fill the flags not given with the study's defaults, or ``--quick``'s."""
+    quick = args.quick
+    if args.strategies is None:
+        args.strategies = list(QUICK_STRATEGIES if quick else STRATEGIES)
+    if args.seeds is None:
+        args.seeds = [0] if quick else [0, 1, 2]
+    if args.env_steps is None:
+        args.env_steps = 1000 if quick else 60_000
+    if args.workers is None:
+        args.workers = 1 if quick else 2
+
+
+def _outputs(args: argparse.Namespace) -> None:
+    """The output prefix and run directory not given: named after the env (:func:`result_name`); with
+    ``--quick`` in a new temp dir, never over the committed results."""
+    if args.quick and args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="ablation-quick-")) / "ablation"
+    name = result_name(args.env)
+    if args.out is None:
+        args.out = Path("benchmarks/results") / name
+    if args.run_dir is None:
+        args.run_dir = args.out.parent / "runs" if args.quick else Path("runs") / name
 
 
 def _overrides(parser: ArgumentParser, items: list[str]) -> dict[str, Any]:
@@ -296,47 +438,80 @@ def main(argv: list[str] | None = None) -> int:
     return run_script(PROG, lambda: _main(argv))
 
 
+def run_all(
+    study: Study, jobs: list[tuple[str, int]], run_dir: Path, *, workers: int
+) -> dict[tuple[str, int], dict]:
+    """Every (strategy, seed) job's summary: here one after another with one worker, else in ``workers``
+    spawned processes (TensorFlow does not survive fork) with the cores split between them."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(jobs), desc="ablation runs")
+    done: dict[tuple[str, int], dict] = {}
+    if workers == 1:
+        for s, seed in jobs:
+            done[s, seed] = _completed(_run_one(study, s, seed, str(run_dir), threads=0))
+            bar.update()
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        ctx = multiprocessing.get_context("spawn")
+        with futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            pending = {
+                pool.submit(_run_one, study, s, seed, str(run_dir), threads=threads): (s, seed)
+                for s, seed in jobs
+            }
+            for fut in futures.as_completed(pending):
+                done[pending[fut]] = _completed(fut.result())
+                bar.update()
+    bar.close()
+    return done
+
+
+def _completed(summary: dict[str, Any]) -> dict[str, Any]:
+    """``summary``, unless its run was interrupted: then the study stops too (exit 130) rather than report a
+    partial run as finished."""
+    if summary["stop_reason"] == "interrupted":
+        raise KeyboardInterrupt
+    return summary
+
+
 def _main(argv: list[str] | None) -> int:
-    args, extra = parse_args(argv)
-    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    args, study = parse_args(argv)
     jobs = [(s, seed) for seed in args.seeds for s in args.strategies]
     summaries: dict[str, dict[int, dict[str, Any]]] = {s: {} for s in args.strategies}
     if args.resume:
         for s, seed in list(jobs):
-            found = finished_summary(s, seed, args.env_steps, args.run_dir, extra)
+            found = finished_summary(s, seed, study, args.run_dir)
             if found is not None:
                 summaries[s][seed] = found
                 jobs.remove((s, seed))
         print(f"resume: {sum(map(len, summaries.values()))} finished runs reused, {len(jobs)} to run")
     start = time.perf_counter()
-    ctx = multiprocessing.get_context("spawn")  # TensorFlow does not survive fork
-    from tqdm import tqdm
-
-    with futures.ProcessPoolExecutor(max_workers=args.workers, mp_context=ctx) as pool:
-        pending = {
-            pool.submit(_run_one, s, seed, args.env_steps, str(args.run_dir), threads, extra): (s, seed)
-            for s, seed in jobs
-        }
-        for fut in tqdm(futures.as_completed(pending), total=len(pending), desc="ablation runs"):
-            s, seed = pending[fut]
-            summaries[s][seed] = fut.result()
-    metrics = {s: {seed: run_metrics(summ) for seed, summ in runs.items()} for s, runs in summaries.items()}
+    for (s, seed), summary in run_all(study, jobs, args.run_dir, workers=args.workers).items():
+        summaries[s][seed] = summary
+    metrics = {
+        s: {seed: run_metrics(summ, solve_return=study.solve_return) for seed, summ in runs.items()}
+        for s, runs in summaries.items()
+    }
     table = aggregate(metrics)
     meta = {
-        "env_steps": args.env_steps,
+        "env": study.env,
+        "preset": study.preset,
+        "env_steps": study.env_steps,
+        "solve_return": study.solve_return,
+        "probe_batches": study.probe_batches,
         "seeds": args.seeds,
         "workers": args.workers,
         "wall_time_s": time.perf_counter() - start,
         "command": "python -m agents.ablation " + " ".join(argv if argv is not None else sys.argv[1:]),
         "overrides": {s: STRATEGIES[s][1] for s in args.strategies},
-        "extra": extra,
+        "extra": study.extra,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"meta": meta, "table": table, "runs": metrics}
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     md = markdown(table, meta)
     args.out.with_suffix(".md").write_text(md)
-    plot(summaries, args.out.with_suffix(".png"), args.env_steps)
+    plot(summaries, args.out.with_suffix(".png"), study.env_steps, solve_return=study.solve_return)
     print(md)
     print(f"outputs: {args.out}.json, .md, .png")
     return 0

@@ -502,20 +502,23 @@ def train(
     out_dir: Path,
     title: str,
     fields: dict[str, Any] | None = None,
+    hooks: Sequence[Hook] = (),
 ) -> dict[str, Any]:
     """A single-process run: seed, build a :class:`TrainLoop` on ``make_env``, run it with the standard
-    hooks and the summary (``fields`` added to it); returns the summary (also in ``out_dir/summary.json``)."""
+    hooks, then ``hooks`` (they see each step after the evaluation), then the summary (``fields`` added to
+    it); returns the summary (also in ``out_dir/summary.json``)."""
     seed_everything(seed, deterministic=options.deterministic)
     env = make_env(config.num_envs, seed=seed)
     try:
         loop = TrainLoop(config, env, seed=seed)
-        hooks = [
+        all_hooks = [
             *standard_hooks(config, options, make_env, seed=seed, out_dir=out_dir),
+            *hooks,
             Summary(title, solve_return=options.solve_return, fields=fields),
         ]
         return run(
             loop,
-            hooks,
+            all_hooks,
             out_dir=out_dir,
             total_env_steps=options.total_env_steps,
             resume=resume_path(options, out_dir),

@@ -32,6 +32,8 @@ class Purpose(enum.IntEnum):
     """Greedy evaluations (one per evaluation) and the evaluation env."""
     WORKER = 5
     """A distributed actor worker (one per worker and incarnation)."""
+    PROBE = 6
+    """Windows drawn for a diagnostic probe (not the replay's sampler: the training stays the same)."""
 
 
 def derive_seed(seed: int, purpose: Purpose, *path: int) -> int:
@@ -67,6 +69,11 @@ class RunSeeds:
     def evaluation(self, index: int) -> int:
         """The seed of the ``index``-th greedy evaluation."""
         return derive_seed(self.seed, Purpose.EVALUATION, index)
+
+    @property
+    def probe(self) -> int:
+        """The seed of the windows a diagnostic probe draws (e.g. :class:`agents.episode_probe.SecondReadingHook`)."""
+        return derive_seed(self.seed, Purpose.PROBE)
 
     @property
     def evaluation_env(self) -> int:

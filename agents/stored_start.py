@@ -16,6 +16,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
+from agents.episode_probe import Recorder, true_states
+
 ENV_ID = "popgym-RepeatFirstEasy-v0"
 EVAL_EPISODES = 32
 
@@ -58,93 +60,6 @@ def make_env(num_envs: int, seed: int):
     return env
 
 
-class Recorder:
-    """Keeps, per lane, every step the actor stores: card, action, reward, final flag, learner version and Q."""
-
-    def __init__(self, loop) -> None:
-        actor = loop.actor
-        self.lanes = [int(x) for x in actor.lanes]
-        self.steps: dict[int, list[tuple]] = {lane: [] for lane in self.lanes}
-        self.text: dict[int, list[str]] = {lane: [] for lane in self.lanes}
-        add, act = actor.replay.add, actor.act
-        last_q: list[np.ndarray] = []
-
-        def recording_act(**kw):
-            q, actions, states = act(**kw)
-            last_q[:] = [q]
-            return q, actions, states
-
-        def recording_add(lanes, **kw):
-            for row, lane in enumerate(lanes):
-                final = bool(actor.final_pending[row])
-                card = int(np.argmax(kw["observation"][row]))
-                a = (
-                    0 if final else int(kw["action"][row])
-                )  # the replay keeps no action on a final observation
-                step = (card, a, float(kw["reward"][row]), final)
-                self.steps[int(lane)].append((*step, loop.learner.num_updates, last_q[0][row].copy()))
-                self.text[int(lane)].append(chr(65 + 16 * step[3] + 4 * card + a))
-            return add(lanes, **kw)
-
-        actor.act, actor.replay.add = recording_act, recording_add
-
-    def locate(self, batch, row: int) -> tuple[int, int]:
-        """(lane, lane position of window step 0) of batch row ``row``, found by its steps (must be unique)."""
-        valid = np.flatnonzero(batch.mask[row])
-        cards = batch.observation[row, valid].argmax(-1)
-        final = batch.final[row, valid]
-        key = "".join(chr(65 + 16 * f + 4 * c + a) for c, a, f in zip(cards, batch.action[row, valid], final))
-        found = []
-        for lane in self.lanes:
-            text = "".join(self.text[lane])
-            i = text.find(key)
-            while i >= 0:
-                found.append((lane, i - int(valid[0])))
-                i = text.find(key, i + 1)
-        if len(found) != 1:
-            raise AssertionError(f"window of row {row} found {len(found)} times in the recorded lanes")
-        return found[0]
-
-    def episode_start(self, lane: int, pos: int) -> int:
-        """Lane position of the first step of the episode that holds ``pos``."""
-        steps = self.steps[lane]
-        p = pos - 1
-        while p >= 0 and not steps[p][3]:
-            p -= 1
-        return p + 1
-
-
-def _replayed_episodes(rec: Recorder, batch, where: list[tuple[int, int, int]], n_act: int, length: int):
-    """Inputs and mask of each row's episode from its first step to the window's end, left-padded so
-    that window step 0 sits at ``T - length``; rows: (lane, episode start, window start)."""
-    pre = max(s - e for _, e, s in where)
-    T = pre + length
-    B = len(where)
-    obs, pa, pr = (
-        np.zeros((B, T, n_act), np.float32),
-        np.zeros((B, T), np.int32),
-        np.zeros((B, T), np.float32),
-    )
-    mask = np.zeros((B, T), bool)
-    for r, (lane, e, s) in enumerate(where):
-        steps = rec.steps[lane]
-        for i, p in enumerate(range(e, min(s + length, len(steps)))):
-            if p > e and steps[p - 1][3]:
-                break
-            t = T - length - (s - e) + i
-            obs[r, t, steps[p][0]] = 1.0
-            if p > e:
-                pa[r, t], pr[r, t] = steps[p - 1][1], steps[p - 1][2]
-            mask[r, t] = True
-    mask[:, T - length :] &= batch.mask
-    return [obs, pa, pr], mask, T
-
-
-def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
-    """``x`` with zero rows appended up to ``rows`` (the runner's batch size is fixed)."""
-    return np.concatenate([x, np.zeros((rows - len(x), *x.shape[1:]), x.dtype)])
-
-
 def _linear_probe(x: np.ndarray, y: np.ndarray, classes: int) -> float:
     """Held-out accuracy of a softmax regression reading ``y`` from ``x`` (first half trains, second half tests)."""
     import keras
@@ -156,13 +71,15 @@ def _linear_probe(x: np.ndarray, y: np.ndarray, classes: int) -> float:
     return float(model.evaluate(x[half:], y[half:], verbose=0)[1])
 
 
-def _start_qs(runner, batch, burn_in: int) -> dict[str, np.ndarray]:
+def _start_qs(learner, batch) -> dict[str, np.ndarray]:
     """Q over the window [B, L, A] from each start the learner could use, all with the current θ."""
-    inputs = [batch.observation, batch.prev_action, batch.prev_reward]
+    runner, burn_in = learner.probe_runner, learner.spec.burn_in
+    inputs = learner.model_inputs(batch.observation, batch.prev_action, batch.prev_reward)
     # A zero start that cannot read the card from the burn-in's feedback: previous action and reward
     # zeroed over the burn-in (and at the first trained step, whose inputs are the burn-in's last feedback).
-    blind = [batch.observation, batch.prev_action.copy(), batch.prev_reward.copy()]
-    blind[1][:, : burn_in + 1], blind[2][:, : burn_in + 1] = 0, 0.0
+    blind_action, blind_reward = batch.prev_action.copy(), batch.prev_reward.copy()
+    blind_action[:, : burn_in + 1], blind_reward[:, : burn_in + 1] = 0, 0.0
+    blind = learner.model_inputs(batch.observation, blind_action, blind_reward)
     return {
         "zero_burn_in": runner(inputs, None, mask=batch.mask).outputs.numpy(),
         "stored_burn_in": runner(inputs, batch.actor_state, mask=batch.mask).outputs.numpy(),
@@ -200,45 +117,31 @@ def probe(loop, rec: Recorder, *, batches: int = 8, raw: list | None = None) -> 
     """Start-state quality on the *third* windows: those whose burn-in starts mid-episode (at episode step
     ``period``), the only ones where the zero and the stored start differ. See docs/stored_start.md."""
     learner, spec = loop.learner, loop.learner.spec
-    runner, b, L, U = learner.probe_runner, spec.burn_in, spec.length, spec.unroll
+    b, U = spec.burn_in, spec.unroll
     out: dict[str, list] = {}
     xs: dict[str, list] = {"stored": [], "true": []}
     ys, ages = [], []
     for _ in range(batches):
         batch = loop.replay.sample(learner.config.batch_size)
         third = batch.mask[:, 0] & np.array([bool(np.any(h != 0)) for h in batch.actor_state[0][0]])
-        if not third.any():
+        truth = true_states(learner, rec, batch, np.flatnonzero(third))
+        if truth.rows.size == 0:
             continue
-        rows = np.flatnonzero(third)
-        where = []
-        for r in rows:
-            lane, start = rec.locate(batch, r)
-            where.append((lane, rec.episode_start(lane, start), start))
-        sub = batch._replace(
-            **{
-                f: getattr(batch, f)[rows]
-                for f in ("observation", "prev_action", "prev_reward", "mask", "final", "action")
-            }
-        )
-        inputs, mask, T = _replayed_episodes(rec, sub, where, learner.num_actions, L)
-        B = len(batch.mask)
-        run_out = runner([_pad_rows(x, B) for x in inputs], None, mask=_pad_rows(mask, B))
-        q = {"true": run_out.outputs.numpy()[: len(rows), T - L :]}
-        q.update({k: v[rows] for k, v in _start_qs(runner, batch, b).items()})
-        card = np.array([rec.steps[lane][e][0] for lane, e, _ in where])
+        rows, where = truth.rows, truth.where
+        q = {"true": truth.q, **{k: v[rows] for k, v in _start_qs(learner, batch).items()}}
+        card = np.array([rec.logs[lane].observation[e].argmax() for lane, e, _ in where])
+        mask = batch.mask[rows]
         if raw is not None:
             actor_q = np.zeros_like(q["true"])
             for i, (lane, _, s) in enumerate(where):
-                for t in np.flatnonzero(sub.mask[i]):
-                    actor_q[i, t] = rec.steps[lane][s + t][5]
-            raw.append({**q, "actor": actor_q, "mask": sub.mask})
-        _metrics(out, q, card, sub.mask, b, U)
-        h0 = runner([_pad_rows(x[:, : T - L], B) for x in inputs], None, mask=_pad_rows(mask[:, : T - L], B))
-        h0 = h0.final_state[0]
+                valid = np.flatnonzero(mask[i])
+                actor_q[i, valid] = rec.logs[lane].q[s + valid]
+            raw.append({**q, "actor": actor_q, "mask": mask})
+        _metrics(out, q, card, mask, b, U)
         xs["stored"].extend(np.concatenate([a[rows] for a in batch.actor_state[0]], 1))
-        xs["true"].extend(np.concatenate([np.asarray(a)[: len(rows)] for a in h0], 1))
+        xs["true"].extend(np.concatenate(truth.state[0], 1))
         ys.extend(card)
-        ages.extend(learner.num_updates - rec.steps[lane][s][4] for lane, _, s in where)
+        ages.extend(learner.num_updates - rec.logs[lane].updates[s] for lane, _, s in where)
     result = {k: float(np.nanmean(v)) if v else float("nan") for k, v in out.items()}
     result.update(third_rows=len(ys), age_updates=float(np.mean(ages)) if ages else float("nan"))
     for name, x in xs.items():

@@ -15,7 +15,7 @@ LAYERS = (
     ("agents.seeds", "agents.envs", "agents.spaces", "agents.interrupts"),
     ("agents.r2d2",),
     ("agents.distributed",),
-    ("agents.experiment", "agents.cli"),
+    ("agents.experiment", "agents.cli", "agents.episode_probe"),
     ("agents.train",),
     ("agents.cartpole", "agents.ablation", "agents.delta_q_probe", "agents.article", "agents.stored_start"),
 )

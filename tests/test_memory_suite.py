@@ -1,0 +1,144 @@
+"""The POPGym memory suite: its task table, the metrics of a curve, and --quick end to end (files, JSON, resume, errors)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import gymnasium as gym
+import pytest
+
+pytest.importorskip("popgym")
+
+from agents.envs import ensure_registered
+from benchmarks import memory_suite as suite
+
+ISSUE_TASKS = (
+    "RepeatPreviousEasy RepeatFirstEasy CountRecallEasy AutoencodeEasy PositionOnlyCartPoleEasy "
+    "NoisyPositionOnlyCartPoleEasy MultiarmedBanditEasy HigherLowerEasy MineSweeperEasy BattleshipEasy "
+    "ConcentrationEasy RepeatPreviousMedium RepeatFirstMedium"
+).split()
+
+
+def test_the_table_holds_the_issues_tasks_and_the_default_run():
+    assert sorted(suite.TASKS) == sorted(ISSUE_TASKS)
+    assert set(suite.DEFAULT_TASKS) <= set(suite.TASKS) and set(suite.QUICK_TASKS) <= set(suite.TASKS)
+
+
+@pytest.mark.parametrize("name", sorted(suite.TASKS))
+def test_each_task_is_popgyms_class_with_a_sane_budget(name):
+    task = suite.TASKS[name]
+    spec = gym.spec(ensure_registered(task.env_id))
+    assert str(spec.entry_point).rpartition(":")[2] == name  # the JSON key is POPGym's class name
+    assert task.env_steps % task.eval_every == 0 and task.env_steps // task.eval_every >= 10
+    suite.Job(task=task, seed=0, env_steps=task.env_steps, eval_every=task.eval_every, eval_episodes=32,
+              overrides=task.overrides, run_dir="unused").settings()  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("curve", "mmer", "final", "steps_to"),
+    [
+        ([(500, -0.5), (1000, 0.2), (1500, 0.1)], 0.2, 0.1, None),
+        ([(500, 0.95), (1000, 0.5)], 0.95, 0.5, 500),
+        ([(500, 0.3), (1000, 0.9), (1500, 1.0)], 1.0, 1.0, 1000),  # 0.9 itself counts
+    ],
+)
+def test_seed_metrics_read_the_curve(curve, mmer, final, steps_to):
+    m = suite.seed_metrics([{"env_steps": s, "mean_return": r} for s, r in curve])
+    assert (m["mmer"], m["final"], m["steps_to"]) == (mmer, final, steps_to)
+    assert m["curve"] == [list(p) for p in curve]
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One --quick run (RepeatFirstEasy and RepeatPreviousEasy, seed 0, 1000 env steps): its output dir."""
+    out = tmp_path_factory.mktemp("suite")
+    assert suite.main(["--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_quick_run_writes_table_json_and_plot(quick):
+    report = json.loads((quick / "memory_suite.json").read_text())
+    assert set(report) == set(suite.QUICK_TASKS)
+    for name in suite.QUICK_TASKS:
+        entry = report[name]
+        assert entry["env_id"] == f"popgym-{name}-v0" and entry["budget"] == 1000
+        assert len(entry["mmer"]["values"]) == len(entry["seeds"]) == 1  # one value per seed
+        curve = entry["curves"]["0"]
+        assert [s // 500 for s, _ in curve] == [1, 2] and entry["eval_episodes"] == 8
+        returns = [r for _, r in curve]
+        assert entry["mmer"]["values"] == [max(returns)] and entry["mmer"]["mean"] == max(returns)
+        assert entry["final"]["values"] == [returns[-1]]
+        assert entry["steps_to_0.9"] == [next((s for s, r in curve if r >= 0.9), None)]
+        assert -1.0 <= entry["random_return"]["mean"] <= 0.0 and entry["random_return"]["episodes"] == 20
+        assert entry["overrides"]["core_units"] == 16 and entry["command"].startswith(suite.PROG + " --quick")
+    md = (quick / "memory_suite.md").read_text()
+    assert "| RepeatFirstEasy | 1,000 | 500 × 8 | 1 |" in md and "| RepeatPreviousEasy |" in md
+    assert (quick / "memory_suite.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_skips_finished_runs_and_resumes_a_killed_one_from_its_checkpoint(quick, capsys):
+    before = json.loads((quick / "memory_suite.json").read_text())
+    runs = quick / "runs"
+    finished = runs / "RepeatFirstEasy-s0" / "summary.json"
+    mtime = finished.stat().st_mtime_ns
+    (runs / "RepeatPreviousEasy-s0" / "summary.json").unlink()  # killed after its last checkpoint
+    capsys.readouterr()
+    assert suite.main(["--quick", "--out", str(quick), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "resume: 1 finished runs reused, 1 to run" in out
+    assert f"resumed from {runs / 'RepeatPreviousEasy-s0' / 'checkpoint'} at 1000 env steps" in out
+    assert finished.stat().st_mtime_ns == mtime
+    after = json.loads((quick / "memory_suite.json").read_text())
+    for name in suite.QUICK_TASKS:  # the same runs: nothing trained again
+        assert (
+            after[name]["curves"] == before[name]["curves"]
+            and after[name]["updates"] == before[name]["updates"]
+        )
+    assert suite.main(["--quick", "--out", str(quick), "--resume"]) == 0
+    assert "resume: 2 finished runs reused, 0 to run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--tasks", "RepeatFirstEasy", "Nope"], "--tasks: unknown task 'Nope'; choices: RepeatFirstEasy,"),
+        (["--seeds", "0", "-1"], "--seeds: expected ints >= 0, got [0, -1]"),
+        (["--workers", "0"], "--workers: expected an int >= 1, got 0"),
+        (["--eval-episodes", "0"], "--eval-episodes: expected an int >= 1, got 0"),
+        (["--env-steps", "x"], "--env-steps: invalid int value: 'x'"),
+    ],
+)
+def test_bad_flags_are_one_line_exit_2(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        suite.main([*argv, "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"{suite.PROG}: error: ") and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_defaults_and_quick_never_write_the_committed_results():
+    args, jobs = suite.parse_args([])
+    assert args.tasks == list(suite.DEFAULT_TASKS) and args.seeds == [0, 1, 2] and args.workers == 2
+    assert args.out == Path("benchmarks/results") and args.eval_episodes == 32
+    assert [(j.env_steps, j.eval_every) for j in jobs["RepeatFirstEasy"]] == [(120_000, 6_000)] * 3
+    args, jobs = suite.parse_args(["--quick"])
+    assert Path(tempfile.gettempdir()) in args.out.parents and args.run_dir == args.out / "runs"
+    args.out.rmdir()
+    args, jobs = suite.parse_args(["--tasks", "all", "--env-steps", "200000"])
+    assert list(jobs) == list(suite.TASKS)
+    assert {(j.env_steps, j.eval_every) for j in jobs["RepeatFirstMedium"]} == {(200_000, 10_000)}
+
+
+def test_an_interrupted_run_stops_the_suite_with_130_and_no_report(tmp_path, monkeypatch, capsys):
+    """Ctrl-C or SIGTERM during a run: the harness writes its final checkpoint and returns; the suite then
+    exits 130 without reporting the partial run (``--resume`` continues it)."""
+    calls = []
+    monkeypatch.setattr(
+        suite, "run_job", lambda job, **kw: calls.append(job.key) or {"stop_reason": "interrupted"}
+    )
+    assert suite.main(["--quick", "--out", str(tmp_path)]) == 130
+    assert calls == [("RepeatFirstEasy", 0)] and not (tmp_path / "memory_suite.json").exists()
+    assert "interrupted" in capsys.readouterr().err
