@@ -68,7 +68,8 @@ def import_tensorflow_quietly() -> None:
 def configure_threads(intra: int = 1, inter: int | None = None) -> bool:
     """TensorFlow's thread pools for this process, if it has not run anything yet (else False).
 
-    One thread per op and one op per core at once (``inter`` defaults to the CPU count): the
+    One thread per op and one op per core at once (``inter`` defaults to the cores this process
+    may run on): the
     learner's ops are small matmuls that split poorly across threads, while its online and
     target passes run side by side; measured 1.13× the updates/s of TensorFlow's default (a thread
     pool of every core per op) at the demo's scale, and no slower at the paper's
@@ -78,14 +79,13 @@ def configure_threads(intra: int = 1, inter: int | None = None) -> bool:
 
     try:
         tf.config.threading.set_intra_op_parallelism_threads(intra)
-        tf.config.threading.set_inter_op_parallelism_threads(inter or os.cpu_count() or 1)
+        tf.config.threading.set_inter_op_parallelism_threads(inter or len(os.sched_getaffinity(0)))
     except RuntimeError:  # the context is running already: its pools stay as they are
         return False
     return True
 
 
 import_tensorflow_quietly()  # before anything imports it (agents.r2d2 does)
-configure_threads()
 
 
 def one_line(message: object) -> str:
@@ -148,8 +148,11 @@ def run_script(prog: str, body: Callable[[], int]) -> int:
 
     A :class:`CheckpointError` prints one line and gives :data:`EXIT_USAGE`;
     Ctrl-C or SIGTERM that ``body`` does not handle gives :data:`EXIT_INTERRUPTED`.
+    TensorFlow's thread pools are set first (:func:`configure_threads`).
     """
     from agents.r2d2.checkpoint import CheckpointError  # after TensorFlow's quiet import
+
+    configure_threads()
 
     with sigterm_as_interrupt():
         try:

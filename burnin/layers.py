@@ -190,5 +190,5 @@ class HoistedLSTM(keras.layers.LSTM):
             # Keras' outputs: zeros until a row's first valid step, then h (repeated over masked steps).
             seen = tf.cast(tf.math.cumsum(tf.cast(keep, tf.int32), axis=0) > 0, tf.bool)[:, :, None]
             hs = tf.where(seen, hs, tf.zeros_like(hs))
-        outputs = tf.transpose(hs, [1, 0, 2])  # [B, T, u]
-        return outputs[:, -1], outputs, [h_last, tf.cast(c_last, c_in.dtype)]
+        last_out = tf.concat([tf.zeros_like(h0)[None], hs], axis=0)[-1]  # zeros when T is 0, as Keras
+        return last_out, tf.transpose(hs, [1, 0, 2]), [h_last, tf.cast(c_last, c_in.dtype)]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from burnin._checks import check_bool, check_int
+
 __all__ = ["lstm_sequence"]
 
 
@@ -38,31 +40,43 @@ def lstm_sequence(
             loop by rounding, ~1e-7 relative).
 
     Returns:
-        ``H [T, B, u]`` (``h_t`` after masking), ``h_T``, ``c_T``.
+        ``H [T, B, u]`` (``h_t`` after masking), ``h_T``, ``c_T``. First-order gradients only: a
+        gradient of the gradient raises ``LookupError`` (the written-out gradient is not itself
+        differentiated).
     """
+    blocks = check_int("backward_blocks", backward_blocks, minimum=1)
+    jit_loops = check_bool("jit_loops", jit_loops)
+    batch = h0.shape[0]
+    if batch is not None and batch % blocks:
+        raise ValueError(f"backward_blocks: expected a divisor of the batch {batch}, got {blocks}")
 
     @tf.custom_gradient
     def run(zx, h0, c0, w_h, bias):
         # No tape may record inside (eagerly, it would export the loop's TensorLists out of XLA):
         # this function's gradient is `grad` below.
         args = tf.nest.map_structure(tf.stop_gradient, (zx, h0, c0, w_h, bias))
-        z, cn, hs, cs = (_forward_xla if jit_loops else _forward)(*args, keep)
+        if jit_loops:  # XLA cannot compile the loop's slicing for an empty time axis
+            with tf.control_dependencies([_assert_steps(zx)]):
+                args = tuple(tf.identity(a) for a in args)
+        z, cn, hs, cs, h_last, c_last = (_forward_xla if jit_loops else _forward)(*args, keep)
 
         def grad(d_hs, d_h_last, d_c_last):
             d_z, d_h0, d_c0 = _blocked_backward(
-                backward_blocks, jit_loops, z, cn, hs, cs, h0, c0, w_h, keep, d_hs, d_h_last, d_c_last
+                blocks, jit_loops, z, cn, hs, cs, h0, c0, w_h, keep, d_hs, d_h_last, d_c_last
             )
-            h_prev = tf.concat([h0[None], hs[:-1]], axis=0)
+            h_prev = _previous(h0, hs)
             units = h0.shape[-1]
             d_w_h = tf.matmul(  # Σ_t h_{t-1}ᵀ dz_t as one [u, T·B] × [T·B, 4u] matmul
                 tf.reshape(h_prev, [-1, units]),
                 tf.reshape(tf.cast(d_z, w_h.dtype), [-1, 4 * units]),
                 transpose_a=True,
             )
-            d_bias = None if bias is None else tf.reduce_sum(d_z, axis=[0, 1])
-            return tf.cast(d_z, zx.dtype), tf.cast(d_h0, h0.dtype), d_c0, d_w_h, d_bias
+            d_bias = tf.reduce_sum(d_z, axis=[0, 1])
+            grads = (tf.cast(d_z, zx.dtype), tf.cast(d_h0, h0.dtype), d_c0, d_w_h, d_bias)
+            message = "lstm_sequence has first-order gradients only"
+            return tuple(tf.raw_ops.PreventGradient(input=g, message=message) for g in grads)
 
-        return (hs, hs[-1], cs[-1]), grad
+        return (hs, h_last, c_last), grad
 
     # Read a stateful layer's state variables now: its backward pass runs after the layer has
     # written its final state into them.
@@ -74,7 +88,8 @@ def lstm_sequence(
 
 
 def _forward(zx, h0, c0, w_h, bias, keep):
-    """The recurrence; returns per step ``z_t``, the cell before masking, and ``h_t``, ``c_t`` after it."""
+    """The recurrence; returns per step ``z_t``, the cell before masking, and ``h_t``, ``c_t`` after it,
+    then the final ``h``, ``c``."""
     steps = zx.shape[0] if zx.shape[0] is not None else tf.shape(zx)[0]
     gate = c0.dtype
     shape = lambda x: tf.TensorArray(x.dtype, size=steps, element_shape=x.shape)
@@ -104,14 +119,28 @@ def _forward(zx, h0, c0, w_h, bias, keep):
             (z_ta.write(t, z), cn_ta.write(t, c_new), h_ta.write(t, h_new), c_ta.write(t, c_kept)),
         )
 
-    _, _, _, tas = tf.while_loop(
+    _, h_last, c_last, tas = tf.while_loop(
         lambda t, *_: t < steps,
         body,
         (tf.constant(0), h0, c0, tas),
         parallel_iterations=1,
         maximum_iterations=steps,
     )
-    return tuple(ta.stack() for ta in tas)
+    return (*(ta.stack() for ta in tas), h_last, c_last)
+
+
+def _assert_steps(zx):
+    message = "zx: jit_loops needs at least one time step (got 0)"
+    if zx.shape[0] is not None:
+        if zx.shape[0] == 0:
+            raise ValueError(message)
+        return tf.no_op()
+    return tf.debugging.assert_greater(tf.shape(zx)[0], 0, message=message)
+
+
+def _previous(first, seq):
+    """``[first, seq_0, …, seq_{T-2}]``: each step's previous value (empty when ``T`` is 0)."""
+    return tf.concat([first[None], seq], axis=0)[: tf.shape(seq)[0]]
 
 
 def _backward(z, cn, hs, cs, h0, c0, w_h, keep, d_hs, d_h_last, d_c_last):
@@ -125,7 +154,7 @@ def _backward(z, cn, hs, cs, h0, c0, w_h, keep, d_hs, d_h_last, d_c_last):
     s_i, s_f, s_o = (tf.sigmoid(p) for p in _gates(z, (0, 1, 3)))
     g = tf.tanh(_gates(z, (2,))[0])
     tau = tf.tanh(cn)
-    c_prev = tf.concat([c0[None], cs[:-1]], axis=0)
+    c_prev = _previous(c0, cs)
     into_c = s_o * (1 - tau * tau)  # ∂h/∂c
     factors = tf.concat(
         [g * s_i * (1 - s_i), c_prev * s_f * (1 - s_f), s_i * (1 - g * g), tau * s_o * (1 - s_o)], axis=2

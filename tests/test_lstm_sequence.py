@@ -58,7 +58,7 @@ def gradients(fn, tensors, keep, weights, compiled):
     if compiled:
         run = tf.function(run)
     outs, grads = run(**tensors)
-    return [o.numpy() for o in outs], [g.numpy() for g in grads]
+    return [o.numpy() for o in outs], [None if g is None else g.numpy() for g in grads]
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["all_valid", "masked"])
@@ -93,3 +93,79 @@ def test_masked_steps_pass_gradient_through_unchanged(rng):
     np.testing.assert_allclose(d_h0, weights[0].numpy()[:, 2].sum(0) + weights[1].numpy()[2], rtol=1e-6)
     np.testing.assert_allclose(d_c0, weights[2].numpy()[2], rtol=1e-6)
     assert not grads[0][:, 2].any(), "a masked step's input gets no gradient"
+
+
+def test_no_bias_equals_a_zero_bias(rng):
+    tensors, keep, weights = problem(rng, masked=True)
+    zero = {**tensors, "bias": tf.zeros_like(tensors["bias"])}
+    with_zero = gradients(lambda *a: lstm_sequence(*a[:5], a[5]), zero, keep, weights, compiled=False)
+    no_bias = gradients(
+        lambda zx, h0, c0, w_h, bias, keep: lstm_sequence(zx, h0, c0, w_h, None, keep),
+        zero,
+        keep,
+        weights,
+        False,
+    )
+    for a, b in zip(with_zero[0] + with_zero[1][:4], no_bias[0] + no_bias[1][:4]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_second_order_gradient_raises(rng):
+    """The written-out gradient is not differentiated: asking for it fails instead of being silently wrong."""
+    tensors, keep, _ = problem(rng, masked=False)
+    w_h = tensors["w_h"]
+    with pytest.raises(LookupError, match="first-order gradients only"):
+        with tf.GradientTape() as outer:
+            outer.watch(w_h)
+            with tf.GradientTape() as inner:
+                inner.watch(w_h)
+                hs, _, _ = lstm_sequence(
+                    tensors["zx"], tensors["h0"], tensors["c0"], w_h, tensors["bias"], keep
+                )
+                loss = tf.reduce_sum(hs)
+            g = inner.gradient(loss, w_h)
+            outer.gradient(tf.reduce_sum(g * g), w_h)
+
+
+@pytest.mark.parametrize(
+    ("blocks", "error", "message"),
+    [
+        (3, ValueError, "backward_blocks: expected a divisor of the batch 4, got 3"),
+        (0, ValueError, "backward_blocks: expected"),
+        (2.0, TypeError, "backward_blocks: expected an int"),
+    ],
+)
+def test_bad_backward_blocks_rejected_before_running(blocks, error, message, rng):
+    tensors, keep, _ = problem(rng, masked=False)
+    with pytest.raises(error, match=message):
+        lstm_sequence(*tensors.values(), keep, backward_blocks=blocks)
+
+
+def test_zero_steps_under_xla_is_a_clear_error(rng):
+    tensors, _, _ = problem(rng, masked=False)
+    empty = tf.zeros([0, B, 4 * U])
+    with pytest.raises(ValueError, match="jit_loops needs at least one time step"):
+        lstm_sequence(
+            empty, tensors["h0"], tensors["c0"], tensors["w_h"], tensors["bias"], None, jit_loops=True
+        )
+
+
+def test_zero_steps_return_the_initial_state(rng):
+    """A dynamic time dimension of length 0 (inside tf.function): no outputs, the state passes through."""
+    tensors, _, _ = problem(rng, masked=False)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, B, 4 * U], tf.float32)])
+    def run(zx):
+        with tf.GradientTape() as tape:
+            tape.watch(tensors["h0"])
+            hs, h_t, c_t = lstm_sequence(
+                zx, tensors["h0"], tensors["c0"], tensors["w_h"], tensors["bias"], None
+            )
+            loss = tf.reduce_sum(h_t)
+        return hs, h_t, c_t, tape.gradient(loss, tensors["h0"])
+
+    hs, h_t, c_t, d_h0 = run(tf.zeros([0, B, 4 * U]))
+    assert hs.shape == (0, B, U)
+    np.testing.assert_array_equal(h_t.numpy(), tensors["h0"].numpy())
+    np.testing.assert_array_equal(c_t.numpy(), tensors["c0"].numpy())
+    np.testing.assert_array_equal(d_h0.numpy(), np.ones((B, U), np.float32))

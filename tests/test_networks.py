@@ -43,7 +43,7 @@ def test_dueling_heads_mean_zero_advantage(rng):
     np.testing.assert_allclose(np.mean(q, axis=-1, keepdims=True), value, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["keras", "hoisted", "unrolled"])
+@pytest.mark.parametrize("impl", ["keras", "hoisted", "unrolled", "fused"])
 def test_copies_at_other_batch_sizes_share_weights(impl, rng):
     """Learner (batch 6) and actor (batch 2) copies give the same Q on the same rows."""
     config = NetworkConfig(**{**CFG.__dict__, "lstm_impl": impl})
