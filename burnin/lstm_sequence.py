@@ -55,9 +55,10 @@ def lstm_sequence(
         # No tape may record inside (eagerly, it would export the loop's TensorLists out of XLA):
         # this function's gradient is `grad` below.
         args = tf.nest.map_structure(tf.stop_gradient, (zx, h0, c0, w_h, bias))
-        if jit_loops:  # XLA cannot compile the loop's slicing for an empty time axis
-            with tf.control_dependencies([_assert_steps(zx)]):
-                args = tuple(tf.identity(a) for a in args)
+        check = _assert_steps(zx) if jit_loops else None  # XLA cannot slice an empty time axis
+        if check is not None:
+            with tf.control_dependencies([check]):
+                args = (tf.identity(args[0]), *args[1:])
         z, cn, hs, cs, h_last, c_last = (_forward_xla if jit_loops else _forward)(*args, keep)
 
         def grad(d_hs, d_h_last, d_c_last):
@@ -130,11 +131,12 @@ def _forward(zx, h0, c0, w_h, bias, keep):
 
 
 def _assert_steps(zx):
+    """None when the time axis is known non-empty; ValueError when known empty; else a run-time check."""
     message = "zx: jit_loops needs at least one time step (got 0)"
     if zx.shape[0] is not None:
         if zx.shape[0] == 0:
             raise ValueError(message)
-        return tf.no_op()
+        return None
     return tf.debugging.assert_greater(tf.shape(zx)[0], 0, message=message)
 
 
@@ -151,8 +153,9 @@ def _backward(z, cn, hs, cs, h0, c0, w_h, keep, d_hs, d_h_last, d_c_last):
     then ``dh ← dz W_hᵀ``, ``dc ← dc ⊙ σ_f``. A masked step passes ``(dh, dc)`` through, dz = 0.
     The factors are computed for all steps at once, before the loop."""
     gate = cn.dtype
-    s_i, s_f, s_o = (tf.sigmoid(p) for p in _gates(z, (0, 1, 3)))
-    g = tf.tanh(_gates(z, (2,))[0])
+    z_i, z_f, z_g, z_o = tf.split(z, 4, axis=-1)
+    s_i, s_f, s_o = tf.sigmoid(z_i), tf.sigmoid(z_f), tf.sigmoid(z_o)
+    g = tf.tanh(z_g)
     tau = tf.tanh(cn)
     c_prev = _previous(c0, cs)
     into_c = s_o * (1 - tau * tau)  # ∂h/∂c
@@ -205,11 +208,6 @@ def _blocked_backward(k, jit, z, cn, hs, cs, h0, c0, w_h, keep, d_hs, d_h_last, 
         tf.concat([o[1] for o in outs], 0),
         tf.concat([o[2] for o in outs], 0),
     )
-
-
-def _gates(z, which):
-    parts = tf.split(z, 4, axis=-1)
-    return [parts[k] for k in which]
 
 
 # The same loops as single XLA programs (traced per shape and dtype on first use).
