@@ -310,8 +310,8 @@ class Evaluation:
         }
         run.history.evals.append(entry)
         run.log(
-            f"eval @ {loop.env_steps} env steps: mean greedy return {entry['mean_return']:.1f} "
-            f"(min {entry['min_return']:.0f}) over {len(returns)} episodes"
+            f"eval @ {loop.env_steps} env steps: mean greedy return {entry['mean_return']:.4g} "
+            f"(min {entry['min_return']:.4g}) over {len(returns)} episodes"
         )
         if self.solved_at is None and self._solves(entry):
             self.solved_at = loop.env_steps

@@ -123,7 +123,7 @@ def test_defaults_and_quick_never_write_the_committed_results():
     args, jobs = suite.parse_args([])
     assert args.tasks == list(suite.DEFAULT_TASKS) and args.seeds == [0, 1, 2] and args.workers == 2
     assert args.out == Path("benchmarks/results") and args.eval_episodes == 32
-    assert [(j.env_steps, j.eval_every) for j in jobs["RepeatFirstEasy"]] == [(120_000, 6_000)] * 3
+    assert [(j.env_steps, j.eval_every) for j in jobs["RepeatFirstEasy"]] == [(200_000, 8_000)] * 3
     args, jobs = suite.parse_args(["--quick"])
     assert Path(tempfile.gettempdir()) in args.out.parents and args.run_dir == args.out / "runs"
     args.out.rmdir()
@@ -140,5 +140,46 @@ def test_an_interrupted_run_stops_the_suite_with_130_and_no_report(tmp_path, mon
         suite, "run_job", lambda job, **kw: calls.append(job.key) or {"stop_reason": "interrupted"}
     )
     assert suite.main(["--quick", "--out", str(tmp_path)]) == 130
-    assert calls == [("RepeatFirstEasy", 0)] and not (tmp_path / "memory_suite.json").exists()
+    assert [k[:2] for k in calls] == [("RepeatFirstEasy", 0)] and not (tmp_path / "memory_suite.json").exists()
     assert "interrupted" in capsys.readouterr().err
+
+
+def _job(tmp_path, *, stop_when_solved):
+    task = suite.TASKS["RepeatFirstEasy"]
+    return suite.Job(task=task, seed=0, env_steps=1000, eval_every=500, eval_episodes=8, overrides={},
+                     run_dir=str(tmp_path), stop_when_solved=stop_when_solved)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("stop_reason", "stop_when_solved", "reused"),
+    [("budget", False, True), ("solved", False, False), ("budget", True, True), ("solved", True, True),
+     ("interrupted", True, False)],
+)  # fmt: skip
+def test_resume_reuses_a_run_stopped_at_its_solve_only_under_stop_when_solved(
+    tmp_path, stop_reason, stop_when_solved, reused
+):
+    job = _job(tmp_path, stop_when_solved=stop_when_solved)
+    config, options = job.settings()
+    assert options.stop_when_solved is stop_when_solved
+    job.out_dir.mkdir(parents=True)
+    args = {k: getattr(options, k) for k in ("total_env_steps", "eval_every", "eval_episodes")}
+    summary = {"config": config.to_json(), "env": job.task.env_id, "seed": 0, "args": args,
+               "stop_reason": stop_reason}  # fmt: skip
+    (job.out_dir / "summary.json").write_text(json.dumps(summary))
+    assert (suite.finished(job) is not None) is reused
+
+
+def test_stop_when_solved_is_a_flag_and_marks_the_final_column(tmp_path):
+    _, jobs = suite.parse_args(["--stop-when-solved", "--out", str(tmp_path)])
+    assert all(j.stop_when_solved for runs in jobs.values() for j in runs)
+    _, jobs = suite.parse_args(["--out", str(tmp_path)])
+    assert not any(j.stop_when_solved for runs in jobs.values() for j in runs)
+    entry = {"budget": 1000, "eval_every": 500, "eval_episodes": 8, "seeds": [0], "overrides": {},
+             "mmer": suite.stat([0.95]), "final": suite.stat([0.95]), "steps_to_0.9": [500],
+             "random_return": {"mean": -0.5}}  # fmt: skip
+    assert "‡" not in suite.markdown({"RepeatFirstEasy": entry})
+    md = suite.markdown({"RepeatFirstEasy": {**entry, "stop_when_solved": True}})
+    assert (
+        "| 0.95 ± 0.00 (0.95) | 0.05 | 0.95 ± 0.00 ‡ | 0.5k |" in md
+        and "‡ run with `--stop-when-solved`" in md
+    )

@@ -1,0 +1,49 @@
+"""The POPGym sensitivity runs: one job per variant and seed, each in its own directory, and the table."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("popgym")
+
+from benchmarks import memory_sensitivity as sens
+from benchmarks import memory_suite as suite
+
+
+def test_every_variant_is_its_own_valid_run_stopped_at_its_solve(tmp_path):
+    args = argparse.Namespace(seeds=[0, 1], env_steps=6000, eval_every=600, eval_episodes=4, run_dir=tmp_path)
+    labelled = sens.jobs(args)
+    assert len(labelled) == 2 * len(sens.VARIANTS)
+    assert len({job.key for _, job in labelled}) == len(labelled)  # run_jobs keeps every one
+    assert len({job.out_dir for _, job in labelled}) == len(labelled)
+    for label, job in labelled:
+        config, options = job.settings()
+        assert options.stop_when_solved and options.total_env_steps == 6000
+        # the label says what the run sets: Adam ε and γ as configured
+        eps, gamma = re.search(r"Adam ε (\S+), γ (\S+)$", label).groups()
+        assert (float(eps), float(gamma)) == (config.adam_epsilon, config.gamma)
+    tuned = {name: suite.TASKS[name].overrides.get("gamma", 0.99) for name, *_ in sens.VARIANTS}
+    for name, label, overrides in sens.VARIANTS:  # the "tuned" row is the suite's setting
+        if label.startswith("tuned"):
+            config = suite.Job(task=suite.TASKS[name], seed=0, env_steps=1, eval_every=1, eval_episodes=1,
+                               overrides=overrides, run_dir="x").settings()[0]  # fmt: skip
+            assert config.gamma == tuned[name] and config.adam_epsilon == 1e-8
+
+
+def test_the_table_has_a_row_per_variant_with_per_seed_values():
+    rows = [{"task": "RepeatFirstEasy", "settings": "tuned", "mmer": [0.95, 0.5], "steps_to": [24000, None]}]
+    md = sens.markdown(rows, env_steps=60_000)
+    assert "| RepeatFirstEasy | tuned | 0.95, 0.50 | 24k, — |" in md and "60,000 env steps" in md
+
+
+def test_a_bad_flag_is_one_line_exit_2(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        sens.main(["--env-steps", "0", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"{sens.PROG}: error: --env-steps: expected an int >= 1, got 0"
+    assert not Path(tmp_path / "out").exists()
