@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from agents.cli import ArgumentParser, run_script
 from benchmarks import memory_suite as suite
 
@@ -48,18 +50,30 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, suite.Job]]:
     return out
 
 
+def adam_denominator(learner_npz: Path) -> dict[str, float]:
+    """Median and 99th percentile over every weight of sqrt(v), Adam's second-moment estimate, in a learner
+    checkpoint: the size ε competes with in the step m / (sqrt(v) + ε). Keras' Adam keeps [iterations,
+    learning rate, then (momentum, velocity) per trainable variable]: the velocities are entries 3, 5, …"""
+    with np.load(learner_npz) as z:
+        count = sum(1 for k in z.files if k.startswith("optimizer/"))
+        root = np.sqrt(np.concatenate([z[f"optimizer/{i}"].ravel() for i in range(3, count, 2)]))
+    return {"median": float(np.median(root)), "p99": float(np.percentile(root, 99))}
+
+
 def markdown(rows: list[dict[str, Any]], *, env_steps: int) -> str:
     lines = [
         f"R2D2 (preset `popgym` + the row's settings), budget {env_steps:,} env steps, a run ends at its first "
         f"evaluation at ≥ {suite.SOLVED:g}. MMER: best mean greedy return (per seed).",
         "",
-        f"| task | settings | MMER | env steps to {suite.SOLVED:g} |",
-        "| --- | --- | --- | --- |",
+        f"| task | settings | MMER | env steps to {suite.SOLVED:g} | median √v̂ of Adam at the end (ε: the row's) |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         mmer = ", ".join(f"{v:.2f}" for v in r["mmer"])
-        steps = ", ".join("—" if s is None else f"{s / 1000:g}k" for s in r["steps_to"])
-        lines.append(f"| {r['task']} | {r['settings']} | {mmer} | {steps} |")
+        root = ", ".join(f"{d['median']:.1e}" for d in r["adam_sqrt_v"])
+        lines.append(
+            f"| {r['task']} | {r['settings']} | {mmer} | {suite.format_steps(r['steps_to'])} | {root} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -70,6 +84,7 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--eval-every", type=int, default=6_000, help="env steps between evaluations [6000]")
     parser.add_argument("--eval-episodes", type=int, default=32, help="greedy episodes per evaluation [32]")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel processes [2]")
+    parser.add_argument("--resume", action="store_true", help="reuse finished runs found in --run-dir")
     parser.add_argument(
         "--out", type=Path, default=Path("benchmarks/results"), help="directory of the outputs"
     )
@@ -83,18 +98,23 @@ def _main(argv: list[str] | None) -> int:
     if min(args.seeds) < 0:
         parser.error(f"--seeds: expected ints >= 0, got {args.seeds}")
     labelled = jobs(args)
-    summaries = suite.run_jobs([j for _, j in labelled], workers=args.workers, resume=False)
+    summaries = {j.key: x for _, j in labelled if args.resume and (x := suite.finished(j)) is not None}
+    if args.resume:
+        print(f"resume: {len(summaries)} finished runs reused, {len(labelled) - len(summaries)} to run")
+    todo = [j for _, j in labelled if j.key not in summaries]
+    summaries.update(suite.run_jobs(todo, workers=args.workers, resume=args.resume))
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for label, job in labelled:
         m = suite.seed_metrics(summaries[job.key]["history"]["evals"])
         row = rows.setdefault((job.task.name, label), {
             "task": job.task.name, "settings": label, "overrides": job.overrides, "seeds": [], "mmer": [],
-            "steps_to": [], "curves": [],
+            "steps_to": [], "curves": [], "adam_sqrt_v": [],
         })  # fmt: skip
         row["seeds"].append(job.seed)
         row["mmer"].append(m["mmer"])
         row["steps_to"].append(m["steps_to"])
         row["curves"].append(m["curve"])
+        row["adam_sqrt_v"].append(adam_denominator(job.out_dir / "checkpoint" / "learner.npz"))
     command = " ".join([PROG, *(argv if argv is not None else sys.argv[1:])])
     report = {"command": command, "env_steps": args.env_steps, "rows": list(rows.values())}
     args.out.mkdir(parents=True, exist_ok=True)

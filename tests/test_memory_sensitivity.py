@@ -35,9 +35,14 @@ def test_every_variant_is_its_own_valid_run_stopped_at_its_solve(tmp_path):
 
 
 def test_the_table_has_a_row_per_variant_with_per_seed_values():
-    rows = [{"task": "RepeatFirstEasy", "settings": "tuned", "mmer": [0.95, 0.5], "steps_to": [24000, None]}]
+    sqrt_v = [{"median": 2.6e-6, "p99": 1e-4}, {"median": 1.2e-7, "p99": 1e-5}]
+    rows = [
+        {"task": "RepeatFirstEasy", "settings": "tuned", "mmer": [0.95, 0.5], "steps_to": [24000, None],
+         "adam_sqrt_v": sqrt_v}
+    ]  # fmt: skip
     md = sens.markdown(rows, env_steps=60_000)
-    assert "| RepeatFirstEasy | tuned | 0.95, 0.50 | 24k, — |" in md and "60,000 env steps" in md
+    assert "| RepeatFirstEasy | tuned | 0.95, 0.50 | 24k, — | 2.6e-06, 1.2e-07 |" in md
+    assert "60,000 env steps" in md
 
 
 def test_a_bad_flag_is_one_line_exit_2(capsys, tmp_path):
@@ -47,3 +52,23 @@ def test_a_bad_flag_is_one_line_exit_2(capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert err == f"{sens.PROG}: error: --env-steps: expected an int >= 1, got 0"
     assert not Path(tmp_path / "out").exists()
+
+
+def test_adam_denominator_reads_the_velocities_of_a_learner_checkpoint(tmp_path):
+    import keras
+    import numpy as np
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2)])
+    optimizer = keras.optimizers.Adam(1e-3)
+    grads = [np.full(w.shape, 0.5 + i, np.float32) for i, w in enumerate(model.trainable_variables)]
+    optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    # the layout the function assumes: [iterations, learning rate, (momentum, velocity) per variable]
+    names = [v.name for v in optimizer.variables]
+    assert [i for i, n in enumerate(names) if n.endswith("_velocity")] == list(range(3, len(names), 2))
+    np.savez(
+        tmp_path / "learner.npz", **{f"optimizer/{i}": v.numpy() for i, v in enumerate(optimizer.variables)}
+    )
+    root = np.sqrt(np.concatenate([(1 - 0.999) * g.ravel() ** 2 for g in grads]))  # v after one step
+    got = sens.adam_denominator(tmp_path / "learner.npz")
+    assert got["median"] == pytest.approx(np.median(root), rel=1e-5)
+    assert got["p99"] == pytest.approx(np.percentile(root, 99), rel=1e-5)
