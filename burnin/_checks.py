@@ -18,6 +18,7 @@ __all__ = [
     "check_bool",
     "check_choice",
     "check_float",
+    "check_generator",
     "check_int",
     "check_int_tuple",
     "check_shape",
@@ -75,6 +76,20 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
     return bool(value)
+
+
+def check_generator(seed: Any, rng: Any) -> np.random.Generator:
+    """The generator a component draws from: ``rng`` as given, else one seeded with ``seed`` (an int >= 0,
+    or None for fresh entropy); both at once is an error."""
+    if seed is not None and rng is not None:
+        raise ValueError("seed, rng: expected at most one of them, got both")
+    if rng is not None:
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng: expected a numpy.random.Generator, got {type(rng).__name__}")
+        return rng
+    if seed is not None:
+        check_int("seed", seed, minimum=0)
+    return np.random.default_rng(seed)
 
 
 def check_str(name: str, value: Any, *, empty: bool = True) -> str:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
 import os
 import threading
@@ -13,28 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from burnin._checks import check_int, fmt
-from burnin.replay import kernels
+from burnin._checks import check_generator, check_int, fmt
+from burnin.replay import kernels, testing
 from burnin.replay.checkpoint import Checkpoint, encode_json, read_checkpoint, write_checkpoint
-from burnin.replay.kernels import (
-    C_SAMPLEABLE,
-    C_SAMPLES,
-    C_STALE,
-    LANE_EVICT_AT,
-    LANE_OPEN,
-    LANE_PENDING_FINAL,
-    LANE_POS,
-    NEVER,
-    NO_POS,
-    WIN_GEN,
-    WIN_LEFT,
-    WIN_RIGHT,
-    WIN_START,
-    WIN_STATE,
-    Gathered,
-    Layout,
-    Tables,
-)
 from burnin.replay.lanes import LaneRegistry, check_lanes
 from burnin.replay.spec import (
     COUNTERS,
@@ -49,7 +28,7 @@ from burnin.replay.spec import (
     check_offsets,
     check_state_tree,
 )
-from burnin.replay.testing import TOTAL_LIMIT, data_problem, live_keys, registry_problem, table_problem
+from burnin.replay.state_rows import flat_rows, rows_2d, state_buffers
 from burnin.sumtree import SumTree, tree_find
 
 __all__ = ["SequenceReplay"]
@@ -97,22 +76,13 @@ class SequenceReplay:
             windows_per_lane=windows_per_lane,
             keep_actor_states=keep_actor_states,
         )
-        if seed is not None and rng is not None:
-            raise ValueError("seed, rng: expected at most one of them, got both")
-        if rng is not None:
-            if not isinstance(rng, np.random.Generator):
-                raise TypeError(f"rng: expected a numpy.random.Generator, got {type(rng).__name__}")
-            generator = rng
-        else:
-            if seed is not None:
-                check_int("seed", seed, minimum=0)
-            generator = np.random.default_rng(seed)
+        generator = check_generator(seed, rng)
         specs = array_specs(config)
         del specs["tree"]
         arrays = {name: np.zeros(shape, dtype=dtype) for name, (shape, dtype) in specs.items()}
-        arrays["state_pos"][:] = NO_POS
+        arrays["state_pos"][:] = kernels.NO_POS
         arrays["state_owner"][:] = -1
-        arrays["lanes"][:, LANE_EVICT_AT] = NEVER
+        arrays["lanes"][:, kernels.LANE_EVICT_AT] = kernels.NEVER
         tree = SumTree(config.num_lanes * config.windows_per_lane)
         self._setup(config, generator, arrays, tree, max_priority=1.0, registry={})
 
@@ -139,10 +109,10 @@ class SequenceReplay:
         self._tree = tree
         self._registry = LaneRegistry(nl, registry)
         self._arrays = arrays
-        self._layout = Layout.of(config, fanout=tree.fanout)
+        self._layout = kernels.Layout.of(config, fanout=tree.fanout)
         with np.errstate(over="ignore"):
             self._prio = np.array([max_priority, np.float64(max_priority) ** config.alpha], dtype=np.float64)
-        self._tables = Tables(
+        self._tables = kernels.Tables(
             lanes=arrays["lanes"],
             windows=arrays["windows"],
             alive=arrays["window_alive"],
@@ -161,48 +131,25 @@ class SequenceReplay:
         self._lt, self._win, self._alive = arrays["lanes"], arrays["windows"], arrays["window_alive"]
         self._counters, self._spos = arrays["counters"], self._tables.state_pos
         self._obs_flat = arrays["step_observation"].reshape(nl * cap, *config.obs_shape)
-        self._states_flat = self._flat_states(arrays, "state")
+        keep, dtype = config.keep_actor_states, config.state_dtype
+        self._states_flat = state_buffers(arrays, "state", nl * spl, config.state_shapes)
         self._actor_states_flat = (
-            self._flat_states(arrays, "actor_state") if config.keep_actor_states else None
+            state_buffers(arrays, "actor_state", nl * spl, config.state_shapes) if keep else None
         )
         # The same arrays as [rows, width] views, one tuple for the compiled commits (a zero-width
         # stand-in when nothing is stored, as the commits take one type of tuple).
         self._state_widths = [math.prod(shape) for layer in config.state_shapes for shape in layer]
-        self._states_2d = self._rows_2d(self._states_flat)
-        self._actor_states_2d = (
-            self._rows_2d(self._actor_states_flat) if config.keep_actor_states else self._states_2d
-        )
-        self._no_rows = self._flat_rows(
-            tuple((np.empty((0, w), dtype=config.state_dtype),) for w in self._state_widths), 0
-        )
+        self._states_2d = rows_2d(self._states_flat, dtype)
+        self._actor_states_2d = rows_2d(self._actor_states_flat, dtype) if keep else self._states_2d
+        self._no_rows = self._rows(tuple((np.empty((0, w), dtype),) for w in self._state_widths), 0)
         # Scratch for add, reused under the lock: lanes are distinct, so n <= num_lanes.
         self._rows_buf = np.empty(nl, dtype=np.int64)
         self._flat_buf = np.empty(nl, dtype=np.int64)
         self._sslot_buf = np.empty(nl, dtype=np.int64)
 
-    def _flat_states(self, arrays: dict[str, np.ndarray], prefix: str) -> tuple[tuple[np.ndarray, ...], ...]:
-        rows = self._config.num_lanes * self._spl
-        return tuple(
-            tuple(arrays[f"{prefix}_{i}_{j}"].reshape(rows, *shape) for j, shape in enumerate(layer))
-            for i, layer in enumerate(self._config.state_shapes)
-        )
-
-    def _bits(self, arr: np.ndarray) -> np.ndarray:
-        """A state array as unsigned integers of its width: the commits copy bits, so float16 states
-        (which numba cannot type) are stored as well."""
-        return arr.view(np.dtype(f"u{arr.dtype.itemsize}"))
-
-    def _rows_2d(self, flat: tuple[tuple[np.ndarray, ...], ...] | None) -> tuple[np.ndarray, ...]:
-        arrays = tuple(self._bits(buf.reshape(buf.shape[0], -1)) for buffers in flat or () for buf in buffers)
-        return arrays or (self._bits(np.empty((0, 0), dtype=self._config.state_dtype)),)
-
-    def _flat_rows(self, tree: RecurrentState, m: int) -> tuple[np.ndarray, ...]:
-        """The arrays of ``tree`` (``m`` rows each, in the stored dtype) as [m, width] arrays, for the commits."""
-        out = tuple(
-            self._bits(np.ascontiguousarray(arr).reshape(m, width))
-            for arr, width in zip((a for layer in tree for a in layer), self._state_widths)
-        )
-        return out or (self._bits(np.empty((m, 0), dtype=self._config.state_dtype)),)
+    def _rows(self, tree: RecurrentState, m: int) -> tuple[np.ndarray, ...]:
+        """A state tree of ``m`` rows, in the stored dtype, as the commits take it."""
+        return flat_rows(tree, m, self._state_widths, self._config.state_dtype)
 
     @property
     def _max_priority(self) -> float:
@@ -234,17 +181,17 @@ class SequenceReplay:
     @property
     def num_sampleable(self) -> int:
         """Windows that :meth:`sample` can return now."""
-        return int(self._counters[C_SAMPLEABLE])
+        return int(self._counters[kernels.C_SAMPLEABLE])
 
     @property
     def num_steps(self) -> int:
         """Steps stored now, over all lanes (final observations included)."""
-        return int(np.minimum(self._lt[:, LANE_POS], self._cap).sum())
+        return int(np.minimum(self._lt[:, kernels.LANE_POS], self._cap).sum())
 
     @property
     def stale_updates(self) -> int:
         """Priority updates ignored because their window had been evicted or replaced."""
-        return int(self._counters[C_STALE])
+        return int(self._counters[kernels.C_STALE])
 
     @property
     def registered_lanes(self) -> dict[str, np.ndarray]:
@@ -266,7 +213,7 @@ class SequenceReplay:
                 lane_capacity=self._cap,
                 windows_per_lane=self._wpl,
                 state_slots_per_lane=self._spl,
-                open_episodes=int(self._lt[:, LANE_OPEN].sum()),
+                open_episodes=int(self._lt[:, kernels.LANE_OPEN].sum()),
                 registered_lanes=self._registry.num_registered(),
                 max_priority=self._max_priority,
                 total_priority=self._tree.total(),
@@ -314,7 +261,7 @@ class SequenceReplay:
         with self._lock:
             bad, m = kernels.plan_add(lanes, term | trunc, self._lt, self._layout, self._rows_buf)
             if bad:
-                ending = self._lt[lanes, LANE_PENDING_FINAL].astype(bool) & (term | trunc)
+                ending = self._lt[lanes, kernels.LANE_PENDING_FINAL].astype(bool) & (term | trunc)
                 raise ValueError(
                     f"terminated/truncated: lanes {fmt(lanes[ending])} are storing the final observation "
                     "of their episode (their previous add ended it), so both flags must be False there"
@@ -324,7 +271,7 @@ class SequenceReplay:
             if m:
                 picked = tuple(tuple(arr[rows] for arr in layer) for layer in st)
                 where = {"rows": "the rows kept now, at lanes", "ids": lanes[rows]}
-                kept = self._flat_rows(cast_states("states", picked, cfg.state_dtype, **where), m)
+                kept = self._rows(cast_states("states", picked, cfg.state_dtype, **where), m)
             else:
                 kept = self._no_rows
             # Every write in one compiled call: an interrupt finds the add either not begun or done.
@@ -364,7 +311,7 @@ class SequenceReplay:
         with self._lock:
             held = self._registry.lanes_of(owner)
             if held is None:
-                return self._registry.assign(owner, count, written=self._lt[:, LANE_POS] > 0)
+                return self._registry.assign(owner, count, written=self._lt[:, kernels.LANE_POS] > 0)
             self._registry.check_count(owner, held, count)
             kernels.commit_close(held, self._tables, self._layout, self._flat_buf, self._sslot_buf)
             return held
@@ -384,7 +331,7 @@ class SequenceReplay:
         batch = check_int("batch_size", batch_size, minimum=1)
         offsets = check_offsets(self._spec, "extra_state_offsets", extra_state_offsets, minimum=0)
         with self._lock:
-            if self._counters[C_SAMPLEABLE] == 0:
+            if self._counters[kernels.C_SAMPLEABLE] == 0:
                 raise ValueError("sample: no window is sampleable yet (add more steps, or end an episode)")
             total = self._tree.total()
             if not total > 0:
@@ -392,16 +339,16 @@ class SequenceReplay:
             # A sample changes the RNG and then the sample counter: if it is interrupted (or fails)
             # before the counter moved, the RNG is put back, so the draw never happened.
             rng_state = self._rng.bit_generator.state
-            count = int(self._counters[C_SAMPLES])
+            count = int(self._counters[kernels.C_SAMPLES])
             try:
                 slots = np.empty(batch, dtype=np.int64)
                 tree = self._tree
                 tree_find(tree.nodes, tree.offsets, tree.fanout, self._rng.random(batch) * total, slots)
                 leaves = tree.nodes[slots]
                 parts = self._gather(slots, offsets)
-                self._counters[C_SAMPLES] += 1
+                self._counters[kernels.C_SAMPLES] += 1
             except BaseException:
-                if self._counters[C_SAMPLES] == count:
+                if self._counters[kernels.C_SAMPLES] == count:
                     self._rng.bit_generator.state = rng_state
                 raise
         prob = leaves / total
@@ -414,7 +361,7 @@ class SequenceReplay:
         """Materialise the live windows in ``slots``: every field of a SequenceBatch but the draw's."""
         cfg = self._config
         B, L, K = slots.size, self._spec.length, offsets.size
-        out = Gathered.allocate(B, L, K, self._obs_size, cfg.obs_dtype)
+        out = kernels.Gathered.allocate(B, L, K, self._obs_size, cfg.obs_dtype)
         kernels.gather(slots, offsets, self._tables, self._layout, out)
         srow, spad, xrow, xok = out.state_row, out.state_pad, out.extra_row, out.extra_ok
         state = self._read_states(srow, spad)
@@ -459,7 +406,7 @@ class SequenceReplay:
     def _live(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Slots of ``keys`` and whether each key still names the window in its slot."""
         slots = keys % self._num_slots
-        live = self._alive[slots] & (self._win[slots, WIN_GEN] == keys // self._num_slots)
+        live = self._alive[slots] & (self._win[slots, kernels.WIN_GEN] == keys // self._num_slots)
         return slots, live
 
     def update_priorities(self, keys: Any, priorities: Any) -> None:
@@ -484,7 +431,7 @@ class SequenceReplay:
             leaves = pr**alpha
         # Every window may come to hold the largest leaf (new windows start at the running maximum),
         # so num_slots times it must stay finite; and a positive priority must stay sampleable.
-        limit = TOTAL_LIMIT / self._num_slots
+        limit = testing.TOTAL_LIMIT / self._num_slots
         bad = ~(leaves <= limit) | ((pr > 0) & (leaves <= 0))
         if bad.any():
             raise ValueError(
@@ -524,10 +471,10 @@ class SequenceReplay:
             lane = slots // self._wpl
             win = self._win[slots]
             start, left, right, snum = (
-                win[:, WIN_START],
-                win[:, WIN_LEFT],
-                win[:, WIN_RIGHT],
-                win[:, WIN_STATE],
+                win[:, kernels.WIN_START],
+                win[:, kernels.WIN_LEFT],
+                win[:, kernels.WIN_RIGHT],
+                win[:, kernels.WIN_STATE],
             )
             targets, picks, written = [], [], 0
             for i, o in enumerate(offs):
@@ -548,7 +495,7 @@ class SequenceReplay:
             every = np.concatenate(targets)
             target, last = np.unique(every[::-1], return_index=True)
             keep = every.size - 1 - last
-            rows_2d = self._flat_rows(
+            new_rows = self._rows(
                 tuple(
                     tuple(
                         np.concatenate([trees[i][a][j][r] for i, r in picks])[keep] for j in range(len(layer))
@@ -558,20 +505,14 @@ class SequenceReplay:
                 target.size,
             )
             # Every write in one compiled call: an interrupt finds the refresh either not begun or done.
-            kernels.commit_states(self._states_2d, target, rows_2d, self._counters, written)
+            kernels.commit_states(self._states_2d, target, new_rows, self._counters, written)
         return written
 
     # -- checkpoints (format: burnin.replay.checkpoint) -------------------------------------
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the whole buffer to ``path`` atomically: temp file in the same directory, fsync, rename, fsync dir.
-
-        One ``.npz``-format file (no pickle) with steps, stored states, the
-        sum-tree of priorities, the maximum priority, pointers, window and lane
-        tables, lane registrations, counters and the RNG state. If writing fails,
-        whatever was at ``path`` is untouched. The lock is held while writing, so
-        the file is one consistent snapshot.
-        """
+        """Write the whole buffer (one consistent snapshot, no pickle) to ``path`` atomically: whatever was
+        there is untouched if writing fails. Format and guarantees: ``docs/replay.md``."""
         with self._lock:
             write_checkpoint(
                 path,
@@ -585,15 +526,10 @@ class SequenceReplay:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, max_bytes: int | None = None) -> SequenceReplay:
-        """Read a checkpoint written by :meth:`save`, without pickle, as untrusted input.
-
-        Every member's header is checked against the saved configuration before
-        it is read, and every table's values and ranges after (the invariants of
-        :meth:`check_invariants`), so a bad file raises ``ValueError`` naming the
-        file and what is wrong, and cannot crash a later call. ``max_bytes``
-        bounds what the configuration may declare (default: the machine's
-        physical memory). A missing file raises ``FileNotFoundError``.
-        """
+        """Read a checkpoint written by :meth:`save` as untrusted input: headers checked before reading,
+        every table's invariants after; a bad file raises ``ValueError`` naming it and what is wrong, a
+        missing one ``FileNotFoundError``. ``max_bytes`` bounds the declared sizes (default: physical
+        memory). Details: ``docs/replay.md``."""
         ck: Checkpoint = read_checkpoint(path, max_bytes=max_bytes)
         self = cls.__new__(cls)
         self._setup(ck.config, ck.rng, ck.arrays, ck.tree, max_priority=ck.max_priority, registry=ck.registry)
@@ -607,7 +543,7 @@ class SequenceReplay:
     def live_keys(self) -> np.ndarray:
         """Keys of every sampleable window, lane by lane, oldest first."""
         with self._lock:
-            return live_keys(self._tables, self._layout)
+            return testing.live_keys(self._tables, self._layout)
 
     def windows(self, keys: Any, *, extra_state_offsets: Sequence[int] = ()) -> SequenceBatch:
         """The windows of live ``keys`` as a batch (probabilities from current priorities, weights 1)."""
@@ -630,29 +566,21 @@ class SequenceReplay:
 
     def _problem(self) -> str | None:
         return (
-            table_problem(self._tables, self._layout, alpha=self._config.alpha)
-            or registry_problem(self._registry.to_json(), self.num_lanes)
-            or data_problem(self._arrays)
+            testing.table_problem(self._tables, self._layout, alpha=self._config.alpha)
+            or testing.registry_problem(self._registry.to_json(), self.num_lanes)
+            or testing.data_problem(self._arrays)
         )
 
     def fingerprint(self) -> str:
         """A SHA-256 of everything the buffer holds: every array, the priorities, the running maximum,
         the lane registry, the configuration and the RNG state. Equal fingerprints, equal buffers."""
         with self._lock:
-            h = hashlib.sha256()
-            for name in sorted(self._arrays):
-                arr = self._arrays[name]
-                h.update(f"{name} {arr.dtype.str} {arr.shape}".encode())
-                h.update(np.ascontiguousarray(arr).view(np.uint8).reshape(-1))
-            h.update(self._tree.nodes.view(np.uint8))
-            h.update(self._prio.view(np.uint8))
             meta = {
                 "config": self._config.to_json(),
                 "registry": self._registry.to_json(),
                 "rng": encode_json(self._rng.bit_generator.state),
             }
-            h.update(json.dumps(meta, sort_keys=True).encode())
-            return h.hexdigest()
+            return testing.fingerprint(self._arrays, self._tree.nodes, self._prio, meta)
 
     def copy(self) -> SequenceReplay:
         """An independent copy of the buffer (arrays, priorities, registry and RNG state)."""

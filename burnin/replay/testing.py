@@ -10,6 +10,8 @@ Every check is vectorised over lanes, windows or steps.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import numpy as np
@@ -529,3 +531,19 @@ def registry_problem(registry: Any, num_lanes: int) -> str | None:
                 return f"registry: lane {lane} is held by both {seen[lane]!r} and {owner!r}"
             seen[lane] = owner
     return None
+
+
+def fingerprint(
+    arrays: dict[str, np.ndarray], nodes: np.ndarray, prio: np.ndarray, meta: dict[str, Any]
+) -> str:
+    """A SHA-256 of a buffer's arrays (by name, with dtype and shape), its sum-tree nodes, its running
+    maximum priority and ``meta`` (configuration, registry, RNG state, as JSON)."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        arr = arrays[name]
+        h.update(f"{name} {arr.dtype.str} {arr.shape}".encode())
+        h.update(np.ascontiguousarray(arr).view(np.uint8).reshape(-1))
+    h.update(nodes.view(np.uint8))
+    h.update(prio.view(np.uint8))
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    return h.hexdigest()
