@@ -231,7 +231,7 @@ def _fmt(stat: dict[str, Any], digits: int = 3) -> str:
 
 
 def _steps(value: int | None) -> str:
-    return "—" if value is None else f"{value / 1000:g}k"
+    return "—" if value is None else f"{value / 1000:.1f}".rstrip("0").rstrip(".") + "k"  # 45008 → 45k
 
 
 def markdown(table: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
