@@ -230,7 +230,8 @@ def _fmt(stat: dict[str, Any], digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}g} ± {stat['std']:.{digits}g}"
 
 
-def _steps(value: int | None) -> str:
+def steps_text(value: int | None) -> str:
+    """Env steps in thousands for a table (``45k``, ``16.5k``), ``—`` for never."""
     return "—" if value is None else f"{value / 1000:.1f}".rstrip("0").rstrip(".") + "k"  # 45008 → 45k
 
 
@@ -251,7 +252,7 @@ def markdown(table: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
         "| --- " * 9 + "|",
     ]
     for row in table.values():
-        solved = ", ".join(_steps(s) for s in row["steps_to_solve"])
+        solved = ", ".join(steps_text(s) for s in row["steps_to_solve"])
         cells = [_fmt(row[k]) for k in STAT_KEYS[:4]] + [_fmt(row[k], 4) for k in STAT_KEYS[4:]]
         lines.append(f"| {row['description']} | " + " | ".join(cells) + f" | {solved} |")
     lines += ["", f"Command: `{meta['command']}`"]

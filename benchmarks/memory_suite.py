@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from agents.ablation import steps_text
 from agents.cli import ArgumentParser, run_script
 
 PROG = "python -m benchmarks.memory_suite"
@@ -283,7 +284,7 @@ def format_steps(values: list[int | None]) -> str:
     """Env steps per seed in thousands (``24k, 16.5k, —``; — for a run that never got there)."""
     if all(v is None for v in values):
         return "—"
-    return ", ".join("—" if v is None else f"{v / 1000:.1f}".rstrip("0").rstrip(".") + "k" for v in values)
+    return ", ".join(steps_text(v) for v in values)
 
 
 def markdown(report: dict[str, dict[str, Any]]) -> str:
