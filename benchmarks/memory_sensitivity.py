@@ -102,7 +102,7 @@ def _main(argv: list[str] | None) -> int:
     if args.resume:
         print(f"resume: {len(summaries)} finished runs reused, {len(labelled) - len(summaries)} to run")
     todo = [j for _, j in labelled if j.key not in summaries]
-    summaries.update(suite.run_jobs(todo, workers=args.workers, resume=args.resume))
+    summaries.update(suite.run_jobs(todo, workers=args.workers, resume=args.resume, desc="sensitivity runs"))
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for label, job in labelled:
         m = suite.seed_metrics(summaries[job.key]["history"]["evals"])

@@ -180,13 +180,15 @@ def _train(job: Job, *, resume: str) -> dict[str, Any]:
     )
 
 
-def run_jobs(jobs: list[Job], *, workers: int, resume: bool) -> dict[tuple[str, int], dict[str, Any]]:
+def run_jobs(
+    jobs: list[Job], *, workers: int, resume: bool, desc: str = "memory suite runs"
+) -> dict[tuple[str, int, str], dict[str, Any]]:
     """Every job's summary, with a progress bar over runs: here one after another with one worker, else in
     ``workers`` spawned processes (TensorFlow does not survive fork), the cores split between them."""
     from tqdm import tqdm
 
-    done: dict[tuple[str, int], dict[str, Any]] = {}
-    with tqdm(total=len(jobs), desc="memory suite runs", unit="run") as bar:
+    done: dict[tuple[str, int, str], dict[str, Any]] = {}
+    with tqdm(total=len(jobs), desc=desc, unit="run") as bar:
         if workers == 1:
             for job in jobs:
                 done[job.key] = completed(run_job(job, threads=0, resume=resume))
