@@ -10,6 +10,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -105,6 +106,15 @@ class Job:
     def out_dir(self) -> Path:
         return Path(self.run_dir) / f"{self.task.name}-s{self.seed}"
 
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint in :attr:`out_dir` must have been trained for to be resumed by this job (whether
+        it stops at its solve may differ: a run stopped there can go on to its budget)."""
+        return json.loads(json.dumps({
+            "env": self.task.env_id, "seed": self.seed, "env_steps": self.env_steps,
+            "eval_every": self.eval_every, "eval_episodes": self.eval_episodes, "overrides": self.overrides,
+        }))  # fmt: skip
+
     def settings(self) -> tuple[Any, Any]:
         """(R2D2Config, RunOptions) of the run; a checkpoint every quarter of the budget (for ``--resume``)."""
         from agents.experiment import RunOptions
@@ -122,11 +132,14 @@ class Job:
         return preset(PRESET, **self.overrides), options
 
 
+JOB_FILE = "job.json"
+"""In each run's directory: the :attr:`Job.identity` its checkpoints belong to."""
+
+
 def finished(job: Job) -> dict[str, Any] | None:
     """The summary on disk of ``job`` if that run finished its budget with the same config; else None."""
-    try:
-        summary = json.loads((job.out_dir / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError):
+    summary = _read_json(job.out_dir / "summary.json")
+    if not isinstance(summary, dict):
         return None
     config, options = job.settings()
     args = summary.get("args", {})
@@ -155,11 +168,21 @@ def run_job(job: Job, *, threads: int, resume: bool) -> dict[str, Any]:
 
     checkpoint = job.out_dir / "checkpoint"
     if resume and (checkpoint / "loop.json").is_file():
-        try:
-            return _train(job, resume=str(checkpoint))
-        except CheckpointError as err:
-            print(f"{job.out_dir.name}: starting over ({err})")
+        if _read_json(job.out_dir / JOB_FILE) != job.identity:  # e.g. a longer budget's curve is not ours
+            print(f"{job.out_dir.name}: starting over (its checkpoint is of another budget or settings)")
+        else:
+            try:
+                return _train(job, resume=str(checkpoint))
+            except CheckpointError as err:
+                print(f"{job.out_dir.name}: starting over ({err})")
     return _train(job, resume="")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _train(job: Job, *, resume: str) -> dict[str, Any]:
@@ -168,6 +191,11 @@ def _train(job: Job, *, resume: str) -> dict[str, Any]:
 
     config, options = job.settings()
     options = dataclasses.replace(options, resume=resume)
+    if not resume:  # starting over: a stale checkpoint must not outlive the job file that vouches for it
+        for stale in ("checkpoint", ".checkpoint.previous"):
+            shutil.rmtree(job.out_dir / stale, ignore_errors=True)
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    (job.out_dir / JOB_FILE).write_text(json.dumps(job.identity))
     run_args = {"seed": job.seed, **dataclasses.asdict(options)}
     return train(
         config,

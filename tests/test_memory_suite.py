@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -100,6 +101,24 @@ def test_resume_skips_finished_runs_and_resumes_a_killed_one_from_its_checkpoint
     assert "resume: 2 finished runs reused, 0 to run" in capsys.readouterr().out
 
 
+def test_resume_starts_over_from_a_checkpoint_of_another_budget(quick, tmp_path, capsys):
+    """A killed run's checkpoint is resumed only by the job it was trained for: one of the 1000-step budget
+    under a 500-step one would end at once, with the longer run's curve reported as the shorter one's."""
+    runs = tmp_path / "runs"
+    shutil.copytree(quick / "runs" / "RepeatFirstEasy-s0", runs / "RepeatFirstEasy-s0")
+    (runs / "RepeatFirstEasy-s0" / "summary.json").unlink()  # killed after its last checkpoint
+    argv = ["--quick", "--tasks", "RepeatFirstEasy", "--out", str(tmp_path), "--run-dir", str(runs)]
+    capsys.readouterr()
+    assert suite.main([*argv, "--env-steps", "500", "--eval-every", "250", "--resume"]) == 0
+    assert "RepeatFirstEasy-s0: starting over (its checkpoint is of another budget or settings)" in (
+        capsys.readouterr().out
+    )
+    entry = json.loads((tmp_path / "memory_suite.json").read_text())["RepeatFirstEasy"]
+    assert [s // 250 for s, _ in entry["curves"]["0"]] == [1, 2] and entry["budget"] == 500
+    job_file = json.loads((runs / "RepeatFirstEasy-s0" / suite.JOB_FILE).read_text())
+    assert job_file["env_steps"] == 500 and job_file["eval_every"] == 250
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -140,7 +159,9 @@ def test_an_interrupted_run_stops_the_suite_with_130_and_no_report(tmp_path, mon
         suite, "run_job", lambda job, **kw: calls.append(job.key) or {"stop_reason": "interrupted"}
     )
     assert suite.main(["--quick", "--out", str(tmp_path)]) == 130
-    assert [k[:2] for k in calls] == [("RepeatFirstEasy", 0)] and not (tmp_path / "memory_suite.json").exists()
+    assert [k[:2] for k in calls] == [("RepeatFirstEasy", 0)] and not (
+        tmp_path / "memory_suite.json"
+    ).exists()
     assert "interrupted" in capsys.readouterr().err
 
 
