@@ -382,7 +382,7 @@ def _panel(ax, name: str, entry: dict[str, Any]) -> None:
     grid = min(curves, key=len)[:, 0]
     ys = np.array([np.interp(grid, c[:, 0], c[:, 1]) for c in curves])
     mean, std = ys.mean(0), ys.std(0)
-    ax.plot(grid, mean, color="tab:blue", label=f"R2D2 ({len(curves)} seeds)")
+    ax.plot(grid, mean, color="tab:blue", label=f"R2D2 ({len(curves)} seed{'s' if len(curves) != 1 else ''})")
     ax.fill_between(grid, mean - std, mean + std, color="tab:blue", alpha=0.2)
     ax.axhline(entry["random_return"]["mean"], color="tab:gray", ls="--", lw=1, label="random")
     ax.axhline(SOLVED, color="tab:green", ls=":", lw=1, label=f"{SOLVED:g}")
