@@ -317,17 +317,37 @@ def format_steps(values: list[int | None]) -> str:
     return ", ".join(steps_text(v) for v in values)
 
 
+def lead_over_random(final: float, random: dict[str, float], *, episodes: int) -> float:
+    """How far a final return lies above the random policy's, in standard errors of one evaluation.
+
+    lead = (final − μ_random) / (σ_random / √episodes), σ_random the random policy's episode-return std: a
+    policy that plays like the random one scores within ±2 about 95% of the time. Judged on the final
+    return, not MMER: a max over ~20 evaluations lies about 2 standard errors above the mean by chance alone.
+    """
+    diff = final - random["mean"]
+    se = random["std"] / math.sqrt(episodes)
+    if se == 0:  # a task whose random return never varies: any difference is certain
+        return math.copysign(math.inf, diff) if diff else 0.0
+    return diff / se
+
+
+CLEAR_LEAD = 3.0
+"""A lead over random of at least this many standard errors counts as clear in the table."""
+
+
 def markdown(report: dict[str, dict[str, Any]]) -> str:
     """The table: one row per task in :data:`TASKS` order."""
     lines = [
         f"R2D2 (preset `{PRESET}` + the overrides shown) on POPGym, mean ± std over seeds. MMER: the best "
         "mean greedy return over a run's evaluations (POPGym's metric; returns lie in [−1, 1], perfect "
         f"play 1). Steps to {SOLVED:g}: env steps of the first evaluation at ≥ {SOLVED:g}, per seed. Random: a "
-        "uniform random policy. Commands in memory_suite.json.",
+        "uniform random policy. Lead: the mean final return's lead over random, in standard errors of one "
+        "evaluation of a random policy (σ_random / √episodes); ≥ "
+        f"{CLEAR_LEAD:g} (bold) is a clear margin. Commands in memory_suite.json.",
         "",
         "| task | env steps | eval every × episodes | seeds | MMER | 1 − MMER | final | "
-        f"steps to {SOLVED:g} | random | overrides |",
-        "| --- " * 10 + "|",
+        f"steps to {SOLVED:g} | random | lead over random | overrides |",
+        "| --- " * 11 + "|",
     ]
     for name in sorted(report, key=_order):
         e = report[name]
@@ -335,11 +355,14 @@ def markdown(report: dict[str, dict[str, Any]]) -> str:
         overrides = ", ".join(f"{k}={v}" for k, v in e["overrides"].items()) or "—"
         per_seed = ", ".join(f"{v:.2f}" for v in m["values"])
         mark = " ‡" if e.get("stop_when_solved") else ""
+        lead = lead_over_random(f["mean"], r, episodes=e["eval_episodes"])
+        lead_text = f"{f['mean'] - r['mean']:+.2f} ({lead:.1f} SE)"
+        lead_text = f"**{lead_text}**" if lead >= CLEAR_LEAD else lead_text
         lines.append(
             f"| {name} | {e['budget']:,} | {e['eval_every']:,} × {e['eval_episodes']} | {len(e['seeds'])} | "
             f"{m['mean']:.2f} ± {m['std']:.2f} ({per_seed}) | {1 - m['mean']:.2f} | "
             f"{f['mean']:.2f} ± {f['std']:.2f}{mark} | {format_steps(e[f'steps_to_{SOLVED:g}'])} | {r['mean']:.2f} | "
-            f"{overrides} |"
+            f"{lead_text} | {overrides} |"
         )
     if any(e.get("stop_when_solved") for e in report.values()):
         lines.append(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -51,6 +52,19 @@ def test_seed_metrics_read_the_curve(curve, mmer, final, steps_to):
     assert m["curve"] == [list(p) for p in curve]
 
 
+@pytest.mark.parametrize(
+    ("final", "random", "episodes", "lead"),
+    [
+        (-0.4, {"mean": -0.5, "std": 0.2}, 16, 2.0),  # 0.1 / (0.2 / 4)
+        (-0.6, {"mean": -0.5, "std": 0.2}, 16, -2.0),
+        (0.5, {"mean": 0.5, "std": 0.0}, 32, 0.0),
+        (0.6, {"mean": 0.5, "std": 0.0}, 32, math.inf),
+    ],
+)
+def test_lead_over_random_is_in_standard_errors_of_one_evaluation(final, random, episodes, lead):
+    assert suite.lead_over_random(final, random, episodes=episodes) == pytest.approx(lead)
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     """One --quick run (RepeatFirstEasy and RepeatPreviousEasy, seed 0, 1000 env steps): its output dir."""
@@ -76,6 +90,10 @@ def test_quick_run_writes_table_json_and_plot(quick):
         assert entry["overrides"]["core_units"] == 16 and entry["command"].startswith(suite.PROG + " --quick")
     md = (quick / "memory_suite.md").read_text()
     assert "| RepeatFirstEasy | 1,000 | 500 × 8 | 1 |" in md and "| RepeatPreviousEasy |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| RepeatFirstEasy |")).split(" | ")
+    entry = report["RepeatFirstEasy"]
+    lead = suite.lead_over_random(entry["final"]["mean"], entry["random_return"], episodes=8)
+    assert row[9].strip("*").endswith(f"({lead:.1f} SE)")  # the lead column
     assert (quick / "memory_suite.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -197,7 +215,7 @@ def test_stop_when_solved_is_a_flag_and_marks_the_final_column(tmp_path):
     assert not any(j.stop_when_solved for runs in jobs.values() for j in runs)
     entry = {"budget": 1000, "eval_every": 500, "eval_episodes": 8, "seeds": [0], "overrides": {},
              "mmer": suite.stat([0.95]), "final": suite.stat([0.95]), "steps_to_0.9": [500],
-             "random_return": {"mean": -0.5}}  # fmt: skip
+             "random_return": {"mean": -0.5, "std": 0.2}}  # fmt: skip
     assert "‡" not in suite.markdown({"RepeatFirstEasy": entry})
     md = suite.markdown({"RepeatFirstEasy": {**entry, "stop_when_solved": True}})
     assert (
