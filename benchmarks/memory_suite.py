@@ -284,7 +284,7 @@ def seed_metrics(evals: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def task_entry(
-    jobs: list[Job], summaries: dict[tuple[str, int], dict], random: dict, command: str
+    jobs: list[Job], summaries: dict[tuple[str, int, str], dict], random: dict, command: str
 ) -> dict[str, Any]:
     """The JSON entry of one task: its runs (one per seed) summarised."""
     job, by_seed = jobs[0], sorted(jobs, key=lambda j: j.seed)
@@ -543,10 +543,8 @@ def _main(argv: list[str] | None) -> int:
         run_jobs([j for j in flat if j.key not in summaries], workers=args.workers, resume=args.resume)
     )
     json_path = args.out / "memory_suite.json"
-    try:
-        previous = json.loads(json_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        previous = {}
+    previous = _read_json(json_path)
+    previous = previous if isinstance(previous, dict) else {}
     randoms = random_returns(args.tasks, previous, episodes=args.random_episodes)
     command = " ".join([PROG, *(argv if argv is not None else sys.argv[1:])])
     report = {**previous, **{n: task_entry(jobs[n], summaries, randoms[n], command) for n in args.tasks}}
