@@ -145,13 +145,15 @@ def _previous(first, seq):
     return tf.concat([first[None], seq], axis=0)[: tf.shape(seq)[0]]
 
 
-def _backward(z, cn, hs, cs, h0, c0, w_h, keep, d_hs, d_h_last, d_c_last):
+def _backward(z, cn, hs, cs, h0, c0, w_h, keep, d_hs, d_h_last, d_c_last, *, jit=False):
     """``dz_t`` for every step and the gradients into ``h0``, ``c0``, by the loop over ``t = T-1 … 0``.
 
     With σ_* the gates and ``τ = tanh(c_t)`` before masking: ``dc ← dc + dh ⊙ σ_o(1-τ²)``;
     ``dz = [dc ⊙ g σ_i(1-σ_i), dc ⊙ c_{t-1} σ_f(1-σ_f), dc ⊙ σ_i(1-g²), dh ⊙ τ σ_o(1-σ_o)]``;
     then ``dh ← dz W_hᵀ``, ``dc ← dc ⊙ σ_f``. A masked step passes ``(dh, dc)`` through, dz = 0.
-    The factors are computed for all steps at once, before the loop."""
+    The factors are computed for all steps at once, before the loop, outside XLA: a compiled
+    program that starts with them continues on TensorFlow's one intra-op thread, where two row
+    blocks' loops would then run one after the other (seen in a profile)."""
     gate = cn.dtype
     z_i, z_f, z_g, z_o = tf.split(z, 4, axis=-1)
     s_i, s_f, s_o = tf.sigmoid(z_i), tf.sigmoid(z_f), tf.sigmoid(z_o)
@@ -162,10 +164,17 @@ def _backward(z, cn, hs, cs, h0, c0, w_h, keep, d_hs, d_h_last, d_c_last):
     factors = tf.concat(
         [g * s_i * (1 - s_i), c_prev * s_f * (1 - s_f), s_i * (1 - g * g), tau * s_o * (1 - s_o)], axis=2
     )
-    steps = z.shape[0] if z.shape[0] is not None else tf.shape(z)[0]
-    reads = (tf.cast(d_hs, gate), into_c, factors, s_f)
     w_t = tf.transpose(w_h)  # once, so the loop's matmul reads a plain row-major matrix
-    d_z_ta = tf.TensorArray(gate, size=steps, element_shape=z.shape[1:])
+    loop = _backward_loop_xla if jit else _backward_loop
+    return loop(tf.cast(d_hs, gate), into_c, factors, s_f, w_t, keep, tf.cast(d_h_last, gate), tf.cast(d_c_last, gate))
+
+
+def _backward_loop(d_hs, into_c, factors, s_f, w_t, keep, d_h_last, d_c_last):
+    """The loop of :func:`_backward` over ``t = T-1 … 0``, from the per-step factors."""
+    gate = into_c.dtype
+    steps = factors.shape[0] if factors.shape[0] is not None else tf.shape(factors)[0]
+    reads = (d_hs, into_c, factors, s_f)
+    d_z_ta = tf.TensorArray(gate, size=steps, element_shape=factors.shape[1:])
 
     def body(t, dh, dc, d_z_ta):
         d_hs_t, into_c_t, factors_t, s_f_t = (r[t] for r in reads)
@@ -183,7 +192,7 @@ def _backward(z, cn, hs, cs, h0, c0, w_h, keep, d_hs, d_h_last, d_c_last):
     _, d_h0, d_c0, d_z_ta = tf.while_loop(
         lambda t, *_: t >= 0,
         body,
-        (steps - 1, tf.cast(d_h_last, gate), tf.cast(d_c_last, gate), d_z_ta),
+        (steps - 1, d_h_last, d_c_last, d_z_ta),
         parallel_iterations=1,
         maximum_iterations=steps,
     )
@@ -192,9 +201,8 @@ def _backward(z, cn, hs, cs, h0, c0, w_h, keep, d_hs, d_h_last, d_c_last):
 
 def _blocked_backward(k, jit, z, cn, hs, cs, h0, c0, w_h, keep, d_hs, d_h_last, d_c_last):
     """:func:`_backward` on ``k`` blocks of rows, as independent loops; results joined back by row."""
-    backward = _backward_xla if jit else _backward
     if k == 1:
-        return backward(z, cn, hs, cs, h0, c0, w_h, keep, d_hs, d_h_last, d_c_last)
+        return _backward(z, cn, hs, cs, h0, c0, w_h, keep, d_hs, d_h_last, d_c_last, jit=jit)
     time_major = [tf.split(x, k, axis=1) for x in (z, cn, hs, cs, d_hs)]
     rows = [tf.split(x, k, axis=0) for x in (h0, c0, d_h_last, d_c_last)]
     keeps = [None] * k if keep is None else tf.split(keep, k, axis=1)
@@ -202,7 +210,7 @@ def _blocked_backward(k, jit, z, cn, hs, cs, h0, c0, w_h, keep, d_hs, d_h_last, 
     for i in range(k):
         zi, cni, hsi, csi, dhsi = (x[i] for x in time_major)
         h0i, c0i, dhi, dci = (x[i] for x in rows)
-        outs.append(backward(zi, cni, hsi, csi, h0i, c0i, w_h, keeps[i], dhsi, dhi, dci))
+        outs.append(_backward(zi, cni, hsi, csi, h0i, c0i, w_h, keeps[i], dhsi, dhi, dci, jit=jit))
     return (
         tf.concat([o[0] for o in outs], axis=1),
         tf.concat([o[1] for o in outs], 0),
@@ -212,4 +220,4 @@ def _blocked_backward(k, jit, z, cn, hs, cs, h0, c0, w_h, keep, d_hs, d_h_last, 
 
 # The same loops as single XLA programs (traced per shape and dtype on first use).
 _forward_xla = tf.function(_forward, jit_compile=True, reduce_retracing=False)
-_backward_xla = tf.function(_backward, jit_compile=True, reduce_retracing=False)
+_backward_loop_xla = tf.function(_backward_loop, jit_compile=True, reduce_retracing=False)
