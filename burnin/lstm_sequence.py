@@ -166,7 +166,9 @@ def _backward(z, cn, hs, cs, h0, c0, w_h, keep, d_hs, d_h_last, d_c_last, *, jit
     )
     w_t = tf.transpose(w_h)  # once, so the loop's matmul reads a plain row-major matrix
     loop = _backward_loop_xla if jit else _backward_loop
-    return loop(tf.cast(d_hs, gate), into_c, factors, s_f, w_t, keep, tf.cast(d_h_last, gate), tf.cast(d_c_last, gate))
+    return loop(
+        tf.cast(d_hs, gate), into_c, factors, s_f, w_t, keep, tf.cast(d_h_last, gate), tf.cast(d_c_last, gate)
+    )
 
 
 def _backward_loop(d_hs, into_c, factors, s_f, w_t, keep, d_h_last, d_c_last):
