@@ -455,9 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--lstm-impl",
-        choices=("auto", "keras", "hoisted", "unrolled"),
+        choices=("auto", "fused", "keras", "hoisted", "unrolled"),
         default="auto",
-        help="LSTM layer of the networks (auto: keras in fp32, hoisted in bf16)",
+        help="LSTM layer of the networks (auto: the config's default, 'fused')",
     )
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="network dtype policy")
     parser.add_argument("--jit", action="store_true", help="compile the learner update with XLA")

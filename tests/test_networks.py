@@ -8,7 +8,7 @@ import pytest
 from helpers import random_state
 
 import burnin
-from agents.r2d2.networks import NetworkConfig, build_q_network, network_inputs
+from agents.r2d2.networks import XLA_LOOP_MAX_UNITS, NetworkConfig, build_q_network, network_inputs
 
 CFG = NetworkConfig(obs_dim=3, num_actions=4, torso_units=(8,), core_units=16, head_units=8)
 
@@ -112,3 +112,19 @@ def test_bad_config_names_the_field(field, value, error):
 def test_bad_batch_size():
     with pytest.raises(ValueError, match="batch_size: expected an int >= 1, got 0"):
         build_q_network(CFG, batch_size=0)
+
+
+@pytest.mark.parametrize(
+    ("units", "policy", "jit"),
+    [
+        (XLA_LOOP_MAX_UNITS, "float32", True),
+        (2 * XLA_LOOP_MAX_UNITS, "float32", False),
+        (16, "mixed_bfloat16", False),
+    ],
+)
+def test_fused_lstm_compiles_its_loops_only_where_xla_is_faster(units, policy, jit):
+    config = NetworkConfig(
+        **{**CFG.__dict__, "lstm_impl": "fused", "core_units": units, "dtype_policy": policy}
+    )
+    lstm = build_q_network(config, batch_size=2).get_layer("lstm")
+    assert lstm.fused_gradient and lstm.jit_loops is jit

@@ -72,8 +72,8 @@ class R2D2Config:
     head_units: int = _field(128, "Hidden width of each dueling head (paper: 512).")
     lstm_impl: str = _field(
         "fused",
-        "'fused' (burnin.layers.HoistedLSTM with its own sequence gradient and XLA loops: fastest, equal "
-        "to rounding), 'keras' (keras.layers.LSTM), 'hoisted' or 'unrolled' (HoistedLSTM: same outputs).",
+        "'fused' (burnin.layers.HoistedLSTM with its own sequence gradient, XLA loops up to 128 units: "
+        "fastest, equal to rounding), 'keras' (keras.layers.LSTM), 'hoisted' or 'unrolled' (HoistedLSTM: same outputs).",
     )
     precision: str = _field(
         "float32", "Keras dtype policy of the networks: 'float32' or 'mixed_bfloat16' (AMX/AVX512_BF16)."

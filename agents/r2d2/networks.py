@@ -22,6 +22,7 @@ __all__ = [
     "CORE_LAYERS",
     "DTYPE_POLICIES",
     "LSTM_IMPLS",
+    "XLA_LOOP_MAX_UNITS",
     "NetworkConfig",
     "build_q_network",
     "check_architecture",
@@ -36,6 +37,10 @@ CORE_LAYERS = ("lstm", "gru")
 """Kinds of stateful layers a recurrent core stacks."""
 LSTM_IMPLS = ("keras", "hoisted", "unrolled", "fused")
 """LSTM implementations: keras.layers.LSTM, or burnin.layers.HoistedLSTM (same outputs)."""
+XLA_LOOP_MAX_UNITS = 128
+"""Widest 'fused' LSTM whose loops are compiled with XLA: XLA saves per-step overhead but its CPU matmuls
+are slower than oneDNN's, which wins from 256 units on (whole update, measured: 128 units 1.09× with XLA,
+256 units 0.83×, the paper's 512 units 0.83×); and in bfloat16 always (its 16-bit matmuls are slower)."""
 DTYPE_POLICIES = ("float32", "mixed_bfloat16", "bfloat16")
 """Keras dtype policies the networks may use; state variables stay float32 under the mixed one."""
 
@@ -79,8 +84,9 @@ class NetworkConfig:
     lstm_impl: Literal["keras", "hoisted", "unrolled", "fused"] = "keras"
     """'keras': keras.layers.LSTM; 'hoisted': burnin.layers.HoistedLSTM (same outputs, input matmul hoisted);
     'unrolled': HoistedLSTM that also unrolls every call whose length is static (the runner's segments);
-    'fused': HoistedLSTM with its hand-written sequence gradient, and in float32 both loops compiled
-    with XLA (outputs and gradients equal to rounding; the fastest on the CPU, benchmarks/README.md)."""
+    'fused': HoistedLSTM with its hand-written sequence gradient, and in float32 up to
+    XLA_LOOP_MAX_UNITS both loops compiled with XLA (outputs and gradients equal to rounding; the fastest
+    on the CPU, benchmarks/README.md)."""
     head_units: int = 64
     """Hidden width of each dueling head (value and advantage)."""
     prev_action: bool = True
@@ -194,8 +200,9 @@ def _core_layer(config: NetworkConfig, kind: str, index: int, next_seed, policy)
         config.core_units,
         max_unroll=10**6 if config.lstm_impl == "unrolled" else 0,
         fused_gradient=config.lstm_impl == "fused",
-        # XLA's CPU matmuls in bfloat16 are slower than oneDNN's (measured): compile in float32 only.
-        jit_loops=config.lstm_impl == "fused" and config.dtype_policy == "float32",
+        jit_loops=config.lstm_impl == "fused"
+        and config.dtype_policy == "float32"
+        and config.core_units <= XLA_LOOP_MAX_UNITS,
         **options,
     )
 
