@@ -27,6 +27,7 @@ from agents.r2d2.config import (
     extra_state_offsets,
     stored_state_offsets,
 )
+from agents.r2d2.feed import UpdateFeed, check_field, pack_feed, unpack_feed
 from agents.r2d2.networks import build_q_network, network_inputs, row_state_shapes
 from agents.spaces import ObservationEncoding
 from burnin._checks import check_bool, check_int, fmt
@@ -58,26 +59,6 @@ class LearnerStep(NamedTuple):
     """Mean ΔQ at the last window step that has a stored state (NaN if none)."""
     refreshed: int
     """Stored states written back to the replay (refresh_states)."""
-
-
-class _Feed(NamedTuple):
-    """The compiled update's inputs as seven arrays: each argument of a ``tf.function`` call costs a
-    conversion and a signature check (21 separate arrays took 1.1 ms per call, measured; these 0.6)."""
-
-    observation: np.ndarray
-    """[B, L, *observation shape], in its stored dtype."""
-    floats: np.ndarray
-    """[3, B, L] float32: prev_reward, reward, discount."""
-    ints: np.ndarray
-    """[2, B, L] int32: prev_action, action."""
-    bools: np.ndarray
-    """[3, B, L] bool: mask, learn_mask, actionable (valid and not final)."""
-    weights: np.ndarray
-    """[B] float32 importance weights."""
-    states: np.ndarray
-    """[B, S] float32: the start state, then each ΔQ probe's state, every array flattened per row."""
-    probe_masks: np.ndarray
-    """[K, B] bool: which rows have the probe's state."""
 
 
 class Learner:
@@ -233,7 +214,7 @@ class Learner:
                 raise ValueError(f"{name}[{i}]: expected {len(entry_shapes)} state arrays")
             out.append(
                 tuple(
-                    _field(f"{name}[{i}][{j}]", a, "f", (b, *shape), dtype=np.float32)
+                    check_field(f"{name}[{i}][{j}]", a, "f", (b, *shape), dtype=np.float32)
                     for j, (a, shape) in enumerate(zip(entry, entry_shapes))
                 )
             )
@@ -244,9 +225,9 @@ class Learner:
         b, length, a = self.config.batch_size, self.spec.length, self.num_actions
         bl, f32 = (b, length), np.float32
         f: dict[str, Any] = {
-            n: _field(f"batch.{n}", getattr(batch, n), "b", bl) for n in ("mask", "learn_mask", "final")
+            n: check_field(f"batch.{n}", getattr(batch, n), "b", bl) for n in ("mask", "learn_mask", "final")
         }
-        f["observation"] = _field(
+        f["observation"] = check_field(
             "batch.observation",
             batch.observation,
             "fiu",
@@ -254,18 +235,18 @@ class Learner:
             dtype=np.dtype(self.observation.dtype),
         )
         for n in ("action", "prev_action"):
-            f[n] = _field(f"batch.{n}", getattr(batch, n), "iu", bl, dtype=np.int32, low=0, high=a - 1)
+            f[n] = check_field(f"batch.{n}", getattr(batch, n), "iu", bl, dtype=np.int32, low=0, high=a - 1)
         for n in ("reward", "prev_reward"):
-            f[n] = _field(f"batch.{n}", getattr(batch, n), "f", bl, dtype=f32)
-        f["discount"] = _field("batch.discount", batch.discount, "f", bl, dtype=f32, low=0, high=1)
-        f["weights"] = _field("batch.weights", batch.weights, "f", (b,), dtype=f32, low=0)
-        _field("batch.keys", batch.keys, "iu", (b,))
+            f[n] = check_field(f"batch.{n}", getattr(batch, n), "f", bl, dtype=f32)
+        f["discount"] = check_field("batch.discount", batch.discount, "f", bl, dtype=f32, low=0, high=1)
+        f["weights"] = check_field("batch.weights", batch.weights, "f", (b,), dtype=f32, low=0)
+        check_field("batch.keys", batch.keys, "iu", (b,))
         if not self.network_config.recurrent:
             return f
         f["state"] = self._batch_state("batch.state", batch.state)
         f["actor_state"] = self._batch_state("batch.actor_state", batch.actor_state)
         k = len(self._extra_offsets)
-        f["extra_state_mask"] = _field("batch.extra_state_mask", batch.extra_state_mask, "b", (b, k))
+        f["extra_state_mask"] = check_field("batch.extra_state_mask", batch.extra_state_mask, "b", (b, k))
         extras = batch.extra_actor_states
         if not isinstance(extras, (tuple, list)) or len(extras) != k:
             raise ValueError(
@@ -276,7 +257,7 @@ class Learner:
         )
         return f
 
-    def _feed(self, batch: SequenceBatch) -> _Feed:
+    def _feed(self, batch: SequenceBatch) -> UpdateFeed:
         """The update's inputs from ``batch``, every field checked first (see :meth:`update`)."""
         f = self._check_batch(batch)
         offsets = self._extra_offsets
@@ -289,53 +270,7 @@ class Learner:
             else:
                 probe_states.append(f["extra_actor_states"][offsets.index(o)])
                 probe_masks.append(f["extra_state_mask"][:, offsets.index(o)])
-        b = self.config.batch_size
-        leaves = tf.nest.flatten((f.get("state", ()), tuple(probe_states)))
-        return _Feed(
-            observation=f["observation"],
-            floats=np.stack([f["prev_reward"], f["reward"], f["discount"]]),
-            ints=np.stack([f["prev_action"], f["action"]]),
-            bools=np.stack([f["mask"], f["learn_mask"], f["mask"] & ~f["final"]]),
-            weights=f["weights"],
-            states=np.concatenate([a.reshape(b, -1) for a in leaves], axis=1)
-            if leaves
-            else np.zeros((b, 0), np.float32),
-            probe_masks=np.stack(probe_masks) if probe_masks else np.zeros((0, b), bool),
-        )
-
-    def _unpack(self, feed: _Feed) -> dict[str, Any]:
-        """The named inputs of the update, as tensors, from :meth:`_feed`'s packed arrays."""
-        prev_reward, reward, discount = tf.unstack(feed.floats)
-        prev_action, action = tf.unstack(feed.ints)
-        mask, learn_mask, actionable = tf.unstack(feed.bools)
-        # The states' arrays in _feed's order: the start state's, then each probe's, layer by layer.
-        entry_shapes = self.state_shapes if self.network_config.recurrent else ()
-        k = len(self.delta_q_offsets)
-        shapes = [shape for entry in entry_shapes for shape in entry] * (1 + k)
-        b = self.config.batch_size
-        parts = tf.split(feed.states, [int(np.prod(shape)) for shape in shapes], axis=1) if shapes else []
-        arrays = iter([tf.reshape(p, (b, *shape)) for p, shape in zip(parts, shapes)])
-
-        def one_state() -> tuple:
-            return tuple(tuple(next(arrays) for _ in entry) for entry in entry_shapes)
-
-        state = one_state()
-        probe_states = tuple(one_state() for _ in range(k))
-        return {
-            "observation": feed.observation,
-            "prev_reward": prev_reward,
-            "reward": reward,
-            "discount": discount,
-            "prev_action": prev_action,
-            "action": action,
-            "mask": mask,
-            "learn_mask": learn_mask,
-            "actionable": actionable,
-            "weights": feed.weights,
-            "state": state,
-            "probe_states": probe_states,
-            "probe_masks": tuple(tf.unstack(feed.probe_masks, num=k)),
-        }
+        return pack_feed(f, probe_states, probe_masks, batch_size=self.config.batch_size)
 
     def model_inputs(self, observation: Any, prev_action: Any, prev_reward: Any) -> list[tf.Tensor]:
         """The network's input list for windows ``[B, T, ...]`` (the order :func:`build_q_network` declares)."""
@@ -346,8 +281,13 @@ class Learner:
             tf.cast(prev_reward, tf.float32),
         )
 
-    def _update(self, packed: _Feed) -> dict[str, Any]:
-        feed = self._unpack(packed)
+    def _update(self, packed: UpdateFeed) -> dict[str, Any]:
+        feed = unpack_feed(
+            packed,
+            state_shapes=self.state_shapes if self.network_config.recurrent else (),
+            probes=len(self.delta_q_offsets),
+            batch_size=self.config.batch_size,
+        )
         cfg = self.config
         burn_in, unroll = self.spec.burn_in, self.spec.unroll
         inputs = self.model_inputs(feed["observation"], feed["prev_action"], feed["prev_reward"])
@@ -586,39 +526,6 @@ class Learner:
         self.target.set_weights(_numbered(arrays, "target"))
         for var, value in zip(self.optimizer.variables, _numbered(arrays, "optimizer")):
             var.assign(value)
-
-
-_KINDS = {"f": "floats", "fiu": "numbers", "iu": "integers", "b": "bools"}
-
-
-def _field(
-    name: str,
-    value: Any,
-    kinds: str,
-    shape: tuple[int, ...],
-    *,
-    dtype: Any = None,
-    low: float | None = None,
-    high: float | None = None,
-) -> np.ndarray:
-    """``value`` as an array (as ``dtype``): TypeError for a dtype not of ``kinds``; ValueError for another
-    shape, a non-finite float, or a value outside [low, high]. Floats are checked as cast (1e300 is no
-    finite float32); integers before (no wrap-around hides a bad action)."""
-    arr = np.asarray(value)
-    if arr.dtype.kind not in kinds:
-        raise TypeError(f"{name}: expected {_KINDS[kinds]}, got dtype {arr.dtype}")
-    if arr.shape != shape:
-        raise ValueError(f"{name}: expected shape {shape}, got {arr.shape}")
-    if dtype is not None and np.dtype(dtype).kind == "f":
-        arr = arr.astype(dtype, copy=False)
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise ValueError(f"{name}: expected finite values, got {fmt(np.asarray(value)[~np.isfinite(arr)])}")
-    if arr.size and ((low is not None and arr.min() < low) or (high is not None and arr.max() > high)):
-        bad = (arr < (-np.inf if low is None else low)) | (arr > (np.inf if high is None else high))
-        raise ValueError(
-            f"{name}: expected values in [{low}, {'inf' if high is None else high}], got {fmt(arr[bad])}"
-        )
-    return arr if dtype is None else arr.astype(dtype, copy=False)
 
 
 def _all_finite(tensors: list[tf.Tensor]) -> tf.Tensor:
