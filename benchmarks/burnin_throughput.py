@@ -301,6 +301,27 @@ def benchmark(
     progress: bool,
     peak_dtypes: tuple[str, ...] = ("float32",),
 ) -> dict[str, Any]:
+    times, peaks = _measure(
+        scale,
+        variants,
+        rounds=rounds,
+        updates_per_round=updates_per_round,
+        progress=progress,
+        peak_dtypes=peak_dtypes,
+    )
+    return _summarise(scale, variants, times, peaks)
+
+
+def _measure(
+    scale: Scale,
+    variants: list[str],
+    *,
+    rounds: int,
+    updates_per_round: dict[str, int],
+    progress: bool,
+    peak_dtypes: tuple[str, ...],
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Seconds per update of each variant per round, and the peak GFLOP/s of each dtype measured between them."""
     from tqdm import tqdm
 
     fns = {}
@@ -324,6 +345,13 @@ def benchmark(
             for d in peak_dtypes:
                 peaks[d].append(measure_peak(scale.config, scale.obs_dim, scale.num_actions, dtype=d))
     bar.close()
+    return times, peaks
+
+
+def _summarise(
+    scale: Scale, variants: list[str], times: dict[str, list[float]], peaks: dict[str, list[float]]
+) -> dict[str, Any]:
+    """The report of one scale from :func:`_measure`'s rounds: medians, FLOP rates, ratios, the FLOP model."""
     # peak_ratio is always against the fp32 peak, as the target is stated.
     peak = float(np.median(peaks["float32"]))
     cfg = scale.config
@@ -345,7 +373,7 @@ def benchmark(
             "all_seconds": times[v],
         }
     out: dict[str, Any] = {"peak_gflops": peak, "all_peak_gflops": peaks, "variants": results}
-    for d in peak_dtypes:
+    for d in peaks:
         if d != "float32":
             out[f"peak_gflops_{d}"] = float(np.median(peaks[d]))
     if "runner" in results:
@@ -443,7 +471,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.burnin_throughput", description=__doc__)
     parser.add_argument("--scales", nargs="+", choices=SCALES, default=list(SCALES), help="workloads to run")
     parser.add_argument(
@@ -469,6 +497,11 @@ def main(argv: list[str] | None = None) -> int:
         help="bar chart path (default: next to --json, or results/burnin_throughput[_bf16][_quick].png)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds: expected >= 1, got {args.rounds}")
