@@ -185,6 +185,8 @@ class HoistedLSTM(keras.layers.LSTM):
             keep,
             backward_blocks=blocks,
             jit_loops=self.jit_loops,
+            # A frozen layer (a target network) trains nothing: no activations kept for its gradient.
+            saved_for_gradient=self.trainable,
         )
         if keep is not None:
             # Keras' outputs: zeros until a row's first valid step, then h (repeated over masked steps).

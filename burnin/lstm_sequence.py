@@ -19,6 +19,7 @@ def lstm_sequence(
     *,
     backward_blocks: int = 1,
     jit_loops: bool = False,
+    saved_for_gradient: bool = True,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Run ``z_t = (zx_t + h_{t-1} W_h) + b``, gates ``i, f, g, o`` (Keras order), over ``T`` steps.
 
@@ -38,6 +39,9 @@ def lstm_sequence(
         jit_loops: compile the forward and backward loops with XLA (each as one fused program:
             about 40 % less time per step on the CPU; results then differ from the uncompiled
             loop by rounding, ~1e-7 relative).
+        saved_for_gradient: keep each step's pre-activations and cells for the written-out
+            gradient. False (a frozen layer, e.g. a target network): the loop writes only ``h_t``;
+            a gradient, if one is asked for, first reruns the forward loop to get them.
 
     Returns:
         ``H [T, B, u]`` (``h_t`` after masking), ``h_T``, ``c_T``. First-order gradients only: a
@@ -46,6 +50,7 @@ def lstm_sequence(
     """
     blocks = check_int("backward_blocks", backward_blocks, minimum=1)
     jit_loops = check_bool("jit_loops", jit_loops)
+    saved_for_gradient = check_bool("saved_for_gradient", saved_for_gradient)
     batch = h0.shape[0]
     if batch is not None and batch % blocks:
         raise ValueError(f"backward_blocks: expected a divisor of the batch {batch}, got {blocks}")
@@ -59,9 +64,13 @@ def lstm_sequence(
         if check is not None:
             with tf.control_dependencies([check]):
                 args = (tf.identity(args[0]), *args[1:])
-        z, cn, hs, cs, h_last, c_last = (_forward_xla if jit_loops else _forward)(*args, keep)
+        forward = _forward_xla if jit_loops else _forward
+        steps = forward(*args, keep, save=saved_for_gradient)
+        hs, h_last, c_last = steps[2], steps[4], steps[5]
 
         def grad(d_hs, d_h_last, d_c_last):
+            # Without saved activations (a frozen layer, rarely differentiated) they are recomputed.
+            z, cn, _, cs = (steps if saved_for_gradient else forward(*args, keep))[:4]
             d_z, d_h0, d_c0 = _blocked_backward(
                 blocks, jit_loops, z, cn, hs, cs, h0, c0, w_h, keep, d_hs, d_h_last, d_c_last
             )
@@ -88,17 +97,21 @@ def lstm_sequence(
     return run(zx, h0, c0, w_h, bias)
 
 
-def _forward(zx, h0, c0, w_h, bias, keep):
+def _forward(zx, h0, c0, w_h, bias, keep, *, save=True):
     """The recurrence; returns per step ``z_t``, the cell before masking, and ``h_t``, ``c_t`` after it,
-    then the final ``h``, ``c``."""
+    then the final ``h``, ``c``. With ``save`` False only ``h_t`` is kept per step (the others are None)."""
     steps = zx.shape[0] if zx.shape[0] is not None else tf.shape(zx)[0]
     gate = c0.dtype
     shape = lambda x: tf.TensorArray(x.dtype, size=steps, element_shape=x.shape)
     tas = (
-        tf.TensorArray(gate, size=steps, element_shape=(h0.shape[0], w_h.shape[-1])),
-        shape(c0),
-        shape(h0),
-        shape(c0),
+        (
+            tf.TensorArray(gate, size=steps, element_shape=(h0.shape[0], w_h.shape[-1])),
+            shape(c0),
+            shape(h0),
+            shape(c0),
+        )
+        if save
+        else (shape(h0),)
     )
 
     def body(t, h, c, tas):
@@ -112,6 +125,8 @@ def _forward(zx, h0, c0, w_h, bias, keep):
             h_new, c_kept = tf.where(k, h_new, h), tf.where(k, c_new, c)
         else:
             c_kept = c_new
+        if not save:
+            return t + 1, h_new, c_kept, (tas[0].write(t, h_new),)
         z_ta, cn_ta, h_ta, c_ta = tas
         return (
             t + 1,
@@ -127,6 +142,8 @@ def _forward(zx, h0, c0, w_h, bias, keep):
         parallel_iterations=1,
         maximum_iterations=steps,
     )
+    if not save:
+        return None, None, tas[0].stack(), None, h_last, c_last
     return (*(ta.stack() for ta in tas), h_last, c_last)
 
 

@@ -205,3 +205,30 @@ def test_float32_gates_under_mixed_bfloat16_are_closer_to_float32(options, rng):
 def test_float32_gates_must_be_a_bool():
     with pytest.raises(TypeError, match="float32_gates: expected a bool"):
         HoistedLSTM(4, float32_gates=1)
+
+
+@pytest.mark.parametrize("jit_loops", [False, True], ids=["fused_gradient", "fused_xla"])
+def test_a_frozen_fused_layer_gives_the_same_outputs_and_input_gradients(jit_loops, rng):
+    """trainable=False (a target network) keeps no activations for the gradient: same outputs bit for bit,
+    and the gradient into the inputs, if asked for, equal to the trainable layer's to rounding."""
+    _, trained = pair({"fused_gradient": True, "jit_loops": jit_loops})
+    _, frozen = pair({"fused_gradient": True, "jit_loops": jit_loops})
+    frozen.trainable = False
+    x = tf.constant(rng.standard_normal((B, T, D)).astype(np.float32))
+    mask = tf.constant(rng.random((B, T)) > 0.3)
+    start = random_state(trained, rng)
+    results = []
+    for model in (trained, frozen):
+        burnin.set_states(model, start)
+
+        @tf.function
+        def step(x, mask, model=model):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = model(x, mask=mask)
+                loss = tf.reduce_sum(y * y)
+            return y, tape.gradient(loss, x)
+
+        results.append([t.numpy() for t in step(x, mask)])
+    np.testing.assert_array_equal(results[1][0], results[0][0])
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)

@@ -119,6 +119,9 @@ class Learner:
         b = config.batch_size
         self.online = build_q_network(self.network_config, batch_size=b, seed=seed, name="online")
         self.target = build_q_network(self.network_config, batch_size=b, seed=seed, name="target")
+        # Never trained, only copied into: frozen, its fused LSTM keeps no activations for a gradient
+        # (1.04× the update at the demo's scale, interleaved; benchmarks/README.md).
+        self.target.trainable = False
         self.update_target()
         self.state_shapes = row_state_shapes(self.online)
         """Per stateful layer and state array, its shape without the batch (what the replay stores)."""
