@@ -74,14 +74,7 @@ def lstm_sequence(
             d_z, d_h0, d_c0 = _blocked_backward(
                 blocks, jit_loops, z, cn, hs, cs, h0, c0, w_h, keep, d_hs, d_h_last, d_c_last
             )
-            h_prev = _previous(h0, hs)
-            units = h0.shape[-1]
-            d_w_h = tf.matmul(  # Σ_t h_{t-1}ᵀ dz_t as one [u, T·B] × [T·B, 4u] matmul
-                tf.reshape(h_prev, [-1, units]),
-                tf.reshape(tf.cast(d_z, w_h.dtype), [-1, 4 * units]),
-                transpose_a=True,
-            )
-            d_bias = tf.reduce_sum(d_z, axis=[0, 1])
+            d_w_h, d_bias = _kernel_and_bias_gradients(h0, hs, d_z, w_h)
             grads = (tf.cast(d_z, zx.dtype), tf.cast(d_h0, h0.dtype), d_c0, d_w_h, d_bias)
             message = "lstm_sequence has first-order gradients only"
             return tuple(tf.raw_ops.PreventGradient(input=g, message=message) for g in grads)
@@ -95,6 +88,17 @@ def lstm_sequence(
         # custom_gradient needs tensors; a zero bias adds exact zeros.
         bias = tf.zeros([w_h.shape[-1]], c0.dtype)
     return run(zx, h0, c0, w_h, bias)
+
+
+def _kernel_and_bias_gradients(h0, hs, d_z, w_h):
+    """``dW_h = Σ_t h_{t-1}ᵀ dz_t`` as one ``[u, T·B] × [T·B, 4u]`` matmul, and ``db = Σ_t Σ_rows dz_t``."""
+    units = h0.shape[-1]
+    d_w_h = tf.matmul(
+        tf.reshape(_previous(h0, hs), [-1, units]),
+        tf.reshape(tf.cast(d_z, w_h.dtype), [-1, 4 * units]),
+        transpose_a=True,
+    )
+    return d_w_h, tf.reduce_sum(d_z, axis=[0, 1])
 
 
 def _forward(zx, h0, c0, w_h, bias, keep, *, save=True):
