@@ -72,7 +72,7 @@ def lstm_sequence(
             # Without saved activations (a frozen layer, rarely differentiated) they are recomputed.
             z, cn, _, cs = (steps if saved_for_gradient else forward(*args, keep))[:4]
             d_z, d_h0, d_c0 = _blocked_backward(
-                blocks, jit_loops, z, cn, hs, cs, h0, c0, w_h, keep, d_hs, d_h_last, d_c_last
+                blocks, jit_loops, z, cn, cs, c0, w_h, keep, d_hs, d_h_last, d_c_last
             )
             d_w_h, d_bias = _kernel_and_bias_gradients(h0, hs, d_z, w_h)
             grads = (tf.cast(d_z, zx.dtype), tf.cast(d_h0, h0.dtype), d_c0, d_w_h, d_bias)
@@ -166,7 +166,7 @@ def _previous(first, seq):
     return tf.concat([first[None], seq], axis=0)[: tf.shape(seq)[0]]
 
 
-def _backward(z, cn, hs, cs, h0, c0, w_h, keep, d_hs, d_h_last, d_c_last, *, jit=False):
+def _backward(z, cn, cs, c0, w_h, keep, d_hs, d_h_last, d_c_last, *, jit=False):
     """``dz_t`` for every step and the gradients into ``h0``, ``c0``, by the loop over ``t = T-1 … 0``.
 
     With σ_* the gates and ``τ = tanh(c_t)`` before masking: ``dc ← dc + dh ⊙ σ_o(1-τ²)``;
@@ -222,18 +222,18 @@ def _backward_loop(d_hs, into_c, factors, s_f, w_t, keep, d_h_last, d_c_last):
     return d_z_ta.stack(), d_h0, d_c0
 
 
-def _blocked_backward(k, jit, z, cn, hs, cs, h0, c0, w_h, keep, d_hs, d_h_last, d_c_last):
+def _blocked_backward(k, jit, z, cn, cs, c0, w_h, keep, d_hs, d_h_last, d_c_last):
     """:func:`_backward` on ``k`` blocks of rows, as independent loops; results joined back by row."""
     if k == 1:
-        return _backward(z, cn, hs, cs, h0, c0, w_h, keep, d_hs, d_h_last, d_c_last, jit=jit)
-    time_major = [tf.split(x, k, axis=1) for x in (z, cn, hs, cs, d_hs)]
-    rows = [tf.split(x, k, axis=0) for x in (h0, c0, d_h_last, d_c_last)]
+        return _backward(z, cn, cs, c0, w_h, keep, d_hs, d_h_last, d_c_last, jit=jit)
+    time_major = [tf.split(x, k, axis=1) for x in (z, cn, cs, d_hs)]
+    rows = [tf.split(x, k, axis=0) for x in (c0, d_h_last, d_c_last)]
     keeps = [None] * k if keep is None else tf.split(keep, k, axis=1)
     outs = []
     for i in range(k):
-        zi, cni, hsi, csi, dhsi = (x[i] for x in time_major)
-        h0i, c0i, dhi, dci = (x[i] for x in rows)
-        outs.append(_backward(zi, cni, hsi, csi, h0i, c0i, w_h, keeps[i], dhsi, dhi, dci, jit=jit))
+        zi, cni, csi, dhsi = (x[i] for x in time_major)
+        c0i, dhi, dci = (x[i] for x in rows)
+        outs.append(_backward(zi, cni, csi, c0i, w_h, keeps[i], dhsi, dhi, dci, jit=jit))
     return (
         tf.concat([o[0] for o in outs], axis=1),
         tf.concat([o[1] for o in outs], 0),
