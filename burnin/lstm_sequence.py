@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import tensorflow as tf
 
 from burnin._checks import check_bool, check_int
 
 __all__ = ["lstm_sequence"]
+
+
+class _Steps(NamedTuple):
+    """The forward loop's results: per step ``[T, B, u]``, then the final state ``[B, u]``."""
+
+    gates: Any
+    """``(σ(z_i), σ(z_f), tanh(z_g), σ(z_o))`` per step; None when not saved for the gradient."""
+    tau: Any
+    """``tanh(c_t)`` before masking; None when not saved."""
+    hs: tf.Tensor
+    """``h_t`` after masking (the layer's outputs)."""
+    cs: Any
+    """``c_t`` after masking; None when not saved."""
+    h_last: tf.Tensor
+    c_last: tf.Tensor
 
 
 def lstm_sequence(
@@ -65,21 +82,20 @@ def lstm_sequence(
             with tf.control_dependencies([check]):
                 args = (tf.identity(args[0]), *args[1:])
         forward = _forward_xla if jit_loops else _forward
-        steps = forward(*args, keep, save=saved_for_gradient)
-        hs, h_last, c_last = steps[2], steps[4], steps[5]
+        out = forward(*args, keep, save=saved_for_gradient)
 
         def grad(d_hs, d_h_last, d_c_last):
             # Without saved activations (a frozen layer, rarely differentiated) they are recomputed.
-            gates, tau, _, cs = (steps if saved_for_gradient else forward(*args, keep))[:4]
+            saved = out if saved_for_gradient else forward(*args, keep)
             d_z, d_h0, d_c0 = _blocked_backward(
-                blocks, jit_loops, gates, tau, cs, c0, w_h, keep, d_hs, d_h_last, d_c_last
+                blocks, jit_loops, saved.gates, saved.tau, saved.cs, c0, w_h, keep, d_hs, d_h_last, d_c_last
             )
-            d_w_h, d_bias = _kernel_and_bias_gradients(h0, hs, d_z, w_h)
+            d_w_h, d_bias = _kernel_and_bias_gradients(h0, out.hs, d_z, w_h)
             grads = (tf.cast(d_z, zx.dtype), tf.cast(d_h0, h0.dtype), d_c0, d_w_h, d_bias)
             message = "lstm_sequence has first-order gradients only"
             return tuple(tf.raw_ops.PreventGradient(input=g, message=message) for g in grads)
 
-        return (hs, h_last, c_last), grad
+        return (out.hs, out.h_last, out.c_last), grad
 
     # Read a stateful layer's state variables now: its backward pass runs after the layer has
     # written its final state into them.
@@ -104,11 +120,9 @@ def _kernel_and_bias_gradients(h0, hs, d_z, w_h):
 
 
 def _forward(zx, h0, c0, w_h, bias, keep, *, save=True):
-    """The recurrence; returns per step the gates ``(σ(z_i), σ(z_f), tanh(z_g), σ(z_o))``, ``tanh`` of the
-    cell before masking, and ``h_t``, ``c_t`` after it, then the final ``h``, ``c``. The gradient reads
-    those activations as the forward computed them (recomputing them from ``z_t`` took ~0.6 ms of the
-    ~30 ms of thread time of a demo-scale update, in a profile). With ``save`` False only ``h_t`` is
-    kept per step (the others are None)."""
+    """The recurrence, as :class:`_Steps`. The gradient reads the gate activations as the forward
+    computed them (recomputing them from ``z_t`` took ~0.6 ms of the ~30 ms of thread time of a
+    demo-scale update, in a profile). With ``save`` False only ``h_t`` is kept per step."""
     steps = zx.shape[0] if zx.shape[0] is not None else tf.shape(zx)[0]
     gate = c0.dtype
     shape = lambda x: tf.TensorArray(x.dtype, size=steps, element_shape=x.shape)
@@ -140,9 +154,9 @@ def _forward(zx, h0, c0, w_h, bias, keep, *, save=True):
         maximum_iterations=steps,
     )
     if not save:
-        return None, None, tas[0].stack(), None, h_last, c_last
+        return _Steps(None, None, tas[0].stack(), None, h_last, c_last)
     stacked = [ta.stack() for ta in tas]
-    return tuple(stacked[:4]), *stacked[4:], h_last, c_last
+    return _Steps(tuple(stacked[:4]), *stacked[4:], h_last, c_last)
 
 
 def _assert_steps(zx):
