@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from benchmarks.timing import describe, paired
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,9 +40,9 @@ print(json.dumps({"env_steps_per_s": (loop.env_steps - e0) / wall, "updates_per_
 """
 
 
-def checkout(commit: str, where: Path) -> Path:
-    """A detached worktree of ``commit`` under ``where``."""
-    path = where / commit[:12]
+def checkout(commit: str, where: Path, label: str) -> Path:
+    """A detached worktree of ``commit`` under ``where`` (``label`` keeps an A/A run's two apart)."""
+    path = where / f"{label}-{commit[:12]}"
     subprocess.run(
         ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), commit],
         check=True,
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     report: dict[str, Any] = {"old": shas[0], "new": shas[1], "pairs": args.pairs, "samples": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        trees = [checkout(sha, Path(tmp)) for sha in shas]
+        trees = [checkout(sha, Path(tmp), label) for label, sha in zip(("old", "new"), shas)]
         try:
             measures = {"update_per_s": lambda t: update_rate(t, args.rounds)}
             if not args.skip_loop:
@@ -127,13 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"old {shas[0][:10]}  new {shas[1][:10]}  ({args.pairs} alternating pairs, medians)")
     report["medians"] = {}
     for name, samples in report["samples"].items():
-        old, new = statistics.median(samples["old"]), statistics.median(samples["new"])
-        ratios = [n / o for o, n in zip(samples["old"], samples["new"])]
-        report["medians"][name] = {"old": old, "new": new, "ratio": new / old, "pair_ratios": ratios}
-        print(
-            f"{name:22s} old {old:8.1f}  new {new:8.1f}  ratio {new / old:5.2f}  "
-            f"(pair ratios {', '.join(f'{r:.2f}' for r in ratios)})"
-        )
+        p = paired(samples["new"], samples["old"])
+        old, new = p["denominator"], p["numerator"]
+        report["medians"][name] = {
+            "old": old,
+            "new": new,
+            "ratio": p["ratio"],
+            "pair_ratios": p["pair_ratios"],
+        }
+        print(f"{name:22s} old {old:8.1f}  new {new:8.1f}  {describe(p)}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0

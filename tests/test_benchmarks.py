@@ -88,3 +88,23 @@ def test_replay_image_workload_stores_frames_as_uint8_at_their_size():
     assert floor <= r["bytes_per_step"] <= 1.1 * floor
     assert r["meets_targets"]["bytes_per_step"]
     assert r["naive"]["bytes_per_step"] > 2 * r["bytes_per_step"]  # the window copies
+
+
+@pytest.mark.parametrize("scale", ["cartpole", "r2d2"])
+def test_peer_spec_gives_the_pytorch_peer_every_field_it_reads_from_burnins_config(scale):
+    """torch_peer runs without burnin (no TensorFlow in its interpreter): all it knows of the workload is
+    this spec, so a field it reads and the driver does not write would fail only on the peer's host."""
+    import re
+
+    from benchmarks import peer_ab
+
+    spec = peer_ab.peer_spec(scale)
+    read = set(re.findall(r'spec\["(\w+)"\]', (peer_ab.ROOT / "benchmarks" / "torch_peer.py").read_text()))
+    assert {"core_units", "burn_in", "unroll", "n_step", "batch_size"} <= read
+    assert read <= set(spec), f"torch_peer reads {read - set(spec)} that peer_spec does not write"
+    s = burnin_throughput.scales("fp32", "auto", False)[scale]
+    for field in ("core_units", "head_units", "burn_in", "unroll", "n_step", "batch_size", "gamma"):
+        assert spec[field] == getattr(s.config, field)
+    assert (spec["obs_dim"], spec["num_actions"]) == (s.obs_dim, s.num_actions)
+    assert spec["rescale_eps"] == s.config.value_rescale_eps
+    assert json.loads(json.dumps(spec)) == {**spec, "torso_units": list(spec["torso_units"])}
