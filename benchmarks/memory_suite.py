@@ -136,6 +136,14 @@ JOB_FILE = "job.json"
 """In each run's directory: the :attr:`Job.identity` its checkpoints belong to."""
 
 
+def run_env_id(out_dir: Path) -> str:
+    """The env id a run directory (``TASK-sSEED``) was trained on: its :data:`JOB_FILE`'s, else the name's."""
+    identity = _read_json(out_dir / JOB_FILE)
+    if isinstance(identity, dict) and isinstance(identity.get("env"), str):
+        return identity["env"]
+    return f"popgym-{out_dir.name.rsplit('-s', 1)[0]}-v0"
+
+
 def finished(job: Job) -> dict[str, Any] | None:
     """The summary on disk of ``job`` if that run finished its budget with the same config; else None."""
     summary = _read_json(job.out_dir / "summary.json")
@@ -335,6 +343,15 @@ CLEAR_LEAD = 3.0
 """A lead over random of at least this many standard errors counts as clear in the table."""
 
 
+def lead_cell(final: float, random: dict[str, float], *, episodes: int) -> str:
+    """The table's lead column: the lead in return and in standard errors, bold when clear. A lead that
+    rounds to zero prints as +0.00 (0.0 SE), not −0.00 (−0.0 SE)."""
+    lead = lead_over_random(final, random, episodes=episodes)
+    # round, then + 0.0: a −0.0 becomes 0.0 (Python 3.10 has no "z" format option)
+    text = f"{round(final - random['mean'], 2) + 0.0:+.2f} ({round(lead, 1) + 0.0:.1f} SE)"
+    return f"**{text}**" if lead >= CLEAR_LEAD else text
+
+
 def markdown(report: dict[str, dict[str, Any]]) -> str:
     """The table: one row per task in :data:`TASKS` order."""
     lines = [
@@ -355,9 +372,7 @@ def markdown(report: dict[str, dict[str, Any]]) -> str:
         overrides = ", ".join(f"{k}={v}" for k, v in e["overrides"].items()) or "—"
         per_seed = ", ".join(f"{v:.2f}" for v in m["values"])
         mark = " ‡" if e.get("stop_when_solved") else ""
-        lead = lead_over_random(f["mean"], r, episodes=e["eval_episodes"])
-        lead_text = f"{f['mean'] - r['mean']:+.2f} ({lead:.1f} SE)"
-        lead_text = f"**{lead_text}**" if lead >= CLEAR_LEAD else lead_text
+        lead_text = lead_cell(f["mean"], r, episodes=e["eval_episodes"])
         lines.append(
             f"| {name} | {e['budget']:,} | {e['eval_every']:,} × {e['eval_episodes']} | {len(e['seeds'])} | "
             f"{m['mean']:.2f} ± {m['std']:.2f} ({per_seed}) | {1 - m['mean']:.2f} | "

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from agents.cli import ArgumentParser, run_script
+from benchmarks.memory_suite import run_env_id
 
 PROG = "python -m benchmarks.repeated_moves"
 
@@ -99,11 +100,7 @@ def _main(argv: list[str] | None) -> int:
     print("| run | policy | return | move made earlier in the episode | move = the step before's | steps |")
     print("| --- | --- | --- | --- | --- | --- |")
     for run in args.runs:
-        try:  # the suite's job file names the env; else the run directory does (TASK-sSEED)
-            env_id = json.loads((run / "job.json").read_text())["env"]
-        except (OSError, ValueError, KeyError):
-            env_id = f"popgym-{run.name.rsplit('-s', 1)[0]}-v0"
-        for policy, r in measure(run, env_id, episodes=args.episodes, seed=args.seed).items():
+        for policy, r in measure(run, run_env_id(run), episodes=args.episodes, seed=args.seed).items():
             ret = f"{r['return']:.2f}" if "return" in r else "—"
             print(
                 f"| {run.name} | {policy} | {ret} | {r['earlier']:.2f} | {r['previous']:.2f} | {r['steps']} |"

@@ -93,7 +93,7 @@ def test_quick_run_writes_table_json_and_plot(quick):
     row = next(line for line in md.splitlines() if line.startswith("| RepeatFirstEasy |")).split(" | ")
     entry = report["RepeatFirstEasy"]
     lead = suite.lead_over_random(entry["final"]["mean"], entry["random_return"], episodes=8)
-    assert row[9].strip("*").endswith(f"({lead:.1f} SE)")  # the lead column
+    assert row[9].strip("*").endswith(f"({round(lead, 1) + 0.0:.1f} SE)")  # the lead column
     assert (quick / "memory_suite.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -222,3 +222,17 @@ def test_stop_when_solved_is_a_flag_and_marks_the_final_column(tmp_path):
         "| 0.95 ± 0.00 (0.95) | 0.05 | 0.95 ± 0.00 ‡ | 0.5k |" in md
         and "‡ run with `--stop-when-solved`" in md
     )
+
+
+@pytest.mark.parametrize(
+    "final, random, cell",
+    [
+        (-0.001, {"mean": 0.0, "std": 1.0}, "+0.00 (0.0 SE)"),  # rounds to zero: no minus sign
+        (-0.5, {"mean": -0.5, "std": 0.5}, "+0.00 (0.0 SE)"),
+        (0.5, {"mean": 0.0, "std": 1.0}, "**+0.50 (3.0 SE)**"),  # 0.5 / (1 / √36) = 3: clear, bold
+        (-0.25, {"mean": 0.0, "std": 1.0}, "-0.25 (-1.5 SE)"),
+        (0.1, {"mean": 0.0, "std": 0.0}, "**+0.10 (inf SE)**"),  # a random policy that never varies
+    ],
+)
+def test_lead_cell_by_hand(final, random, cell):
+    assert suite.lead_cell(final, random, episodes=36) == cell
