@@ -17,9 +17,10 @@ an error really is one line; ``TF_CPP_MIN_LOG_LEVEL=0`` or ``1`` shows them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -30,6 +31,7 @@ __all__ = [
     "EXIT_USAGE",
     "ArgumentParser",
     "configure_threads",
+    "consume_onednn_dtype_notice",
     "import_tensorflow_quietly",
     "one_line",
     "run_script",
@@ -52,14 +54,21 @@ def import_tensorflow_quietly() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "tensorflow" in sys.modules or os.environ["TF_CPP_MIN_LOG_LEVEL"] not in ("2", "3"):
         return
+    with _stderr_muted():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+
+
+@contextlib.contextmanager
+def _stderr_muted() -> Iterator[None]:
+    """The stderr file descriptor (C++ logs included) pointed at /dev/null for the block."""
     sys.stderr.flush()
     saved = os.dup(2)
     try:
         with open(os.devnull, "w") as null:
             os.dup2(null.fileno(), 2)
-        import tensorflow as tf
-
-        tf.config.list_physical_devices()
+        yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -143,16 +152,34 @@ class ArgumentParser(argparse.ArgumentParser):
         return found
 
 
+def consume_onednn_dtype_notice() -> None:
+    """Trace one bool transpose with stderr muted, unless ``TF_CPP_MIN_LOG_LEVEL`` asks for TensorFlow's logs.
+
+    TensorFlow's oneDNN graph pass logs "oneDNN supports DT_BOOL only on platforms with AVX-512" at ERROR
+    level, once per process, the first time a graph transposes bools (the learner's step masks), even on
+    AVX-512 hosts such as the Zen 4 this was seen on; the op runs on Eigen either way. Spent here, it does not
+    land in the middle of a script's progress bar as if something had failed.
+    """
+    if "tensorflow" not in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") not in ("2", "3"):
+        return
+    import tensorflow as tf
+
+    with _stderr_muted():
+        tf.function(tf.transpose)(tf.zeros((1, 2), tf.bool))
+
+
 def run_script(prog: str, body: Callable[[], int]) -> int:
     """Run a script's ``body`` with SIGTERM as Ctrl-C; returns its exit status.
 
     A :class:`CheckpointError` prints one line and gives :data:`EXIT_USAGE`;
     Ctrl-C or SIGTERM that ``body`` does not handle gives :data:`EXIT_INTERRUPTED`.
-    TensorFlow's thread pools are set first (:func:`configure_threads`).
+    TensorFlow's thread pools are set first (:func:`configure_threads`), then its one-time oneDNN
+    notice spent quietly (:func:`consume_onednn_dtype_notice`).
     """
     from agents.r2d2.checkpoint import CheckpointError  # after TensorFlow's quiet import
 
     configure_threads()
+    consume_onednn_dtype_notice()
 
     with sigterm_as_interrupt():
         try:

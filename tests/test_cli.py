@@ -273,3 +273,25 @@ def test_delta_q_probe_bad_run_dir_or_checkpoint_is_one_line(checkpoint, tmp_pat
     code, _, err = outcome(delta_q_probe.main, argv, capsys)
     assert code == 2
     assert_one_line_error(err, "delta_q_probe", str(bad / "learner.npz"), "truncated or corrupt")
+
+
+def test_a_script_prints_no_onednn_dtype_notice_when_its_graphs_transpose_bools():
+    """TensorFlow logs "oneDNN supports DT_BOOL only on platforms with AVX-512" (ERROR level, once per
+    process) at the first bool transpose, on this AVX-512 host too; run_script spends it with stderr muted,
+    so the learner's masks do not print it mid-run. stderr must stay open for the script's own errors."""
+    body = (
+        "import sys\n"
+        "from agents.cli import run_script\n"
+        "import numpy as np, tensorflow as tf\n"
+        "def body():\n"
+        "    mask = tf.constant(np.ones((4, 3), bool))\n"
+        "    assert tf.function(lambda m: tf.transpose(tf.logical_not(m)))(mask).shape == (3, 4)\n"
+        "    print('own error line', file=sys.stderr)\n"
+        "    return 0\n"
+        "sys.exit(run_script('probe', body))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    run = subprocess.run([sys.executable, "-c", body], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr
+    assert "oneDNN supports" not in run.stderr
+    assert "own error line" in run.stderr
