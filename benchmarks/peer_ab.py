@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -12,8 +11,10 @@ from typing import Any
 
 from tqdm import tqdm
 
+from agents.cli import ArgumentParser, run_script
 from benchmarks.timing import describe, paired
 
+PROG = "python -m benchmarks.peer_ab"
 ROOT = Path(__file__).resolve().parent.parent
 
 # burnin's side, timed as torch_peer times its own: warm-up, then rounds of updates, nothing between them.
@@ -67,17 +68,47 @@ def peer_rate(
     return float(_last_json([*cmd, "--warmup", str(warmup), "--threads", str(threads)])["updates_per_s"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.peer_ab", description=__doc__)
+def torch_version(python: str) -> str | None:
+    """torch's version under the interpreter ``python``, or None if it cannot run or import torch."""
+    try:
+        done = subprocess.run(
+            [python, "-c", "import torch; print(torch.__version__)"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--torch-python", required=True, help="an interpreter that can import torch")
     parser.add_argument("--scale", choices=("cartpole", "r2d2"), default="cartpole")
-    parser.add_argument("--pairs", type=int, default=5, help="alternating pairs of processes")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds inside each process")
-    parser.add_argument("--updates", type=int, default=20, help="updates per round, on both sides")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed updates first, on both sides")
-    parser.add_argument("--threads", type=int, nargs="+", default=[2], help="PyTorch thread counts to run")
+    parser.add_argument("--pairs", type=int, default=5, help="alternating pairs of processes [5]")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds inside each process [5]")
+    parser.add_argument("--updates", type=int, default=20, help="updates per round, on both sides [20]")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed updates first, on both sides [20]")
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[2], help="PyTorch thread counts to run [2]"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write every sample and the medians here")
     args = parser.parse_args(argv)
+    sizes = {
+        "--pairs": args.pairs,
+        "--rounds": args.rounds,
+        "--updates": args.updates,
+        "--threads": min(args.threads),
+    }
+    for flag, value in sizes.items():
+        if value < 1:
+            parser.error(f"{flag}: expected an int >= 1, got {value}")
+    if args.warmup < 0:
+        parser.error(f"--warmup: expected an int >= 0, got {args.warmup}")
+    version = torch_version(args.torch_python)
+    if version is None:
+        parser.error(f"--torch-python: {args.torch_python!r} cannot import torch")
     spec = peer_spec(args.scale)
     labels = ["burnin", *(f"torch_{t}t" for t in args.threads)]
     samples: dict[str, list[float]] = {k: [] for k in labels}
@@ -90,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             samples[f"torch_{t}t"].append(rate)
             bar.update(1)
     bar.close()
-    report: dict[str, Any] = {"command": "python -m benchmarks.peer_ab " + " ".join(argv or sys.argv[1:])}
+    report: dict[str, Any] = {"command": f"{PROG} " + " ".join(argv or sys.argv[1:]), "torch": version}
     report.update(scale=args.scale, spec=spec, pairs=args.pairs, rounds=args.rounds, updates=args.updates)
     report["samples"] = samples
     burnin = statistics.median(samples["burnin"])
@@ -104,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI: 0 when done, 2 for a bad argument (one line on stderr)."""
+    return run_script(PROG, lambda: _main(argv))
 
 
 if __name__ == "__main__":

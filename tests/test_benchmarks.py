@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -108,3 +109,29 @@ def test_peer_spec_gives_the_pytorch_peer_every_field_it_reads_from_burnins_conf
     assert (spec["obs_dim"], spec["num_actions"]) == (s.obs_dim, s.num_actions)
     assert spec["rescale_eps"] == s.config.value_rescale_eps
     assert json.loads(json.dumps(spec)) == {**spec, "torso_units": list(spec["torso_units"])}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--pairs", "0"], "--pairs: expected an int >= 1, got 0"),
+        (["--threads", "2", "0"], "--threads: expected an int >= 1, got 0"),
+        (["--warmup", "-1"], "--warmup: expected an int >= 0, got -1"),
+        (
+            ["--torch-python", "/nonexistent/python"],
+            "--torch-python: '/nonexistent/python' cannot import torch",
+        ),
+    ],
+)
+def test_peer_ab_bad_argument_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
+    from benchmarks import peer_ab
+
+    out = tmp_path / "peer.json"
+    # Without torch in this venv, the test interpreter itself is one that cannot import it.
+    base = ["--torch-python", sys.executable, "--json", str(out)]
+    with pytest.raises(SystemExit) as exit_:
+        peer_ab.main([*base, *argv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"python -m benchmarks.peer_ab: error: {message}\n"
+    assert not out.exists()
