@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -13,8 +12,10 @@ from typing import Any
 
 from tqdm import tqdm
 
+from agents.cli import ArgumentParser, run_script
 from benchmarks.timing import describe, paired
 
+PROG = "python -m benchmarks.ab_commits"
 ROOT = Path(__file__).resolve().parent.parent
 
 # Runs inside the commit's checkout: the demo's TrainLoop on masked CartPole, timed after a warm-up.
@@ -86,8 +87,8 @@ def loop_rate(tree: Path, warm: int, updates: int) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.ab_commits", description=__doc__)
+def _main(argv: list[str] | None) -> int:
+    parser = ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("old", help="the commit to compare against (e.g. the one before a change)")
     parser.add_argument("new", nargs="?", default="HEAD", help="the commit to measure (default HEAD)")
     parser.add_argument("--pairs", type=int, default=5, help="A/B pairs of processes per measurement")
@@ -96,12 +97,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-loop", action="store_true", help="only the update benchmark")
     parser.add_argument("--json", type=Path, default=None, help="write every sample and the medians here")
     args = parser.parse_args(argv)
-    shas = [
-        subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", c], check=True, capture_output=True, text=True
-        ).stdout.strip()
-        for c in (args.old, args.new)
-    ]
+    for flag, value in {
+        "--pairs": args.pairs,
+        "--rounds": args.rounds,
+        "--loop-updates": args.loop_updates,
+    }.items():
+        if value < 1:
+            parser.error(f"{flag}: expected an int >= 1, got {value}")
+    shas = []
+    for name, commit in (("old", args.old), ("new", args.new)):
+        found = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}"],
+            capture_output=True,
+            text=True,
+        )
+        if found.returncode != 0:
+            parser.error(f"{name}: expected a commit of {ROOT}, got {commit!r}")
+        shas.append(found.stdout.strip())
     report: dict[str, Any] = {"old": shas[0], "new": shas[1], "pairs": args.pairs, "samples": {}}
     with tempfile.TemporaryDirectory() as tmp:
         trees = [checkout(sha, Path(tmp), label) for label, sha in zip(("old", "new"), shas)]
@@ -140,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI: 0 when done, 2 for a bad argument (one line on stderr)."""
+    return run_script(PROG, lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -135,3 +135,24 @@ def test_peer_ab_bad_argument_is_one_line_and_exit_2(argv, message, capsys, tmp_
     err = capsys.readouterr().err
     assert err == f"python -m benchmarks.peer_ab: error: {message}\n"
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["no-such-commit"], "old: expected a commit of"),
+        (["HEAD", "no-such-commit"], "new: expected a commit of"),
+        (["HEAD", "--pairs", "0"], "--pairs: expected an int >= 1, got 0"),
+        (["HEAD", "--loop-updates", "-3"], "--loop-updates: expected an int >= 1, got -3"),
+    ],
+)
+def test_ab_commits_bad_argument_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
+    from benchmarks import ab_commits
+
+    out = tmp_path / "ab.json"
+    with pytest.raises(SystemExit) as exit_:
+        ab_commits.main([*argv, "--json", str(out)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m benchmarks.ab_commits: error: {message}") and err.count("\n") == 1
+    assert not out.exists()
