@@ -187,9 +187,10 @@ def run_job(job: Job, *, threads: int, resume: bool) -> dict[str, Any]:
 
 
 def _read_json(path: Path) -> Any:
+    """The JSON in ``path``, or None if it cannot be read or parsed (UTF-8 errors included: ValueErrors)."""
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return None
 
 

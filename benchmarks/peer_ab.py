@@ -11,7 +11,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from agents.cli import ArgumentParser, run_script
+from agents.cli import ArgumentParser, one_line, run_script
 from benchmarks.timing import describe, paired
 
 PROG = "python -m benchmarks.peer_ab"
@@ -48,8 +48,15 @@ def peer_spec(scale: str) -> dict[str, Any]:
     return {**spec, "rescale_eps": c.value_rescale_eps, "obs_dim": s.obs_dim, "num_actions": s.num_actions}
 
 
+class MeasureError(RuntimeError):
+    """A measuring process failed; the message ends with the last line it wrote to stderr."""
+
+
 def _last_json(cmd: list[str]) -> dict[str, Any]:
-    done = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+        raise MeasureError(f"{' '.join(cmd[:3])} … exited {done.returncode}: {last}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -69,10 +76,10 @@ def peer_rate(
 
 
 def torch_version(python: str) -> str | None:
-    """torch's version under the interpreter ``python``, or None if it cannot run or import torch."""
+    """torch's version under the interpreter ``python``, or None if it cannot run or import torch and numpy."""
     try:
         done = subprocess.run(
-            [python, "-c", "import torch; print(torch.__version__)"],
+            [python, "-c", "import numpy, torch; print(torch.__version__)"],
             capture_output=True,
             text=True,
             timeout=120,
@@ -108,21 +115,27 @@ def _main(argv: list[str] | None) -> int:
         parser.error(f"--warmup: expected an int >= 0, got {args.warmup}")
     version = torch_version(args.torch_python)
     if version is None:
-        parser.error(f"--torch-python: {args.torch_python!r} cannot import torch")
+        parser.error(f"--torch-python: {args.torch_python!r} cannot import torch and numpy")
     spec = peer_spec(args.scale)
     labels = ["burnin", *(f"torch_{t}t" for t in args.threads)]
     samples: dict[str, list[float]] = {k: [] for k in labels}
     bar = tqdm(total=args.pairs * len(labels), desc=f"peer A/B {args.scale}")
-    for _ in range(args.pairs):  # burnin, torch, burnin, torch …: each sees the same load
-        samples["burnin"].append(burnin_rate(args.scale, args.rounds, args.updates, args.warmup))
-        bar.update(1)
-        for t in args.threads:
-            rate = peer_rate(args.torch_python, spec, args.rounds, args.updates, args.warmup, t)
-            samples[f"torch_{t}t"].append(rate)
+    try:
+        for _ in range(args.pairs):  # burnin, torch, burnin, torch …: each sees the same load
+            samples["burnin"].append(burnin_rate(args.scale, args.rounds, args.updates, args.warmup))
             bar.update(1)
+            for t in args.threads:
+                rate = peer_rate(args.torch_python, spec, args.rounds, args.updates, args.warmup, t)
+                samples[f"torch_{t}t"].append(rate)
+                bar.update(1)
+    except MeasureError as err:
+        bar.close()
+        print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
+        return 1
     bar.close()
     report: dict[str, Any] = {"command": f"{PROG} " + " ".join(argv or sys.argv[1:]), "torch": version}
     report.update(scale=args.scale, spec=spec, pairs=args.pairs, rounds=args.rounds, updates=args.updates)
+    report.update(warmup=args.warmup, torch_threads=args.threads)
     report["samples"] = samples
     burnin = statistics.median(samples["burnin"])
     report["medians"] = {"burnin": burnin}

@@ -1,7 +1,8 @@
 """The demo's R2D2 learner update written in PyTorch: the speed reference `peer_ab` runs beside burnin's.
 
 Not part of the package and not a dependency: run by :mod:`benchmarks.peer_ab` as ``python -m
-benchmarks.torch_peer`` with an interpreter that has torch (``pip install torch``), reading the workload
+benchmarks.torch_peer`` with an interpreter that has torch and numpy (``pip install torch numpy``, a CPU
+build of torch: see benchmarks/README.md), reading the workload
 as JSON from burnin's config so both sides do the same update. It imports only torch, numpy and
 :mod:`benchmarks.timing` (the standard library), never burnin or TensorFlow.
 
@@ -9,8 +10,9 @@ The update (as burnin's runner does it): the target network over the whole windo
 online network's burn-in without gradient, its unroll with gradient and its n-step tail without; dueling
 heads on the unroll and tail only; n-step double-Q targets with value rescaling; the importance-weighted
 squared TD loss; priorities η·max + (1 − η)·mean; Adam with the global gradient-norm clip; the target copied
-every ``target_update_period`` updates. Less than burnin's: no step masks (every step of the synthetic
-batch is valid, and ``nn.LSTM`` has no per-step mask), no ΔQ probes, no all-or-nothing commit.
+every ``target_update_period`` updates. Less than burnin's: no checks of the batch, no step masks (every
+step of the synthetic batch is valid, and ``nn.LSTM`` has no per-step mask), no ΔQ probes, no all-or-nothing
+commit.
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ import torch
 from torch import nn
 
 from benchmarks.timing import rates
+
+SPEC_FIELDS = frozenset({
+    "obs_dim", "num_actions", "torso_units", "core_units", "head_units", "burn_in", "unroll", "n_step",
+    "batch_size", "gamma", "learning_rate", "adam_epsilon", "max_grad_norm", "target_update_period",
+    "priority_eta", "rescale_eps",
+})  # fmt: skip
+"""The workload's fields this module reads (``peer_ab.peer_spec`` writes them)."""
 
 
 class QNetwork(nn.Module):
@@ -103,13 +112,15 @@ def make_update(spec: dict, seed: int = 0):
         with torch.no_grad():
             y_tail, _ = online.core(*window(burn + unroll, length), tuple(s.detach() for s in end))
             q_select = torch.cat([q_unroll.detach(), online.q(y_tail)], dim=1)  # [B, U+n, A]
-            v = h_inv(q_target.gather(-1, q_select.argmax(-1, keepdim=True)).squeeze(-1), eps)
+            v = q_target.gather(-1, q_select.argmax(-1, keepdim=True)).squeeze(-1)
+            v = h_inv(v, eps) if eps else v  # eps 0: no rescaling, as burnin's config reads it
             r, pc = reward[:, burn:], pcont[:, burn:]
             g, discount = torch.zeros(b, unroll), torch.ones(b, unroll)
             for k in range(n):
                 g = g + discount * r[:, k : k + unroll]
                 discount = discount * pc[:, k : k + unroll]
-            y = h(g + discount * v[:, n : n + unroll], eps)  # [B, U]
+            y = g + discount * v[:, n : n + unroll]  # [B, U]
+            y = h(y, eps) if eps else y
         q_taken = q_unroll.gather(-1, action[:, burn : burn + unroll, None]).squeeze(-1)
         td = y - q_taken
         loss = (weights * (0.5 * td.square()).mean(dim=1)).mean()
@@ -137,6 +148,20 @@ def measure(spec: dict, *, rounds: int, updates: int, warmup: int) -> dict:
     }
 
 
+def _read_spec(parser: argparse.ArgumentParser, text: str) -> dict:
+    """``--spec`` as a dict with every one of :data:`SPEC_FIELDS`; else one line on stderr and exit 2."""
+    try:
+        spec = json.loads(text)
+    except ValueError as err:
+        spec, problem = None, f"not JSON ({err})"
+    else:
+        missing = sorted(SPEC_FIELDS - set(spec)) if isinstance(spec, dict) else None
+        problem = "not an object" if missing is None else f"no {', '.join(missing)}" if missing else ""
+    if problem:
+        parser.exit(2, f"{parser.prog}: error: --spec: expected the workload as a JSON object: {problem}\n")
+    return spec
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.torch_peer", description=__doc__.splitlines()[0]
@@ -147,12 +172,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     args = parser.parse_args(argv)
+    for flag, value in {
+        "--rounds": args.rounds,
+        "--updates": args.updates,
+        "--threads": args.threads,
+    }.items():
+        if value < 1:
+            parser.exit(2, f"{parser.prog}: error: {flag}: expected an int >= 1, got {value}\n")
+    if args.warmup < 0:
+        parser.exit(2, f"{parser.prog}: error: --warmup: expected an int >= 0, got {args.warmup}\n")
+    spec = _read_spec(parser, args.spec)
     torch.set_num_threads(args.threads)
-    print(
-        json.dumps(
-            measure(json.loads(args.spec), rounds=args.rounds, updates=args.updates, warmup=args.warmup)
-        )
-    )
+    print(json.dumps(measure(spec, rounds=args.rounds, updates=args.updates, warmup=args.warmup)))
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import sys
 
@@ -100,9 +101,17 @@ def test_peer_spec_gives_the_pytorch_peer_every_field_it_reads_from_burnins_conf
     from benchmarks import peer_ab
 
     spec = peer_ab.peer_spec(scale)
-    read = set(re.findall(r'spec\["(\w+)"\]', (peer_ab.ROOT / "benchmarks" / "torch_peer.py").read_text()))
+    source = (peer_ab.ROOT / "benchmarks" / "torch_peer.py").read_text()
+    read = set(re.findall(r'spec\["(\w+)"\]', source))
     assert {"core_units", "burn_in", "unroll", "n_step", "batch_size"} <= read
     assert read <= set(spec), f"torch_peer reads {read - set(spec)} that peer_spec does not write"
+    # Its CLI checks a spec for SPEC_FIELDS: they must be what it reads, and what peer_spec writes.
+    declared = next(
+        node.value.args[0]
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "SPEC_FIELDS"
+    )
+    assert ast.literal_eval(declared) == read == set(spec)
     s = burnin_throughput.scales("fp32", "auto", False)[scale]
     for field in ("core_units", "head_units", "burn_in", "unroll", "n_step", "batch_size", "gamma"):
         assert spec[field] == getattr(s.config, field)
@@ -119,7 +128,7 @@ def test_peer_spec_gives_the_pytorch_peer_every_field_it_reads_from_burnins_conf
         (["--warmup", "-1"], "--warmup: expected an int >= 0, got -1"),
         (
             ["--torch-python", "/nonexistent/python"],
-            "--torch-python: '/nonexistent/python' cannot import torch",
+            "--torch-python: '/nonexistent/python' cannot import torch and numpy",
         ),
     ],
 )
