@@ -365,12 +365,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Study]:
     )  # fmt: skip
     args = parser.parse_args(argv)
     _defaults(args)
-    if args.workers < 1:
-        parser.error(f"--workers: expected an int >= 1, got {args.workers}")
-    if args.env_steps < 1000:
-        parser.error(f"--env-steps: expected an int >= 1000, got {args.env_steps}")
-    if args.probe_batches < 0:
-        parser.error(f"--probe-batches: expected an int >= 0, got {args.probe_batches}")
+    parser.require_at_least(args, {"workers": 1, "env_steps": 1000, "probe_batches": 0})
     bad_seeds = [s for s in args.seeds if s < 0]
     if bad_seeds:
         parser.error(f"--seeds: expected ints >= 0, got {bad_seeds}")

@@ -115,6 +115,15 @@ class ArgumentParser(argparse.ArgumentParser):
                 return action.option_strings[-1]
         return None
 
+    def require_at_least(self, args: argparse.Namespace, minimums: Mapping[str, int]) -> None:
+        """:meth:`error` for the first int argument (by destination) below its minimum, in ``minimums``'
+        order; a list argument is judged by its smallest entry, an unset (None) one is skipped."""
+        for dest, minimum in minimums.items():
+            value = getattr(args, dest)
+            value = min(value) if isinstance(value, list) else value
+            if value is not None and value < minimum:
+                self.error(f"{self.flag(dest) or dest}: expected an int >= {minimum}, got {value}")
+
     def fail(self, err: BaseException, *, aliases: Mapping[str, str] | None = None) -> NoReturn:
         """:meth:`error` for a ``ValueError``/``TypeError`` of a check: a leading ``field:`` that is an
         argument's destination (or, through ``aliases``, another name for one) becomes its flag."""

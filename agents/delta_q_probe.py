@@ -128,8 +128,7 @@ def _main(argv: list[str] | None) -> int:
         "--out", type=Path, default=Path("benchmarks/results/delta_q_probe"), help="output prefix"
     )
     args = parser.parse_args(argv)
-    if args.batches < 1:
-        parser.error(f"--batches: expected an int >= 1, got {args.batches}")
+    parser.require_at_least(args, {"batches": 1})
     if not args.run_dir.is_dir():
         parser.error(
             f"--run-dir: expected a directory of runs, got {str(args.run_dir)!r} (no such directory)"

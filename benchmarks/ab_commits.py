@@ -97,13 +97,7 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--skip-loop", action="store_true", help="only the update benchmark")
     parser.add_argument("--json", type=Path, default=None, help="write every sample and the medians here")
     args = parser.parse_args(argv)
-    for flag, value in {
-        "--pairs": args.pairs,
-        "--rounds": args.rounds,
-        "--loop-updates": args.loop_updates,
-    }.items():
-        if value < 1:
-            parser.error(f"{flag}: expected an int >= 1, got {value}")
+    parser.require_at_least(args, {"pairs": 1, "rounds": 1, "loop_updates": 1})
     shas = []
     for name, commit in (("old", args.old), ("new", args.new)):
         found = subprocess.run(

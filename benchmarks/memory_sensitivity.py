@@ -92,9 +92,7 @@ def _main(argv: list[str] | None) -> int:
         "--run-dir", type=Path, default=Path("runs/memory_sensitivity"), help="per-run outputs"
     )
     args = parser.parse_args(argv)
-    for flag in ("env_steps", "eval_every", "eval_episodes", "workers"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')}: expected an int >= 1, got {getattr(args, flag)}")
+    parser.require_at_least(args, dict.fromkeys(("env_steps", "eval_every", "eval_episodes", "workers"), 1))
     if min(args.seeds) < 0:
         parser.error(f"--seeds: expected ints >= 0, got {args.seeds}")
     labelled = jobs(args)

@@ -467,10 +467,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, li
     args = parser.parse_args(argv)
     args.tasks = _tasks(parser, args.tasks, quick=args.quick)
     _fill(args)
-    for flag in ("workers", "env_steps", "eval_every", "eval_episodes", "random_episodes"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag.replace('_', '-')}: expected an int >= 1, got {value}")
+    parser.require_at_least(
+        args, dict.fromkeys(("workers", "env_steps", "eval_every", "eval_episodes", "random_episodes"), 1)
+    )
     if not args.seeds or min(args.seeds) < 0:
         parser.error(f"--seeds: expected ints >= 0, got {args.seeds}")
     if args.out is None:  # --quick never writes over the committed results

@@ -102,17 +102,7 @@ def _main(argv: list[str] | None) -> int:
     )
     parser.add_argument("--json", type=Path, default=None, help="write every sample and the medians here")
     args = parser.parse_args(argv)
-    sizes = {
-        "--pairs": args.pairs,
-        "--rounds": args.rounds,
-        "--updates": args.updates,
-        "--threads": min(args.threads),
-    }
-    for flag, value in sizes.items():
-        if value < 1:
-            parser.error(f"{flag}: expected an int >= 1, got {value}")
-    if args.warmup < 0:
-        parser.error(f"--warmup: expected an int >= 0, got {args.warmup}")
+    parser.require_at_least(args, {"pairs": 1, "rounds": 1, "updates": 1, "threads": 1, "warmup": 0})
     version = torch_version(args.torch_python)
     if version is None:
         parser.error(f"--torch-python: {args.torch_python!r} cannot import torch and numpy")

@@ -92,8 +92,7 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--episodes", type=int, default=16, help="greedy episodes per run, side by side [16]")
     parser.add_argument("--seed", type=int, default=0, help="env and random-policy seed [0]")
     args: argparse.Namespace = parser.parse_args(argv)
-    if args.episodes < 1:
-        parser.error(f"--episodes: expected an int >= 1, got {args.episodes}")
+    parser.require_at_least(args, {"episodes": 1})
     for run in args.runs:
         if not (run / "checkpoint" / "loop.json").is_file():
             parser.error(f"runs: {run}: no checkpoint/loop.json (expected a memory_suite run directory)")
