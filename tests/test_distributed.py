@@ -1,8 +1,10 @@
-"""Distributed R2D2 on a local Ray cluster: both actors feed the replay, restarts, rate limiter, checkpoints, resume."""
+"""Distributed R2D2 on a local Ray cluster: both actors feed the replay, restarts, rate limiter, checkpoints, resume, loopback only."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import subprocess
 import sys
 import threading
@@ -16,6 +18,7 @@ ray = pytest.importorskip("ray")
 import recording_server  # noqa: E402
 from recording_server import RecordingServer  # noqa: E402
 from test_cartpole import cli as cartpole_cli  # noqa: E402
+from test_distributed_cluster import listening_sockets, off_loopback  # noqa: E402
 from test_r2d2 import SMALL as R2D2_SMALL  # noqa: E402
 
 from agents.distributed import (  # noqa: E402
@@ -265,6 +268,33 @@ def test_killed_actor_is_restarted_and_no_window_spans_the_crash(first_run):
     assert_windows_stay_in_one_episode(windows)
     seen_last, seen_first = assert_no_window_spans(windows, fault)
     assert seen_last > 0 and seen_first > 0  # the check above looked at windows on both sides
+
+
+def test_every_ray_process_of_a_local_run_listens_on_loopback_only(first_run):
+    loop = first_run[0]
+    # The driver (this process) started the GCS and the raylet, and the raylet the workers and agents.
+    found = listening_sockets(os.getpid())
+    assert not off_loopback(found), found
+    assert {"gcs_server", "raylet"} <= {name for name, addresses in found.values() if addresses}, found
+    assert found[os.getpid()][1], found  # the driver's own gRPC server
+    for worker in loop.worker_stats():  # both actor workers' servers were looked at
+        assert found.get(worker["pid"], ("", []))[1], (worker, found)
+
+
+def test_joining_a_cluster_without_token_authentication_warns_in_one_line(monkeypatch, caplog):
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: None)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with caplog.at_level(logging.WARNING, logger="agents.distributed.cluster"):
+        assert init_ray("10.1.2.3:6379")
+        (record,) = caplog.records
+        message = record.getMessage()
+        assert "10.1.2.3:6379" in message and "without token authentication" in message
+        assert "\n" not in message
+        caplog.clear()
+        monkeypatch.setenv("RAY_AUTH_MODE", "token")
+        assert init_ray("10.1.2.3:6379")
+        assert not caplog.records
 
 
 def test_resume_reloads_the_learner_and_the_replay(first_run, tmp_path):

@@ -37,7 +37,7 @@ from agents.seeds import RunSeeds
 from agents.spaces import action_encoding, observation_encoding
 from burnin._checks import check_int, check_str
 
-__all__ = ["DistributedLoop", "RemoteReplay", "init_ray", "spawn_server"]
+__all__ = ["DistributedLoop", "RemoteReplay", "spawn_server"]
 
 log = logging.getLogger(__name__)
 
@@ -382,22 +382,3 @@ class DistributedLoop:
             "workers": self.worker_stats(),
         }
 
-
-def init_ray(address: str = "", *, num_cpus: int | None = None) -> bool:
-    """Join the cluster at ``address``, or start a local one; True when this call started Ray (so we shut it down).
-
-    A local cluster gets ``num_cpus`` logical CPUs and no dashboard. Worker
-    output is forwarded to this terminal (errors and tracebacks matter), with
-    TensorFlow's C++ logging quietened the same way as here.
-    """
-    if ray.is_initialized():
-        return False
-    if num_cpus is not None:
-        check_int("num_cpus", num_cpus, minimum=1)
-    env_vars = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
-    common = dict(log_to_driver=True, logging_level=logging.WARNING, runtime_env={"env_vars": env_vars})
-    if address:
-        ray.init(address=address, **common)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **common)
-    return True

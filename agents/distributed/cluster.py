@@ -1,0 +1,96 @@
+"""Starting or joining Ray for a distributed run: a local cluster on loopback only, a cluster with token authentication."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+import ray
+
+from burnin._checks import check_int
+
+__all__ = ["LOOPBACK", "init_ray", "loopback_node", "token_auth_on"]
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+AUTH_MODE = "RAY_AUTH_MODE"  # Ray 2.52+: "token" turns on its token authentication
+UNAUTHENTICATED = (
+    "Ray cluster at %s runs without token authentication: anyone who can reach its ports can run code "
+    "in it (set RAY_AUTH_MODE=token on every node and here; README, 'Running on a cluster')"
+)
+
+
+def init_ray(address: str = "", *, num_cpus: int | None = None) -> bool:
+    """Join the cluster at ``address``, or start a local one; True when this call started Ray (so we shut it down).
+
+    A local cluster listens on loopback only (:func:`loopback_node`) and gets
+    ``num_cpus`` logical CPUs and no dashboard. Joining a cluster without token
+    authentication logs a one-line warning. Worker output is forwarded to this
+    terminal (errors and tracebacks matter), with TensorFlow's C++ logging
+    quietened the same way as here.
+    """
+    if ray.is_initialized():
+        return False
+    if num_cpus is not None:
+        check_int("num_cpus", num_cpus, minimum=1)
+    env_vars = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    common = dict(log_to_driver=True, logging_level=logging.WARNING, runtime_env={"env_vars": env_vars})
+    if address:
+        ray.init(address=address, **common)
+        if not token_auth_on():
+            log.warning(UNAUTHENTICATED, address)
+        return True
+    # Token authentication is Ray's call here: 2.60 turns it on for a new local cluster (2.52 did not).
+    # RAY_AUTH_MODE set here would come too late: Ray has read it into this process's config already.
+    with loopback_node():
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK, **common)
+    node = ray.util.get_node_ip_address()
+    if node != LOOPBACK:
+        log.warning(
+            "Ray %s put this run on %s, not on loopback: it may listen on every interface",
+            ray.__version__,
+            node,
+        )
+    return True
+
+
+def token_auth_on() -> bool:
+    """Whether this process talks to Ray with token authentication (Ray 2.52+ with ``RAY_AUTH_MODE=token``).
+
+    Asked after joining a cluster, it tells whether the cluster checks tokens:
+    one that does refuses a process without a token.
+    """
+    has_token_auth = hasattr(ray.exceptions, "AuthenticationError")  # Ray < 2.52 ignores RAY_AUTH_MODE
+    return has_token_auth and os.environ.get(AUTH_MODE, "").lower() == "token"
+
+
+@contextlib.contextmanager
+def loopback_node() -> Iterator[None]:
+    """Let a ``ray.init`` that starts a node keep 127.0.0.1 as the node's address, so its processes listen on loopback.
+
+    Ray 2.60's GCS, raylet (node manager and object manager) and core workers
+    (the driver's too) listen on loopback when the node address is exactly
+    127.0.0.1, and on every interface for any other address, 127.0.0.2 included;
+    its runtime-env agent listens on the node address. On Linux ``ray.init``
+    swaps 127.0.0.1 for the machine's routable address unless Ray's multi-node
+    switch is off, as it is on macOS and Windows. The switch is read from
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once, when Ray is imported, so it is set
+    on Ray's constant for the call and restored after;
+    :func:`init_ray` checks the node address that came out.
+    """
+    # A private module of Ray's: no public setting keeps a loopback node address on Linux in Ray 2.60.
+    from ray._private import ray_constants
+
+    missing = object()
+    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", missing)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if saved is missing:
+            del ray_constants.ENABLE_RAY_CLUSTER
+        else:
+            ray_constants.ENABLE_RAY_CLUSTER = saved
