@@ -18,12 +18,13 @@ LAYERS = (
     ("agents.experiment", "agents.cli", "agents.episode_probe"),
     ("agents.train",),
     ("agents.cartpole", "agents.ablation", "agents.delta_q_probe", "agents.article", "agents.stored_start"),
+    ("studies",),
 )
 
 
 def modules() -> dict[str, Path]:
     found = {}
-    for package in ("burnin", "agents"):
+    for package in ("burnin", "agents", "studies"):
         for path in sorted((ROOT / package).rglob("*.py")):
             name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
             found[name.removesuffix(".__init__")] = path
@@ -66,7 +67,7 @@ def test_imports_point_down_and_take_no_private_name(module):
         top = target.split(".")[0]
         if module.startswith("burnin"):
             assert top not in ("agents", "gymnasium", "ray"), f"{module} imports {target}"
-        if top not in ("burnin", "agents"):
+        if top not in ("burnin", "agents", "studies"):
             continue
         assert layer_of(target) <= layer_of(module), f"{module} imports {target}, a higher layer"
         private = [n for n in names if n.startswith("_") and not n.startswith("__")]

@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("popgym")
 
-from benchmarks import memory_sensitivity as sens
-from benchmarks import memory_suite as suite
+from studies import memory_sensitivity as sens
+from studies import memory_suite as suite
 
 
 def test_every_variant_is_its_own_valid_run_stopped_at_its_solve(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("popgym")
 
 from agents.envs import ensure_registered
-from benchmarks import memory_suite as suite
+from studies import memory_suite as suite
 
 ISSUE_TASKS = (
     "RepeatPreviousEasy RepeatFirstEasy CountRecallEasy AutoencodeEasy PositionOnlyCartPoleEasy "

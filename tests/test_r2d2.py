@@ -150,6 +150,26 @@ def test_the_update_is_traced_once_and_then_called_as_one_concrete_function():
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+def test_reward_scale_is_the_update_on_scaled_rewards():
+    """reward_scale c on a batch is, bit for bit, the update of c = 1 on the same batch with its rewards and
+    previous rewards multiplied by c (float32 products either way); and it changes the update."""
+    c = 51.0
+    config = small_config(reward_scale=c)
+    scaled, _actor, replay, _ = filled(config, 150)
+    plain = Learner(small_config(), 2, 2, seed=0)
+    other = Learner(small_config(), 2, 2, seed=0)
+    batch = replay.sample(config.batch_size, extra_state_offsets=scaled.extra_state_offsets)
+    times_c = batch._replace(
+        reward=(batch.reward * np.float32(c)).astype(np.float32),
+        prev_reward=(batch.prev_reward * np.float32(c)).astype(np.float32),
+    )
+    assert np.abs(batch.reward).max() > 0
+    a, b, unscaled = scaled.update(batch), plain.update(times_c), other.update(batch)
+    assert a.loss == b.loss
+    np.testing.assert_array_equal(a.priorities, b.priorities)
+    assert a.loss != unscaled.loss
+
+
 def test_zero_strategy_has_nonzero_delta_q():
     config = small_config(state_strategy="zero", burn_in=0)
     learner, _, replay, _ = filled(config, 150)
@@ -331,6 +351,7 @@ BAD_CONFIG = {
     "replay_capacity": 10,
     "env_steps_per_update": float("nan"),
     "core_layers": ("lstm", "rnn"),
+    "reward_scale": 0.0,
 }
 # A value of the wrong type is a TypeError, a wrong value of the right type a ValueError (burnin._checks).
 BAD_CONFIG_TYPE = {"batch_size"}

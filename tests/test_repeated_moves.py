@@ -1,11 +1,11 @@
-"""benchmarks.repeated_moves: hand-counted repeat rates, and the CLI on a --quick suite run."""
+"""studies.repeated_moves: hand-counted repeat rates, and the CLI on a --quick suite run."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from benchmarks import repeated_moves as rm
+from studies import repeated_moves as rm
 
 pytest.importorskip("popgym")
 
@@ -33,7 +33,7 @@ def test_repeat_rates_count_by_hand(actions, dones, earlier, previous):
 
 
 def test_cli_on_a_quick_suite_run(tmp_path, capsys):
-    from benchmarks import memory_suite as suite
+    from studies import memory_suite as suite
 
     assert suite.main(["--quick", "--tasks", "RepeatFirstEasy", "--out", str(tmp_path)]) == 0
     capsys.readouterr()

@@ -88,6 +88,11 @@ class R2D2Config:
     n_step: int = _field(5, "n of the n-step double-Q target (paper: 5).")
     gamma: float = _field(0.99, "Discount γ (paper: 0.997).")
     value_rescale_eps: float = _field(1e-3, "ε of the value rescaling h; 0 turns it off (paper: 1e-3).")
+    reward_scale: float = _field(
+        1.0,
+        "Rewards are multiplied by this where the agent learns from them (the n-step targets and the "
+        "previous-reward input); returns, evaluations and the replay keep the env's own (paper: 1).",
+    )
     # Learner.
     batch_size: int = _field(32, "Windows per learner update (paper: 64).")
     learning_rate: float = _field(1e-3, "Adam learning rate (paper: 1e-4).")
@@ -143,7 +148,13 @@ class R2D2Config:
             check_float(name, getattr(self, name), low=0.0, high=1.0)
         for name in ("value_rescale_eps", "priority_exponent", "importance_exponent", "epsilon_alpha"):
             check_float(name, getattr(self, name), low=0.0)
-        for name in ("learning_rate", "adam_epsilon", "max_grad_norm", "env_steps_per_update"):
+        for name in (
+            "learning_rate",
+            "adam_epsilon",
+            "max_grad_norm",
+            "env_steps_per_update",
+            "reward_scale",
+        ):
             check_float(name, getattr(self, name), low=0.0, strict=True)
         for name in ("prev_action_reward", "refresh_states", "jit_compile"):
             check_bool(name, getattr(self, name))
@@ -185,6 +196,7 @@ class R2D2Config:
             dtype_policy=self.precision,
             prev_action=self.prev_action_reward,
             prev_reward=self.prev_action_reward,
+            reward_scale=self.reward_scale,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -232,7 +244,7 @@ PRESET_DOCS: dict[str, str] = {
         "a starting point for POPGym's card and memory games (episodes of tens of steps, returns in "
         "[-1, 1]): burn-in 10, period 10 (ΔQ is measured at the first trained step), lr 3e-4, Adam ε "
         "1e-8 (the paper's 1e-3 outweighs gradients of returns this small and stalls learning), 4 env "
-        "steps per update, 50k replay steps; per-task overrides in benchmarks.memory_suite.TASKS."
+        "steps per update, 50k replay steps; per-task overrides in studies.memory_suite.TASKS."
     ),
     "atari": (
         "the paper's values (Kapturowski et al. 2019): conv torso, LSTM 512, heads 512, burn-in 40, "

@@ -313,7 +313,7 @@ class Learner:
             if self.burn_in_gradient:
                 q_online = q_online[:, burn_in:]
             actionable = feed["actionable"][:, burn_in:]
-            r_t = tf.where(actionable, feed["reward"][:, burn_in:], 0.0)
+            r_t = tf.where(actionable, cfg.reward_scale * feed["reward"][:, burn_in:], 0.0)
             pcont_t = tf.where(actionable, cfg.gamma * feed["discount"][:, burn_in:], 1.0)
             loss, extras = r2d2_loss(
                 q_online,

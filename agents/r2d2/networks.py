@@ -13,7 +13,7 @@ import numpy as np
 from agents.r2d2.encoders import encode_observation
 from agents.seeds import Purpose, derive_seed
 from agents.spaces import ObservationEncoding
-from burnin._checks import check_choice, check_int, check_int_tuple
+from burnin._checks import check_choice, check_float, check_int, check_int_tuple
 from burnin.layers import HoistedLSTM
 from burnin.state import guard_batch_size, state_shapes
 
@@ -93,6 +93,8 @@ class NetworkConfig:
     """Feed the previous action (one-hot) to the core."""
     prev_reward: bool = True
     """Feed the previous reward to the core."""
+    reward_scale: float = 1.0
+    """The previous reward is fed multiplied by this (the learner's ``reward_scale``: the same units)."""
     dtype_policy: str = "float32"
     """Keras dtype policy of the layers, e.g. 'mixed_bfloat16'. State variables stay float32."""
     observation: ObservationEncoding | None = None
@@ -103,6 +105,7 @@ class NetworkConfig:
         for name in ("obs_dim", "num_actions", "core_units", "head_units"):
             # Keras rejects numpy ints as layer sizes.
             object.__setattr__(self, name, check_int(name, getattr(self, name), minimum=1))
+        check_float("reward_scale", self.reward_scale, low=0.0, strict=True)
         check_architecture(self.torso_units, self.core, self.core_layers, self.lstm_impl, self.dtype_policy)
         if self.observation is None:
             object.__setattr__(self, "observation", ObservationEncoding.vector(self.obs_dim))
@@ -140,14 +143,19 @@ class OneHot(keras.layers.Layer):
 
 
 class AsFeature(keras.layers.Layer):
-    """Scalars [B, T] -> float features [B, T, 1]; passes the mask through."""
+    """Scalars [B, T] -> float features [B, T, 1], times ``scale``; passes the mask through."""
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, scale: float = 1.0, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.scale = float(scale)
         self.supports_masking = True
 
     def call(self, x):
-        return keras.ops.expand_dims(keras.ops.cast(x, self.compute_dtype), -1)
+        x = keras.ops.expand_dims(keras.ops.cast(x, self.compute_dtype), -1)
+        return x if self.scale == 1.0 else x * self.scale
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale}
 
     def compute_output_shape(self, input_shape):
         return (*input_shape, 1)
@@ -217,7 +225,7 @@ def _previous_step_inputs(config: NetworkConfig, batch_size: int, policy) -> tup
     if config.prev_reward:
         prev_r = keras.Input(batch_shape=(batch_size, None), dtype="float32", name="prev_reward")
         inputs.append(prev_r)
-        features.append(AsFeature(name="prev_reward_feature", dtype=policy)(prev_r))
+        features.append(AsFeature(config.reward_scale, name="prev_reward_feature", dtype=policy)(prev_r))
     return inputs, features
 
 

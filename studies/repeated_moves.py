@@ -1,4 +1,4 @@
-"""How often a trained greedy policy repeats a move, against a uniform random one (``python -m benchmarks.repeated_moves``)."""
+"""How often a trained greedy policy repeats a move, against a uniform random one (``python -m studies.repeated_moves``)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 
 from agents.cli import ArgumentParser, run_script
-from benchmarks.memory_suite import run_env_id
+from studies.memory_suite import run_env_id
 
-PROG = "python -m benchmarks.repeated_moves"
+PROG = "python -m studies.repeated_moves"
 
 
 def repeat_rates(actions: list[np.ndarray], dones: list[np.ndarray]) -> dict[str, float]:
@@ -87,7 +87,7 @@ def measure(run_dir: Path, env_id: str, *, episodes: int, seed: int) -> dict[str
 def _main(argv: list[str] | None) -> int:
     parser = ArgumentParser(prog=PROG, description=__doc__.split(" (")[0])
     parser.add_argument(
-        "runs", nargs="+", type=Path, help="run directories of benchmarks.memory_suite (TASK-sSEED)"
+        "runs", nargs="+", type=Path, help="run directories of studies.memory_suite (TASK-sSEED)"
     )
     parser.add_argument("--episodes", type=int, default=16, help="greedy episodes per run, side by side [16]")
     parser.add_argument("--seed", type=int, default=0, help="env and random-policy seed [0]")

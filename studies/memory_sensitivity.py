@@ -1,4 +1,4 @@
-"""What made R2D2 solve POPGym's three target tasks: each setting of the tuned suite turned back, one run per variant (``python -m benchmarks.memory_sensitivity``)."""
+"""What made R2D2 solve POPGym's three target tasks: each setting of the tuned suite turned back, one run per variant (``python -m studies.memory_sensitivity``)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 
 from agents.cli import ArgumentParser, run_script
-from benchmarks import memory_suite as suite
+from studies import memory_suite as suite
 
-PROG = "python -m benchmarks.memory_sensitivity"
+PROG = "python -m studies.memory_sensitivity"
 
 BEFORE = {"adam_epsilon": 1e-3, "gamma": 0.99}
 """The two settings the tuning changed, as they were (the R2D2 paper's Adam ε and the demo's γ)."""

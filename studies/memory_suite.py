@@ -1,4 +1,4 @@
-"""R2D2 on POPGym's memory tasks over seeds: MMER, final return and steps to 0.9 against a random policy (``python -m benchmarks.memory_suite``; ``--tasks all`` for every task)."""
+"""R2D2 on POPGym's memory tasks over seeds: MMER, final return and steps to 0.9 against a random policy (``python -m studies.memory_suite``; ``--tasks all`` for every task)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import numpy as np
 from agents.ablation import steps_text
 from agents.cli import ArgumentParser, run_script
 
-PROG = "python -m benchmarks.memory_suite"
+PROG = "python -m studies.memory_suite"
 PRESET = "popgym"
 """The R2D2Config preset every task starts from (:data:`agents.r2d2.config.PRESETS`)."""
 SOLVED = 0.9
@@ -64,7 +64,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 """The suite. Budgets: 200k env steps for the Easy tasks (the issue's reference budget), 400k for the Medium
 ones; 20 to 25 evaluations each. Overrides: γ 0.5 where the actions never change what the agent sees next
 (the Repeat games: only the immediate reward depends on the action; measured in
-``benchmarks.memory_sensitivity``)."""
+``studies.memory_sensitivity``)."""
 
 DEFAULT_TASKS = ("RepeatFirstEasy", "RepeatPreviousEasy", "PositionOnlyCartPoleEasy")
 """The default run: the issue's three solve targets × 3 seeds at 200k env steps each. One run of the popgym

@@ -1,0 +1,1 @@
+"""Research on top of the agent: studies, probes and their sweeps (``python -m studies.<name>``)."""
