@@ -34,12 +34,15 @@ def is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
-    """``value`` as an int; TypeError if it is not one, ValueError if it is below ``minimum``."""
+def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """``value`` as an int; TypeError if it is not one, ValueError if it is below ``minimum`` or above
+    ``maximum``."""
     if not is_int(value):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    low = minimum is not None and value < minimum
+    if low or (maximum is not None and value > maximum):
+        bounds = [f">= {minimum}"] * (minimum is not None) + [f"<= {maximum}"] * (maximum is not None)
+        raise ValueError(f"{name}: expected an int {' and '.join(bounds)}, got {value}")
     return int(value)
 
 

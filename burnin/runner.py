@@ -23,8 +23,8 @@ class RunnerOutput(NamedTuple):
     """What one burn-in pass returns. ``B`` is the model's fixed batch, ``T`` the window length."""
 
     outputs: Any
-    """Model outputs on steps ``[burn_in, T)``, same structure as the model's output; each ``[B, T - burn_in, ...]``.
-    Only the first ``gradient_steps`` of them carry gradient."""
+    """Model outputs on steps ``[burn_in, T)``, same structure as the model's output; each ``[B, T - burn_in, ...]``
+    (``[B, 0, ...]`` when ``T == burn_in``). Only the first ``gradient_steps`` of them carry gradient."""
     burn_in_state: TensorState
     """Recurrent state before step ``burn_in`` (after the burn-in prefix)."""
     offset_states: tuple[TensorState, ...]
@@ -155,10 +155,16 @@ class BurnInRunner:
             self._write(saved)
         for layer, before_entry, after_entry in zip(self._layers, probe_state, after):
             if not all(np.array_equal(b, a) for b, a in zip(before_entry, after_entry)):
+                masking = [m.name for m in _masking_layers(self.model)]
+                cause = (
+                    f"keras.layers.Masking {masking} computes its own mask from the input values and "
+                    "replaces the mask given here; remove it (the runner's mask marks the padded steps)"
+                    if masking
+                    else "some layer before it drops the Keras mask (give custom layers supports_masking = True)"
+                )
                 raise ValueError(
                     f"model {self.model.name!r}: a fully masked step changed the state of "
-                    f"layer {layer.name!r}; some layer before it drops the Keras mask "
-                    "(give custom layers supports_masking = True)"
+                    f"layer {layer.name!r}; {cause}"
                 )
         self._masking_checked = True
 
@@ -266,6 +272,18 @@ class BurnInRunner:
             at[stop] = self._read()
         return outputs
 
+    def _no_outputs(self, inputs: Any) -> Any:
+        """The model's outputs over zero steps, each ``[B, 0, ...]`` (a window that is all burn-in).
+
+        The model cannot run on zero steps (an RNN indexes its first step), so
+        their shapes and dtypes come from Keras's symbolic output spec.
+        """
+        specs = tf.nest.map_structure(
+            lambda x: keras.KerasTensor((x.shape[0], 0, *x.shape[2:]), dtype=x.dtype.name), inputs
+        )
+        spec = self.model.compute_output_spec(specs)
+        return tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), spec)
+
     def _pass(self, inputs: Any, states: Any, mask: Any) -> RunnerOutput:
         length = int(tf.nest.flatten(inputs)[0].shape[1])
         burn_in = self.burn_in
@@ -295,10 +313,22 @@ class BurnInRunner:
             self._write(at[burn_in])
             self._segments(inputs, mask, [burn_in, *inside], gradient=False, at=at)
             self._write(final)
-        joined = tf.nest.map_structure(lambda *xs: tf.concat(xs, axis=1), *outputs) if outputs else None
+        joined = (
+            tf.nest.map_structure(lambda *xs: tf.concat(xs, axis=1), *outputs)
+            if outputs
+            else self._no_outputs(inputs)
+        )
         return RunnerOutput(
             outputs=joined,
             burn_in_state=at[burn_in],
             offset_states=tuple(at[o] for o in offsets),
             final_state=final,
         )
+
+
+def _masking_layers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
+    """The ``keras.layers.Masking`` layers in ``layer`` (nested models searched), in order."""
+    if isinstance(layer, keras.layers.Masking):
+        return [layer]
+    children = layer.layers if isinstance(layer, keras.Model) else []
+    return [m for child in children for m in _masking_layers(child)]

@@ -237,17 +237,43 @@ class DropMask(keras.layers.Layer):
         return x * 1.0
 
 
-def test_model_that_drops_the_mask_is_rejected(rng):
+MASK_BREAKERS = [
+    # (the layer before the LSTM, the advice the error gives) — issue 24: a Masking layer got the advice
+    # for a layer that drops the mask, which does not apply to it.
+    (DropMask, r"some layer before it drops the Keras mask \(give custom layers supports_masking = True\)"),
+    (
+        lambda: keras.layers.Masking(name="pad"),
+        r"keras.layers.Masking \['pad'\] computes its own mask from the input values and replaces the mask "
+        r"given here; remove it",
+    ),
+]
+
+
+@pytest.mark.parametrize(("layer", "advice"), MASK_BREAKERS, ids=["drops the mask", "Masking"])
+def test_model_that_breaks_the_mask_is_rejected_with_advice_that_applies(layer, advice, rng):
     keras.utils.set_random_seed(0)
     inputs = keras.Input(batch_shape=(4, None, 3))
-    x = keras.layers.LSTM(5, stateful=True, return_sequences=True, name="lstm")(DropMask()(inputs))
+    x = keras.layers.LSTM(5, stateful=True, return_sequences=True, name="lstm")(layer()(inputs))
     model = keras.Model(inputs, x)
     runner = burnin.BurnInRunner(model, burn_in=2)
     start = random_state(model, rng)
     burnin.set_states(model, start)
-    with pytest.raises(ValueError, match="fully masked step changed the state of layer 'lstm'"):
+    with pytest.raises(ValueError, match=f"fully masked step changed the state of layer 'lstm'; {advice}"):
         runner(rng.standard_normal((4, T, 3)).astype(np.float32), None, mask=np.ones((4, T), bool))
     assert_states_equal(burnin.get_states(model), start)  # the probe puts the state back
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_window_that_is_all_burn_in_returns_empty_outputs(mode, rng):
+    """Issue 24: T == burn_in gave outputs=None; it is [B, 0, A], with the states as for any window."""
+    model = lstm_model()
+    x = rng.standard_normal((4, T, 3)).astype(np.float32)
+    start = random_state(model, rng)
+    out = run(burnin.BurnInRunner(model, burn_in=T, state_offsets=(T,)), mode, x, start)
+    assert out.outputs.shape == (4, 0, 2) and out.outputs.dtype == tf.float32
+    longer = run(burnin.BurnInRunner(model, burn_in=T - 1), mode, x, start)
+    assert_states_equal(np_states(out.burn_in_state), np_states(longer.final_state))
+    assert_states_equal(np_states(out.offset_states[0]), np_states(out.final_state))
 
 
 def test_q_network_passes_the_masking_check(rng):
