@@ -13,6 +13,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 from gymnasium.envs.classic_control.cartpole import CartPoleEnv, CartPoleVectorEnv
+from gymnasium.envs.registration import parse_env_id
 from gymnasium.vector import AutoresetMode
 from gymnasium.wrappers import AtariPreprocessing
 
@@ -104,25 +105,59 @@ def ensure_registered(env_id: str) -> str:
         return name
     prefix = re.split(r"[/-]", name, maxsplit=1)[0]
     package = PACKAGES.get(prefix, prefix.lower())
+    tried = f"nor after importing {package!r}"
     try:
         _import(package, env_id)
-    except ValueError:
+    except _MissingModule:
         if package in INSTALL_HINTS:
             raise
+    except ValueError as err:  # the module is there but broken: say so, it may be the one registering the id
+        tried = f"importing {package!r} failed: {str(err).partition('; ')[2] or err}"
     if name not in gym.registry:
         raise ValueError(
-            f"env_id: {env_id!r} is not a registered gymnasium id (nor after importing {package!r}); "
-            "expected an id gymnasium knows, or --import MODULE / 'module:id' for the package registering it"
-        )
+            f"env_id: {env_id!r} is not a registered gymnasium id ({tried}); "
+            + (_other_versions(name, module) or "expected an id gymnasium knows, or --import MODULE / "
+               "'module:id' for the package registering it")
+        )  # fmt: skip
     return name
 
 
+def _other_versions(name: str, module: str) -> str:
+    """'registered: …' naming the registered versions of ``name`` (Taxi-v4 for Taxi-v3), or ''."""
+    try:
+        namespace, base, _ = parse_env_id(name)
+    except gym.error.Error:
+        return ""
+    found = sorted(k for k in gym.registry if parse_env_id(k)[:2] == (namespace, base))
+    if not found:
+        return ""
+    prefix = f"{module}:" if module else ""
+    return f"registered versions: {', '.join(repr(prefix + k) for k in found)}; expected one of these"
+
+
+class _MissingModule(ValueError):
+    """The module to import is not installed (as opposed to installed but failing to import)."""
+
+
 def _import(module: str, env_id: str) -> None:
+    """Import ``module``; ValueError naming it when it is not installed (:class:`_MissingModule`), when a
+    module it imports is not installed, or when its import fails in any other way."""
     try:
         importlib.import_module(module)
     except ModuleNotFoundError as err:
-        hint = INSTALL_HINTS.get(module, f"install the package providing {module!r}")
-        raise ValueError(f"env_id: {env_id!r} needs module {module!r} ({err.msg}); {hint}") from None
+        missing = err.name or ""
+        if module == missing or module.startswith(missing + "."):
+            hint = INSTALL_HINTS.get(module, f"install the package providing {module!r}")
+            raise _MissingModule(f"env_id: {env_id!r} needs module {module!r} ({err.msg}); {hint}") from None
+        raise ValueError(
+            f"env_id: {env_id!r} needs module {module!r}, which is installed but failed to import; "
+            f"it needs module {missing!r}, which is not installed: install it"
+        ) from None
+    except Exception as err:  # a user's module: any error in its import is reported, not a traceback
+        raise ValueError(
+            f"env_id: {env_id!r} needs module {module!r}, which is installed but failed to import; "
+            f"{type(err).__name__}: {err}"
+        ) from None
 
 
 def is_atari(env_id: str) -> bool:
@@ -174,9 +209,11 @@ def make_vector_env(
         else:
             mode = "vector_entry_point" if spec.vector_entry_point is not None else "sync"
             env = gym.make_vec(name, num_envs=int(num_envs), vectorization_mode=mode)
-    except gym.error.DependencyNotInstalled as err:  # e.g. AtariPreprocessing without opencv
+    except (gym.error.DependencyNotInstalled, ImportError) as err:  # e.g. Box2D, MuJoCo, jax, opencv
         hint = f"; {INSTALL_HINTS['ale_py']}" if is_atari(name) else ""
         raise ValueError(f"env_id: {env_id!r} needs a package that is not installed ({err}){hint}") from None
+    except Exception as err:  # a user's env constructor: its error in one line, before anything runs
+        raise ValueError(f"env_id {env_id!r}: making the env failed ({type(err).__name__}: {err})") from None
     autoreset = env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
     if autoreset != AutoresetMode.NEXT_STEP:
         env.close()
@@ -187,5 +224,12 @@ def make_vector_env(
     except ValueError:
         env.close()
         raise
-    env.reset(seed=seed)
+    try:
+        _, _ = env.reset(seed=seed)
+    except Exception as err:  # e.g. a reset() returning the observation alone (the pre-0.26 gym API)
+        env.close()
+        raise ValueError(
+            f"env_id {env_id!r}: reset() failed ({type(err).__name__}: {err}); a gymnasium env's "
+            "reset(seed=..., options=...) returns (observation, info)"
+        ) from None
     return env

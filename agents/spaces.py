@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from gymnasium import spaces
 
-from burnin._checks import check_int
+from burnin._checks import check_int, fmt
 
 __all__ = [
     "MAX_FLAT_ACTIONS",
@@ -119,6 +119,7 @@ class ObservationEncoding:
         """A batch of ``num`` env observations (vector-env layout: arrays, or tuples / dicts of arrays)
         in the stored form ``[num, *shape]``; ValueError naming the part whose shape is wrong."""
         columns = []
+        sizes = iter(n for _, n in self.segments)
         for path, shape, offsets in self.blocks:
             part = obs
             try:
@@ -127,15 +128,20 @@ class ObservationEncoding:
             except (KeyError, IndexError, TypeError):
                 raise ValueError(f"observation batch has no part {list(path)}") from None
             part = np.asarray(part)
+            where = f" part {list(path)}" if path else ""
             if part.shape != (num, *shape):
-                where = f" part {list(path)}" if path else ""
                 raise ValueError(f"observation batch{where} has shape {part.shape}, expected {(num, *shape)}")
             if self.kind == "image":
-                return part.reshape(num, *self.shape).astype(self.dtype, copy=False)
+                return _finite(part.reshape(num, *self.shape).astype(self.dtype, copy=False), where)
             part = part.reshape(num, -1)
-            columns.append(part - np.asarray(offsets, np.int64) if offsets else part)
+            if offsets:  # a Discrete / MultiDiscrete part: one stored column per one-hot segment
+                n = np.fromiter((next(sizes) for _ in range(part.shape[1])), np.int64, part.shape[1])
+                part = _categories(part, np.asarray(offsets, np.int64), n, where)
+            else:
+                next(sizes)
+            columns.append(part)
         flat = columns[0] if len(columns) == 1 else np.concatenate(columns, axis=1)
-        return flat.astype(self.dtype, copy=False)
+        return _finite(flat.astype(self.dtype, copy=False), "")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -150,6 +156,29 @@ class ObservationEncoding:
             segments=tuple((k, int(w)) for k, w in data["segments"]),
             scale=float(data["scale"]),
         )
+
+
+def _finite(batch: np.ndarray, where: str) -> np.ndarray:
+    """``batch``, unless a float value is NaN or infinite (the replay stores only finite values)."""
+    if batch.dtype.kind == "f" and not np.isfinite(batch).all():
+        raise ValueError(
+            f"observation batch{where} holds {fmt(batch[~np.isfinite(batch)])}, expected finite values"
+        )
+    return batch
+
+
+def _categories(part: np.ndarray, offsets: np.ndarray, n: np.ndarray, where: str) -> np.ndarray:
+    """The category indices (value − start) of a discrete part ``[num, columns]``; ValueError for a value
+    outside its space, which would one-hot encode to all zeros (or wrap around in the stored dtype)."""
+    index = part - offsets
+    bad = (index < 0) | (index >= n) | (index != np.floor(index) if part.dtype.kind == "f" else False)
+    if bad.any():
+        rows, cols = np.nonzero(bad)
+        raise ValueError(
+            f"observation batch{where} holds {fmt(part[rows, cols])}, outside its space: expected integers "
+            f"start <= value < start + n (start {fmt(offsets[cols])}, n {fmt(n[cols])})"
+        )
+    return index
 
 
 def _unsupported(space: Any, where: str) -> ValueError:

@@ -12,6 +12,7 @@ import pytest
 import burnin
 from agents.envs import make_vector_env
 from agents.r2d2 import Actor, Learner, R2D2Config, TrainLoop, apex_epsilons, make_replay
+from agents.r2d2.actor import EnvError
 from agents.r2d2.networks import network_state_shapes
 
 SMALL = dict(
@@ -399,7 +400,8 @@ def test_mismatched_observation_shape_is_reported():
     env = WrongShapeEnv(make_vector_env(4, seed=0))
     replay = make_replay(config, 2, network_state_shapes(config.network(2, 2)))
     actor = Actor(config, env, replay=replay)
-    with pytest.raises(ValueError, match=r"env: observation batch has shape \(4, 4\), expected \(4, 2\)"):
+    with pytest.raises(EnvError, match=r"env 'WrongShapeEnv' failed at env step 0 \(actor step 0\): step\(\): "
+                       r"ValueError: observation batch has shape \(4, 4\), expected \(4, 2\)"):  # fmt: skip
         actor.step()
     other = make_replay(config, 3, network_state_shapes(config.network(3, 2)))
     with pytest.raises(ValueError, match=r"env: observation shape \(2,\) does not match the replay's \(3,\)"):

@@ -5,7 +5,7 @@ Modules: ``config`` (R2D2Config, StateStrategy, presets), ``networks``,
 protocol), ``checkpoint``.
 """
 
-from agents.r2d2.actor import Actor, ReplayWriter, apex_epsilons, evaluate
+from agents.r2d2.actor import Actor, EnvError, ReplayWriter, apex_epsilons, evaluate
 from agents.r2d2.config import (
     PRESET_DOCS,
     PRESETS,
@@ -23,6 +23,7 @@ __all__ = [
     "PRESETS",
     "PRESET_DOCS",
     "Actor",
+    "EnvError",
     "Learner",
     "LearnerStep",
     "Loop",

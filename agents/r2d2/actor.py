@@ -3,7 +3,8 @@ every step and the recurrent state before it to a replay; and greedy evaluation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import gymnasium as gym
@@ -18,7 +19,26 @@ from burnin._checks import check_float, check_int, fmt, int_vector
 from burnin.replay import RecurrentState, ReplayConfig
 from burnin.state import state_variables, stateful_layers
 
-__all__ = ["Actor", "ReplayWriter", "apex_epsilons", "check_epsilons", "evaluate", "rng_from_state"]
+__all__ = [
+    "EVAL_MAX_EPISODE_STEPS",
+    "Actor",
+    "EnvError",
+    "ReplayWriter",
+    "apex_epsilons",
+    "check_epsilons",
+    "evaluate",
+    "max_episode_steps",
+    "rng_from_state",
+]
+
+EVAL_MAX_EPISODE_STEPS = 27_000
+"""Most steps :func:`evaluate` gives an episode of an env with no ``max_episode_steps`` (ALE's own limit:
+108,000 frames at frame skip 4); an episode still running then ends there, as a time limit would."""
+
+
+class EnvError(RuntimeError):
+    """The env failed at a step: its ``reset()`` or ``step()`` raised, or gave an observation or reward
+    that cannot be stored (wrong shape, outside its space, NaN). The message names the env and the step."""
 
 
 class ReplayWriter(Protocol):
@@ -96,6 +116,9 @@ class Actor:
         self.config = config
         self.env = env
         self.num_envs = int(env.num_envs)
+        spec = getattr(env, "spec", None)
+        self.env_id: str = getattr(spec, "id", None) or type(env).__name__
+        """The env's id (its spec's; else its class name), for messages."""
         self.encoding = observation_encoding(env.single_observation_space, where="env.observation_space")
         self.actions = action_encoding(env.single_action_space, where="env.action_space")
         self.num_actions = self.actions.num_actions
@@ -130,12 +153,17 @@ class Actor:
         self.reset(seed=seed)
 
     def reset(self, *, seed: int | None = None) -> None:
-        """Reset every env and start fresh episodes; the replay's open episodes in our lanes are closed."""
-        obs, _ = self.env.reset(seed=seed)
+        """Reset every env and start fresh episodes; the replay's open episodes in our lanes are closed.
+
+        :class:`EnvError` (and nothing changed) if the env's ``reset()`` fails or its observation cannot be stored.
+        """
+        with self._env_call("reset()"):
+            obs, _ = self.env.reset(seed=seed)
+            stored = self._stored(obs)
         if self.replay is not None:
             self.replay.close_lanes(self.lanes)
         n = self.num_envs
-        self.obs = self._stored(obs)
+        self.obs = stored
         self.prev_action = np.zeros(n, np.int32)
         self.prev_reward = np.zeros(n, np.float32)
         self.new_episode = np.ones(n, bool)
@@ -144,11 +172,20 @@ class Actor:
         self.episode_length = np.zeros(n, np.int64)
 
     def _stored(self, obs: Any) -> np.ndarray:
-        """The env's observation batch in the stored form, checked."""
+        """The env's observation batch in the stored form, checked (ValueError: shape, space, finite)."""
+        return self.encoding.flatten(obs, self.num_envs)
+
+    @contextlib.contextmanager
+    def _env_call(self, what: str) -> Iterator[None]:
+        """Any exception inside (the env's own, or a check of what it returned) as an :class:`EnvError`
+        naming the env, ``what`` it was doing and the step; KeyboardInterrupt passes through."""
         try:
-            return self.encoding.flatten(obs, self.num_envs)
-        except ValueError as err:
-            raise ValueError(f"env: {err}") from None
+            yield
+        except Exception as err:
+            raise EnvError(
+                f"env {self.env_id!r} failed at env step {self.env_steps} (actor step {self.steps}): "
+                f"{what}: {type(err).__name__}: {err}"
+            ) from err
 
     def set_weights(self, weights: list[np.ndarray]) -> None:
         self.model.set_weights(weights)
@@ -186,11 +223,12 @@ class Actor:
     def step(self, *, greedy: bool = False) -> list[tuple[int, float, int]]:
         """One env.step for all rows; returns (row, return, length) of the episodes that ended."""
         _, actions, states = self.act(greedy=greedy)
-        next_obs, reward, terminated, truncated, _ = self.env.step(self.actions.to_env(actions))
-        next_obs = self._stored(next_obs)
-        reward = np.asarray(reward, np.float32)
-        terminated = np.asarray(terminated, bool)
-        truncated = np.asarray(truncated, bool)
+        with self._env_call("step()"):
+            next_obs, reward, terminated, truncated, _ = self.env.step(self.actions.to_env(actions))
+            next_obs = self._stored(next_obs)
+            reward = _finite_rewards(reward, self.num_envs)
+            terminated = np.asarray(terminated, bool)
+            truncated = np.asarray(truncated, bool)
         if self.replay is not None:
             self.replay.add(
                 self.lanes,
@@ -259,6 +297,16 @@ class Actor:
         self.rng = checked["rng"]
 
 
+def _finite_rewards(reward: Any, num: int) -> np.ndarray:
+    """A step's rewards as float32 ``[num]``; ValueError for another shape or a NaN or infinite reward."""
+    out = np.asarray(reward, np.float32)
+    if out.shape != (num,):
+        raise ValueError(f"reward batch has shape {out.shape}, expected ({num},)")
+    if not np.isfinite(out).all():
+        raise ValueError(f"reward batch holds {fmt(out[~np.isfinite(out)])}, expected finite rewards")
+    return out
+
+
 def check_epsilons(epsilons: Any, num_envs: int) -> np.ndarray:
     """Per-row ε as float64 ``[num_envs]``; TypeError for non-numbers, ValueError unless each is finite in [0, 1]."""
     eps = np.asarray(epsilons)
@@ -285,18 +333,38 @@ def rng_from_state(name: str, state: Any) -> np.random.Generator:
     return np.random.Generator(bit_generator)
 
 
-def evaluate(actor: Actor, weights: list[np.ndarray], *, seed: int) -> np.ndarray:
+def max_episode_steps(env: Any) -> int:
+    """The steps :func:`evaluate` gives an episode of ``env``: its spec's ``max_episode_steps``, else
+    :data:`EVAL_MAX_EPISODE_STEPS`."""
+    limit = getattr(getattr(env, "spec", None), "max_episode_steps", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else EVAL_MAX_EPISODE_STEPS
+
+
+def evaluate(
+    actor: Actor, weights: list[np.ndarray], *, seed: int, max_steps: int | None = None
+) -> np.ndarray:
     """Greedy returns of one episode per env row of ``actor`` (built with zero ε), run side by side.
 
     The actor's envs are reset with ``seed`` first; reuse one actor to keep its
-    compiled step across evaluations.
+    compiled step across evaluations. Bounded: an episode still running after
+    ``max_steps`` steps (default :func:`max_episode_steps` of the env) ends
+    there with the return it has, as a time limit would. An env that fails, or
+    gives a NaN or infinite reward, raises :class:`EnvError` naming it.
     """
     check_int("seed", seed, minimum=0)
+    limit = (
+        max_episode_steps(actor.env) if max_steps is None else check_int("max_steps", max_steps, minimum=1)
+    )
     actor.set_weights(weights)
     actor.reset(seed=seed)
-    returns = np.full(actor.num_envs, np.nan)
-    while np.isnan(returns).any():
+    returns = np.zeros(actor.num_envs)
+    done = np.zeros(actor.num_envs, bool)
+    for _ in range(limit):
         for row, ret, _ in actor.step(greedy=True):
-            if np.isnan(returns[row]):
-                returns[row] = ret
+            if not done[row]:
+                returns[row], done[row] = ret, True
+        if done.all():
+            return returns
+    cut = ~done
+    returns[cut] = actor.episode_return[cut]
     return returns
