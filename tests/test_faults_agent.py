@@ -178,6 +178,18 @@ def loop_json_cases(meta: dict) -> Iterator[Case]:
         yield json_case(meta, "actor.rng", fault, value, mention="rng")
     for fault, value in {"string": "x", "list": [], "number": 3}.items():
         yield json_case(meta, "extra", fault, value)
+    # What the checkpoint belongs to: refused when it is not this loop's, or malformed; a checkpoint
+    # written before it was recorded (no identity) still loads.
+    for fault, value in {"string": "x", "list": [], "null": None, "number": 3}.items():
+        yield json_case(meta, "identity", fault, value)
+    yield json_case(meta, "identity", "missing (an older checkpoint)", DELETE, refuse=False)
+    yield json_case(meta, "identity.env_id", "another env", "CartPole-v1", mention="env id is 'CartPole-v1'")
+    yield json_case(meta, "identity.env_id", "not a string", 3, mention="env_id")
+    yield json_case(meta, "identity.env_id", "unknown", None, refuse=False)
+    for field in ("observation", "actions"):
+        yield json_case(meta, f"identity.{field}", "missing", DELETE)
+        yield json_case(meta, f"identity.{field}", "another layout", {"shape": [3]}, mention="layout")
+    yield json_case(meta, "seed", "another seed", meta["seed"] + 1, mention="seed is")
     yield json_case(meta, "extra", "missing", DELETE, refuse=False)
     for field, value in sorted(meta["config"].items()):
         yield json_case(meta, f"config.{field}", "another value", other_value(value))
@@ -324,7 +336,8 @@ def test_generator_covers_every_field_and_array(saved):
     loop, pristine = saved
     cases = all_cases(pristine, loop.learner)
     names = " ".join(c.name for c in cases)
-    for field in ("seed", "credit", "resumes", "format", "actor.steps", "actor.rng", "config.gamma", "extra"):
+    for field in ("seed", "credit", "resumes", "format", "actor.steps", "actor.rng", "config.gamma", "extra",
+                  "identity", "identity.env_id", "identity.observation", "identity.actions"):  # fmt: skip
         assert f"loop.json {field}:" in names
     for array in loop.learner.array_specs():
         assert f"learner.npz {array}: missing" in names

@@ -23,16 +23,18 @@ from agents.envs import make_vector_env
 from agents.r2d2.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
+    check_identity,
     meta_config,
     meta_field,
     read_meta,
+    run_identity,
     write_checkpoint_dir,
     write_learner,
     write_meta,
 )
 from agents.r2d2.config import R2D2Config
 from agents.r2d2.learner import Learner
-from agents.r2d2.loop import LoopStats
+from agents.r2d2.loop import LoopStats, check_overrides
 from agents.seeds import RunSeeds
 from agents.spaces import action_encoding, observation_encoding
 from burnin._checks import check_int, check_str
@@ -151,8 +153,12 @@ class DistributedLoop:
         self.seed = int(seed)
         probe = make_vector_env(1, env_id=options.env_id)
         self.observation = observation_encoding(probe.single_observation_space)
-        self.num_actions = action_encoding(probe.single_action_space).num_actions
+        actions = action_encoding(probe.single_action_space)
+        self.num_actions = actions.num_actions
         probe.close()
+        self.identity = run_identity(
+            env_id=options.env_id.rpartition(":")[2], observation=self.observation, actions=actions
+        )
         self.seeds = RunSeeds(self.seed)
         self.learner = Learner(config, self.observation, self.num_actions, seed=self.seeds.weights)
         self.replay_dir = None if replay_dir is None else Path(replay_dir).absolute()
@@ -299,6 +305,7 @@ class DistributedLoop:
             "config": self.config.to_json(),
             "options": dataclasses.asdict(self.options),
             "seed": self.seed,
+            "identity": self.identity,
             "replay_dir": os.path.relpath(self.replay_dir, final),
             "env_steps": self.env_steps,
             "episodes": self.episodes,
@@ -313,14 +320,15 @@ class DistributedLoop:
         write_checkpoint_dir(final, fill)
         return final
 
-    def load(self, directory: str | os.PathLike[str]) -> dict[str, Any]:
+    def load(self, directory: str | os.PathLike[str], *, allow_mismatch: Any = ()) -> dict[str, Any]:
         """Restore the learner from ``directory`` and the replay server from the replay checkpoint it names.
 
         Must come before the first :meth:`iterate`. Workers then register again,
         which closes the episodes that were open at save time, so no window spans
         the gap. Returns the checkpoint's ``extra``. Everything is read and
         checked before anything changes (a bad file is a :class:`CheckpointError`
-        naming it); :attr:`loaded_from` is the directory actually read.
+        naming it); :attr:`loaded_from` is the directory actually read. Another seed, env or layout is
+        refused as :meth:`agents.r2d2.TrainLoop.load` refuses it (``allow_mismatch`` likewise).
         """
         if self._started:
             raise RuntimeError("load: the loop has started; load a checkpoint before the first iterate()")
@@ -332,7 +340,8 @@ class DistributedLoop:
                 "(a single-process checkpoint resumes without --actors)"
             )
         meta_config(file, meta, self.config)
-        meta_field(file, meta, "seed", check_int, minimum=0)
+        allow = check_overrides("allow_mismatch", allow_mismatch)
+        check_identity(file, meta, seed=self.seed, identity=self.identity, allow=allow)
         replay_dir = meta_field(file, meta, "replay_dir", check_str, empty=False)
         extra = meta.get("extra", {})
         if not isinstance(extra, dict):
@@ -381,4 +390,3 @@ class DistributedLoop:
             "worker_deaths": list(self.worker_deaths),
             "workers": self.worker_stats(),
         }
-

@@ -15,13 +15,14 @@ past what its declared shape needs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
 import threading
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,7 +36,10 @@ from burnin.replay import SequenceReplay
 __all__ = [
     "CHECKPOINT_FORMAT",
     "MAX_COUNTER",
+    "MISMATCH_OVERRIDES",
     "CheckpointError",
+    "IdentityMismatch",
+    "check_identity",
     "check_same",
     "comparable_config",
     "meta_config",
@@ -47,6 +51,7 @@ __all__ = [
     "read_npz",
     "read_replay",
     "remove_stale_temp_dirs",
+    "run_identity",
     "write_checkpoint_dir",
     "write_learner",
     "write_meta",
@@ -237,6 +242,73 @@ def check_same(saved: dict[str, Any], mine: dict[str, Any], what: str, *, where:
             raise CheckpointError(
                 f"{place}: {what} {name!r} is {saved.get(name)!r} in the checkpoint but {mine.get(name)!r} here"
             )
+
+
+# ---------------------------------------------------------------- what a checkpoint belongs to
+
+MISMATCH_OVERRIDES = ("env", "seed")
+"""The identity fields a caller may accept a mismatch of (a policy tried on another env of the same layout,
+or continued under another seed); the layouts never: the network is built for them."""
+
+
+class IdentityMismatch(CheckpointError):
+    """A checkpoint of another env, seed or layout than the run reading it: ``field`` ('env', 'seed',
+    'observation', 'actions'), the checkpoint's value and this run's."""
+
+    def __init__(self, file: Path, field: str, saved: Any, mine: Any) -> None:
+        self.file, self.field, self.saved, self.mine = file, field, saved, mine
+        what = {"env": "env id", "observation": "observation layout", "actions": "action layout"}.get(
+            field, field
+        )
+        show = lambda v: json.dumps(v, separators=(",", ":")) if isinstance(v, dict) else repr(v)
+        super().__init__(
+            f"checkpoint {file}: {what} is {show(saved)} in the checkpoint but {show(mine)} here"
+        )
+
+
+def run_identity(*, env_id: str | None, observation: Any, actions: Any) -> dict[str, Any]:
+    """The ``identity`` entry of ``loop.json``: the env's gymnasium id (None if unknown) and the JSON of its
+    observation and action layout (:class:`agents.spaces.ObservationEncoding`, ``ActionEncoding``). The
+    seed and the config have their own entries."""
+    as_json = lambda x: json.loads(json.dumps(x))  # tuples as lists, as read back
+    return {
+        "env_id": env_id,
+        "observation": as_json(observation.to_json()),
+        "actions": as_json(dataclasses.asdict(actions)),
+    }
+
+
+def check_identity(
+    file: Path, meta: Mapping[str, Any], *, seed: int, identity: Mapping[str, Any], allow: Iterable[str] = ()
+) -> bool:
+    """Check that ``loop.json`` (``meta``, read from ``file``) belongs to this run: its seed, env id and
+    layouts against ``seed`` and ``identity`` (:func:`run_identity`). A mismatch is an :class:`IdentityMismatch`
+    naming both sides, unless the field is in ``allow`` (a subset of :data:`MISMATCH_OVERRIDES`); an env id of
+    None on either side is not compared. Returns False for a checkpoint written before the identity was
+    recorded (no ``identity`` entry): its env id and layout are unknown, and only its seed is checked (the
+    learner's array shapes and the replay's layout are checked on reading, as always)."""
+    allow = set(allow)
+    saved_seed = meta_field(file, meta, "seed", check_int, minimum=0)
+    if saved_seed != seed and "seed" not in allow:
+        raise IdentityMismatch(file, "seed", saved_seed, seed)
+    if "identity" not in meta:
+        return False
+    saved = meta["identity"]
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint {file}: identity: expected a JSON object, got {saved!r:.80}")
+    env_id = saved.get("env_id")
+    if env_id is not None and not isinstance(env_id, str):
+        raise CheckpointError(
+            f"checkpoint {file}: identity.env_id: expected a str or null, got {env_id!r:.80}"
+        )
+    if None not in (env_id, identity["env_id"]) and env_id != identity["env_id"] and "env" not in allow:
+        raise IdentityMismatch(file, "env", env_id, identity["env_id"])
+    for name in ("observation", "actions"):
+        if name not in saved:
+            raise CheckpointError(f"checkpoint {file}: field 'identity.{name}' is missing")
+        if saved[name] != identity[name]:
+            raise IdentityMismatch(file, name, saved[name], identity[name])
+    return True
 
 
 # ---------------------------------------------------------------- .npz members

@@ -4,6 +4,7 @@ protocol the run harness drives, and the replay sized for a config."""
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -14,12 +15,15 @@ from agents.interrupts import deferred_interrupts
 from agents.r2d2.actor import Actor
 from agents.r2d2.checkpoint import (
     CHECKPOINT_FORMAT,
+    MISMATCH_OVERRIDES,
     CheckpointError,
+    check_identity,
     check_same,
     meta_config,
     meta_field,
     read_meta,
     read_replay,
+    run_identity,
     write_checkpoint_dir,
     write_learner,
     write_meta,
@@ -28,10 +32,10 @@ from agents.r2d2.config import R2D2Config
 from agents.r2d2.learner import Learner, LearnerStep
 from agents.seeds import RunSeeds
 from agents.spaces import ObservationEncoding, action_encoding, observation_encoding
-from burnin._checks import check_float, check_int
+from burnin._checks import check_float, check_int, check_str
 from burnin.replay import SequenceReplay
 
-__all__ = ["Loop", "LoopStats", "TrainLoop", "make_replay"]
+__all__ = ["Loop", "LoopStats", "TrainLoop", "check_overrides", "check_replay_fill", "make_replay"]
 
 
 class LoopStats(NamedTuple):
@@ -66,7 +70,31 @@ class Loop(Protocol):
 
     def save(self, directory: str | os.PathLike[str], *, extra: dict[str, Any] | None = None) -> Path: ...
 
-    def load(self, directory: str | os.PathLike[str]) -> dict[str, Any]: ...
+    def load(
+        self, directory: str | os.PathLike[str], *, allow_mismatch: Collection[str] = ()
+    ) -> dict[str, Any]: ...
+
+
+def check_replay_fill(config: R2D2Config) -> None:
+    """ValueError naming ``min_replay_steps`` when a single-process replay (one lane per env) can never hold
+    that many steps: a :class:`TrainLoop` would act for ever and never learn. A training run refuses such a
+    config (the train CLI does); a loop that only acts (a probe) may set it on purpose."""
+    capacity = config.replay_capacity // config.num_envs * config.num_envs
+    if config.min_replay_steps > capacity:
+        raise ValueError(
+            f"min_replay_steps: expected an int <= {capacity} (the replay holds at most replay_capacity "
+            f"{config.replay_capacity} // num_envs {config.num_envs} × num_envs steps), got {config.min_replay_steps}"
+        )
+
+
+def check_overrides(name: str, allow: Collection[str]) -> frozenset[str]:
+    """``allow`` as a set of :data:`agents.r2d2.checkpoint.MISMATCH_OVERRIDES`; TypeError/ValueError naming ``name``."""
+    if isinstance(allow, str) or not isinstance(allow, Collection):
+        raise TypeError(f"{name}: expected a collection of {MISMATCH_OVERRIDES}, got {allow!r}")
+    bad = sorted(str(a) for a in allow if a not in MISMATCH_OVERRIDES)
+    if bad:
+        raise ValueError(f"{name}: expected entries among {MISMATCH_OVERRIDES}, got {bad}")
+    return frozenset(allow)
 
 
 def make_replay(
@@ -108,18 +136,29 @@ class TrainLoop:
     (:class:`agents.seeds.RunSeeds`).
     """
 
-    def __init__(self, config: R2D2Config, env: gym.vector.VectorEnv, *, seed: int = 0) -> None:
+    def __init__(
+        self, config: R2D2Config, env: gym.vector.VectorEnv, *, seed: int = 0, env_id: str | None = None
+    ) -> None:
+        """``env_id``: the env's gymnasium id as checkpoints record it (default: its spec's id, if any)."""
         if not isinstance(config, R2D2Config):
             raise TypeError(f"config: expected an R2D2Config, got {type(config).__name__}")
         check_int("seed", seed, minimum=0)
         if env.num_envs != config.num_envs:
             raise ValueError(f"env: has {env.num_envs} envs, but config.num_envs is {config.num_envs}")
         encoding = observation_encoding(env.single_observation_space, where="env.observation_space")
-        num_actions = action_encoding(env.single_action_space, where="env.action_space").num_actions
+        actions = action_encoding(env.single_action_space, where="env.action_space")
+        if env_id is None:
+            env_id = getattr(getattr(env, "spec", None), "id", None)
         self.config = config
         self.seed = int(seed)
         self.seeds = RunSeeds(self.seed)
-        self.learner = Learner(config, encoding, num_actions, seed=self.seeds.weights)
+        self.identity = run_identity(
+            env_id=None if env_id is None else check_str("env_id", env_id, empty=False),
+            observation=encoding,
+            actions=actions,
+        )
+        """What checkpoints record this loop belongs to (:func:`agents.r2d2.checkpoint.run_identity`)."""
+        self.learner = Learner(config, encoding, actions.num_actions, seed=self.seeds.weights)
         self.replay = make_replay(config, encoding, self.learner.state_shapes, seed=self.seeds.replay)
         self.actor = Actor(config, env, replay=self.replay, seed=self.seeds.actor)
         self.actor.set_weights(self.learner.get_weights())
@@ -162,6 +201,7 @@ class TrainLoop:
             "format": CHECKPOINT_FORMAT,
             "config": self.config.to_json(),
             "seed": self.seed,
+            "identity": self.identity,
             "credit": self.credit,
             "resumes": self.resumes,
             "actor": self.actor.state_dict(),
@@ -176,7 +216,9 @@ class TrainLoop:
         write_checkpoint_dir(final, fill)
         return final
 
-    def load(self, directory: str | os.PathLike[str]) -> dict[str, Any]:
+    def load(
+        self, directory: str | os.PathLike[str], *, allow_mismatch: Collection[str] = ()
+    ) -> dict[str, Any]:
         """Restore a checkpoint written by :meth:`save` into this loop; returns its ``extra``.
 
         All or nothing: every file is read and checked first (``loop.json``'s
@@ -184,6 +226,12 @@ class TrainLoop:
         with Ctrl-C held; a bad checkpoint raises :class:`CheckpointError` naming
         the file and leaves this loop exactly as it was. :attr:`loaded_from` is
         the directory actually read (see :func:`agents.r2d2.checkpoint.read_meta`).
+
+        A checkpoint of another seed, env or layout is refused
+        (:class:`agents.r2d2.checkpoint.IdentityMismatch`, naming both sides)
+        unless ``allow_mismatch`` names the field ('env', 'seed'); this loop's
+        seed and env then hold from here on. One written before the env and
+        layout were recorded has only its seed checked.
 
         The envs restart from a fresh reset (seeded from the seed and the number
         of resumes) at the next :meth:`iterate`; episodes that were open at save
@@ -197,9 +245,10 @@ class TrainLoop:
                 "(a distributed one resumes with --actors)"
             )
         meta_config(file, meta, self.config)
+        allow = check_overrides("allow_mismatch", allow_mismatch)
+        check_identity(file, meta, seed=self.seed, identity=self.identity, allow=allow)
         credit = meta_field(file, meta, "credit", check_float, low=0.0, high=1.0)
         resumes = meta_field(file, meta, "resumes", check_int, minimum=0)
-        meta_field(file, meta, "seed", check_int, minimum=0)
         extra = meta.get("extra", {})
         if not isinstance(extra, dict):
             raise CheckpointError(f"checkpoint {file}: extra: expected a JSON object, got {extra!r:.80}")
