@@ -11,10 +11,12 @@ import ray
 
 from burnin._checks import check_int
 
-__all__ = ["LOOPBACK", "init_ray", "loopback_node", "token_auth_on"]
+__all__ = ["LOOPBACK", "QUIET_WORKER_SETUP", "init_ray", "loopback_node", "token_auth_on"]
 
 log = logging.getLogger(__name__)
 
+QUIET_WORKER_SETUP = "agents.cli.import_tensorflow_quietly"
+"""Ray's ``worker_process_setup_hook`` for every worker of a run: TensorFlow imported with stderr muted."""
 LOOPBACK = "127.0.0.1"
 AUTH_MODE = "RAY_AUTH_MODE"  # Ray 2.52+: "token" turns on its token authentication
 UNAUTHENTICATED = (
@@ -37,7 +39,10 @@ def init_ray(address: str = "", *, num_cpus: int | None = None) -> bool:
     if num_cpus is not None:
         check_int("num_cpus", num_cpus, minimum=1)
     env_vars = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
-    common = dict(log_to_driver=True, logging_level=logging.WARNING, runtime_env={"env_vars": env_vars})
+    # Each worker imports TensorFlow first with its C++ start-up logs muted (they ignore TF_CPP_MIN_LOG_LEVEL),
+    # else every worker's lines flood this terminal through log_to_driver.
+    runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": QUIET_WORKER_SETUP}
+    common = dict(log_to_driver=True, logging_level=logging.WARNING, runtime_env=runtime_env)
     if address:
         ray.init(address=address, **common)
         if not token_auth_on():
