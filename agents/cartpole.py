@@ -7,15 +7,19 @@ from __future__ import annotations
 import functools
 import sys
 
-from agents import train
-from agents.envs import MASKED_CARTPOLE_ID, make_vector_env
+from agents.interrupts import quiet_interrupt
+
+PROG = "python -m agents.cartpole"
+
+with quiet_interrupt(PROG, enabled=__name__ == "__main__"):  # Ctrl-C while TensorFlow loads: one line
+    from agents import train
+    from agents.envs import MASKED_CARTPOLE_ID, make_vector_env
 
 __all__ = ["DEFAULTS", "PROG", "main", "make_env", "parse_args"]
 
 make_env = functools.partial(make_vector_env, env_id=MASKED_CARTPOLE_ID)
 """``make_env(num_envs, seed=...)``: a vector env of masked CartPole."""
 
-PROG = "python -m agents.cartpole"
 DEFAULTS = ("--env", MASKED_CARTPOLE_ID, "--preset", "masked-cartpole")
 """The train CLI's flags this demo sets; flags given after them win."""
 

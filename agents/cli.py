@@ -5,9 +5,11 @@ Argparse's convention, kept to one line: a bad flag or value prints
 traceback, no usage block: ``--help`` has it). A config check that names a
 field (``batch_size: expected an int >= 1, got 0``) is reported under its
 flag (``--batch-size: …``). A bad checkpoint (:class:`CheckpointError`) is
-reported the same way, naming the file, and exits 2. Ctrl-C or SIGTERM exits
-130 (:data:`EXIT_INTERRUPTED`); a training run first writes its final
-checkpoint. A script's ``main`` is ``run_script(PROG, body)``.
+reported the same way, naming the file, and exits 2, as does a run directory
+that another run is using. A run that fails after set-up saves what it can,
+then prints one line naming what failed and exits 1 (:data:`EXIT_FAILED`).
+Ctrl-C or SIGTERM exits 130 (:data:`EXIT_INTERRUPTED`); a training run first
+writes its final checkpoint. A script's ``main`` is ``run_script(PROG, body)``.
 
 Importing this module imports TensorFlow with its C++ start-up messages
 hidden (TensorFlow 2.21's absl logs ignore ``TF_CPP_MIN_LOG_LEVEL``), so that
@@ -24,9 +26,10 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from agents.interrupts import sigterm_as_interrupt
+from agents.interrupts import EXIT_INTERRUPTED, sigterm_as_interrupt
 
 __all__ = [
+    "EXIT_FAILED",
     "EXIT_INTERRUPTED",
     "EXIT_USAGE",
     "ArgumentParser",
@@ -39,8 +42,8 @@ __all__ = [
 
 EXIT_USAGE = 2
 """Exit status of a bad flag, value or checkpoint (argparse's)."""
-EXIT_INTERRUPTED = 130
-"""Exit status after Ctrl-C or SIGTERM (128 + SIGINT, the shell's convention)."""
+EXIT_FAILED = 1
+"""Exit status of a run that failed after set-up (it saved what it could first) or of a failing env."""
 
 T = TypeVar("T")
 
@@ -103,7 +106,22 @@ def one_line(message: object) -> str:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose errors are one line, and which reports config errors under their flag."""
+    """``argparse.ArgumentParser`` whose errors are one line, and which reports config errors under their flag.
+
+    A float option takes a value that starts with '-' as its value (``--solve-return -inf``, ``--x -1e3``):
+    argparse alone reads those as an unknown option, since only plain negative numbers look like values to it.
+    """
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        floats = {s for a in self._actions if a.type is float and a.nargs is None for s in a.option_strings}
+        joined: list[str] = []
+        for token in argv:
+            if joined and joined[-1] in floats and token.startswith("-") and _is_float(token):
+                joined[-1] = f"{joined[-1]}={token}"
+            else:
+                joined.append(token)
+        return super().parse_known_args(joined, namespace)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)}\n")
@@ -161,6 +179,14 @@ class ArgumentParser(argparse.ArgumentParser):
         return found
 
 
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def consume_onednn_dtype_notice() -> None:
     """Trace one bool transpose with stderr muted, unless ``TF_CPP_MIN_LOG_LEVEL`` asks for TensorFlow's logs.
 
@@ -180,22 +206,34 @@ def consume_onednn_dtype_notice() -> None:
 def run_script(prog: str, body: Callable[[], int]) -> int:
     """Run a script's ``body`` with SIGTERM as Ctrl-C; returns its exit status.
 
-    A :class:`CheckpointError` prints one line and gives :data:`EXIT_USAGE`;
-    Ctrl-C or SIGTERM that ``body`` does not handle gives :data:`EXIT_INTERRUPTED`.
-    TensorFlow's thread pools are set first (:func:`configure_threads`), then its one-time oneDNN
-    notice spent quietly (:func:`consume_onednn_dtype_notice`).
+    A :class:`CheckpointError` (a bad checkpoint, or one of another env or
+    seed) or a :class:`agents.rundir.RunDirError` (a run directory in use)
+    prints one line and gives :data:`EXIT_USAGE`; a run that failed after
+    saving what it could (:class:`agents.experiment.RunFailed`) or an env that
+    failed outside a run (:class:`agents.r2d2.EnvError`, e.g. in ``--eval``)
+    prints one line and gives :data:`EXIT_FAILED`; Ctrl-C or SIGTERM that
+    ``body`` does not handle gives :data:`EXIT_INTERRUPTED`. TensorFlow's
+    thread pools are set first (:func:`configure_threads`), then its one-time
+    oneDNN notice spent quietly (:func:`consume_onednn_dtype_notice`).
     """
-    from agents.r2d2.checkpoint import CheckpointError  # after TensorFlow's quiet import
-
-    configure_threads()
-    consume_onednn_dtype_notice()
-
     with sigterm_as_interrupt():
         try:
-            return body()
-        except CheckpointError as err:
-            print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
-            return EXIT_USAGE
+            # After TensorFlow's quiet import; inside the try, so that Ctrl-C here is one line too.
+            from agents.experiment import RunFailed
+            from agents.r2d2.actor import EnvError
+            from agents.r2d2.checkpoint import CheckpointError
+            from agents.rundir import RunDirError
+
+            configure_threads()
+            consume_onednn_dtype_notice()
+            try:
+                return body()
+            except (CheckpointError, RunDirError) as err:
+                print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+                return EXIT_USAGE
+            except (RunFailed, EnvError) as err:
+                print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+                return EXIT_FAILED
         except KeyboardInterrupt:
             print(f"{prog}: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["deferred_interrupts", "sigterm_as_interrupt"]
+__all__ = ["EXIT_INTERRUPTED", "deferred_interrupts", "quiet_interrupt", "sigterm_as_interrupt"]
+
+EXIT_INTERRUPTED = 130
+"""Exit status after Ctrl-C or SIGTERM (128 + SIGINT, the shell's convention)."""
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -36,6 +40,23 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def quiet_interrupt(prog: str, *, enabled: bool = True) -> Iterator[None]:
+    """Ctrl-C inside the block prints ``PROG: interrupted`` and exits 130, not a traceback.
+
+    For a script's own imports (TensorFlow takes seconds), before
+    :func:`agents.cli.run_script` is in charge; ``enabled=False`` (the module
+    imported, not run) lets the KeyboardInterrupt through.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not enabled:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
 
 
 @contextlib.contextmanager

@@ -1,5 +1,7 @@
-"""R2D2 on any gymnasium env: python -m agents.train --env ENV_ID [--preset NAME] [--import MODULE]
-[--seed S] [--resume DIR] [--eval DIR] [--actors N].
+"""R2D2 on any gymnasium env: python -m agents.train --env ENV_ID [--preset NAME] [--import MODULE] ...
+
+Usage: ``--env ENV_ID [--preset NAME] [--import MODULE] [--seed S] [--name NAME]
+[--resume DIR|auto] [--eval DIR] [--allow-mismatch env,seed] [--actors N]``.
 
 Every R2D2Config field is a flag; ``--preset`` picks the defaults they start
 from. Ids a package registers on import work as they are (``popgym-…`` imports
@@ -7,6 +9,11 @@ popgym, ``ALE/…`` ale_py) or with ``--import MODULE``. Evaluation, the solve
 threshold (``--solve-return``, else the env spec's ``reward_threshold``),
 plots, the summary, TensorBoard, checkpoints, ``--resume``, ``--eval`` and
 ``--actors N`` on Ray all use that env.
+
+A run directory belongs to one run: without ``--resume`` one that holds an
+earlier run is refused, and a checkpoint of another env or seed is refused
+unless ``--allow-mismatch`` names it. Every check of the flags, the env, the
+run directory and the checkpoint happens before anything runs.
 """
 
 from __future__ import annotations
@@ -23,12 +30,19 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from agents.cli import EXIT_INTERRUPTED, ArgumentParser, run_script
-from agents.envs import MASKED_CARTPOLE_ID, ensure_registered, make_vector_env, solve_threshold
-from agents.experiment import RunOptions, resume_path
-from agents.interrupts import sigterm_as_interrupt
-from agents.r2d2.config import PRESET_DOCS, PRESETS, documented, preset
-from burnin._checks import check_choice, check_int, check_str
+from agents.interrupts import quiet_interrupt, sigterm_as_interrupt
+
+PROG = "python -m agents.train"
+
+with quiet_interrupt(PROG, enabled=__name__ == "__main__"):  # Ctrl-C while TensorFlow loads: one line
+    from agents.cli import EXIT_INTERRUPTED, ArgumentParser, run_script
+    from agents.envs import MASKED_CARTPOLE_ID, ensure_registered, make_vector_env, solve_threshold
+    from agents.experiment import RunOptions, resume_path
+    from agents.r2d2.checkpoint import MISMATCH_OVERRIDES
+    from agents.r2d2.config import PRESET_DOCS, PRESETS, documented, preset
+    from agents.rundir import check_writable, earlier_run
+    from agents.spaces import action_encoding, observation_encoding
+    from burnin._checks import check_choice, check_int, check_str
 
 __all__ = [
     "PROG",
@@ -41,8 +55,6 @@ __all__ = [
     "train",
     "train_distributed",
 ]
-
-PROG = "python -m agents.train"
 
 RUN_NAMES = {MASKED_CARTPOLE_ID: "masked-cartpole"}
 """Run-name prefixes of ids whose runs were named before the CLI took any env (their ``--resume auto``
@@ -66,13 +78,19 @@ class Args(RunOptions):
         0, "Run N actor processes on Ray (0: everything in this process, Ray not imported)."
     )
     address: str = documented("", "Ray cluster address to join (default: start a local Ray).")
+    allow_mismatch: str = documented(
+        "",
+        "With --resume or --eval: accept a checkpoint of another env ('env') or seed ('seed'), "
+        "comma-separated; its observation and action layout must still match.",
+    )
 
     def __post_init__(self) -> None:
-        check_int("seed", self.seed, minimum=0)
+        check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
         super().__post_init__()
         check_int("actors", self.actors, minimum=0)
-        for name in ("name", "run_dir", "eval", "address", "import_module"):
+        for name in ("name", "run_dir", "eval", "address", "import_module", "allow_mismatch"):
             check_str(name, getattr(self, name))
+        self._check_conflicts()
         check_str("env", self.env)
         if not self.env:
             raise ValueError("env: expected a gymnasium env id (--env ENV_ID), got ''")
@@ -82,6 +100,28 @@ class Args(RunOptions):
         if self.address and not self.actors:
             raise ValueError(f"address: {self.address!r} given but actors=0; expected --actors N with it")
         ensure_registered(self.env_id)
+
+    def _check_conflicts(self) -> None:
+        """ValueError naming the flag that another one makes meaningless (it would be silently ignored)."""
+        for name, given in (("resume", self.resume), ("actors", self.actors)):
+            if self.eval and given:
+                raise ValueError(
+                    f"eval: {self.eval!r} given with --{name} {given}; --eval only evaluates the checkpoint "
+                    f"it names, in this process: drop --{name}"
+                )
+        bad = sorted(set(self.overrides) - set(MISMATCH_OVERRIDES))
+        if bad:
+            raise ValueError(f"allow_mismatch: expected entries among {MISMATCH_OVERRIDES}, got {bad}")
+        if self.overrides and not (self.resume or self.eval):
+            raise ValueError(
+                f"allow_mismatch: {self.allow_mismatch!r} given without --resume or --eval; it only "
+                "applies to a checkpoint read"
+            )
+
+    @property
+    def overrides(self) -> frozenset[str]:
+        """The ``--allow-mismatch`` entries."""
+        return frozenset(x.strip() for x in self.allow_mismatch.split(",") if x.strip())
 
     @property
     def env_id(self) -> str:
@@ -105,6 +145,9 @@ def _bool(text: str) -> bool:
         return False
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
+
+MAX_SEED = 2**32 - 1
+"""Largest run seed: NumPy's and Keras's global seeds take 32 bits."""
 
 FLAGS = {"import_module": "--import"}
 """Flags not spelled after their field (``import`` is a Python keyword)."""
@@ -181,22 +224,89 @@ def parse_args(argv: list[str] | None = None, *, prog: str = PROG):
     aliases = {"env_id": "env"}
     args = parser.build(Args, **{k: v for k, v in ns.items() if k in arg_names}, aliases=aliases)
     config = parser.build(R2D2Config.from_json, {k: v for k, v in ns.items() if k not in arg_names})
-    parser.build(check_env, args.env_id, aliases=aliases)
+    if config.core == "dense" and config.core_layers != preset(chosen).core_layers:
+        parser.error(
+            f"--core-layers: {' '.join(config.core_layers)} given with --core dense, which has no recurrent "
+            "layers; drop --core-layers, or use --core lstm"
+        )
+    layout = parser.build(check_env, args.env_id, aliases=aliases)
     if args.actors:
         from agents.distributed import DistributedConfig
 
         options = parser.build(DistributedConfig, num_actors=args.actors, env_id=args.env_id)
         parser.build(options.check, config, aliases={"num_actors": "actors"})
+    elif not args.eval:
+        from agents.r2d2.loop import check_replay_fill
+
+        parser.build(check_replay_fill, config)
     if args.eval:
-        parser.checkpoint("eval", args.eval)
-    elif args.resume:
-        parser.checkpoint("resume", resume_path(args, run_dir(args, config)))
+        check_checkpoint(parser, args, "eval", args.eval, layout)
+        return args, config
+    out_dir = run_dir(args, config)
+    parser.build(check_writable, "run_dir", out_dir)
+    found = (
+        check_checkpoint(parser, args, "resume", resume_path(args, out_dir), layout) if args.resume else None
+    )
+    earlier = earlier_run(out_dir)
+    if earlier and (found is None or found.parent.absolute() != out_dir.absolute()):
+        resuming = "" if found is None else f"--resume {args.resume} would write over it; "
+        parser.error(
+            f"run directory {out_dir} holds an earlier run ({', '.join(earlier)}); {resuming}continue it with "
+            "--resume auto, or start another with --name NAME"
+        )
     return args, config
 
 
-def check_env(env_id: str) -> None:
-    """ValueError (naming ``env_id``) unless the agent can take the env's spaces: one env is made and closed."""
-    make_vector_env(1, env_id=env_id).close()
+def check_env(env_id: str) -> tuple[Any, Any]:
+    """The env's observation and action encodings (:mod:`agents.spaces`); ValueError (naming ``env_id``)
+    unless the agent can take its spaces. One env is made, reset and closed."""
+    env = make_vector_env(1, env_id=env_id)
+    try:
+        return observation_encoding(env.single_observation_space), action_encoding(env.single_action_space)
+    finally:
+        env.close()
+
+
+def check_checkpoint(
+    parser: ArgumentParser, args: Args, dest: str, path: Any, layout: tuple[Any, Any]
+) -> Path:
+    """The checkpoint directory ``--resume`` / ``--eval`` (``dest``) names, read and checked against this run:
+    one line naming both sides (exit 2) for another seed or env, unless ``--allow-mismatch`` accepts it, or
+    another layout. A checkpoint that records no env or layout (written before they were recorded) is
+    accepted with a note: only its seed can be checked."""
+    from agents.r2d2.checkpoint import (
+        CheckpointError,
+        IdentityMismatch,
+        check_identity,
+        read_meta,
+        run_identity,
+    )
+
+    found = parser.checkpoint(dest, path)
+    env = ensure_registered(args.env_id)
+    mine = run_identity(env_id=env, observation=layout[0], actions=layout[1])
+    try:
+        _, meta = read_meta(found)
+        recorded = check_identity(
+            found / "loop.json", meta, seed=args.seed, identity=mine, allow=args.overrides
+        )
+    except IdentityMismatch as err:
+        what = "evaluate it" if dest == "eval" else "continue it"
+        hints = {
+            "seed": f"pass --seed {err.saved}, or --allow-mismatch seed to {what} under seed {err.mine}",
+            "env": f"pass --env {err.saved}, or --allow-mismatch env to {what} on {err.mine}",
+        }
+        hint = hints.get(err.field, "its network is built for that layout: use the env it was trained on")
+        parser.error(f"--{dest}: {err}; {hint}")
+    except CheckpointError as err:
+        parser.error(f"--{dest}: {err}")
+    if not recorded:
+        print(
+            f"{parser.prog}: note: checkpoint {found} records no env or layout (written before they were "
+            f"recorded): only its seed is checked, and its env is taken to be {env!r}",
+            file=sys.stderr,
+        )
+    return found
 
 
 def make_env_factory(args: Args):
@@ -275,6 +385,7 @@ def train(args: Args, config) -> dict[str, Any]:
         out_dir=out_dir,
         title=_title(args, config),
         fields=_summary_fields(args, config, out_dir),
+        allow_mismatch=args.overrides,
     )
 
 
@@ -333,7 +444,14 @@ def _run_distributed(args: Args, config, options, out_dir: Path) -> dict[str, An
             Summary(_title(args, config), solve_return=run_options.solve_return, fields=fields),
         ]
         resume = resume_path(args, out_dir)
-        return run(loop, hooks, out_dir=out_dir, total_env_steps=args.total_env_steps, resume=resume)
+        return run(
+            loop,
+            hooks,
+            out_dir=out_dir,
+            total_env_steps=args.total_env_steps,
+            resume=resume,
+            allow_mismatch=args.overrides,
+        )
     finally:
         if loop is not None:
             loop.close()

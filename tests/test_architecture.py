@@ -12,10 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lower layers first; a module may import its own layer or a lower one, never a higher one.
 LAYERS = (
     ("burnin",),
-    ("agents.seeds", "agents.envs", "agents.spaces", "agents.interrupts"),
+    ("agents.seeds", "agents.envs", "agents.spaces", "agents.interrupts", "agents.rundir"),
     ("agents.r2d2",),
     ("agents.distributed",),
-    ("agents.experiment", "agents.cli", "agents.episode_probe"),
+    ("agents.experiment", "agents.hooks", "agents.history", "agents.cli", "agents.episode_probe"),
     ("agents.train",),
     ("agents.cartpole", "agents.ablation", "agents.delta_q_probe", "agents.article", "agents.stored_start"),
     ("studies",),

@@ -15,36 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import CLI_FLAGS as FLAGS
+from helpers import assert_one_line_error, outcome
 
 from agents import ablation, cartpole, delta_q_probe
 from agents.r2d2 import TrainLoop
-
-FLAGS = [
-    "--min-replay-steps", "100", "--eval-every", "100", "--eval-episodes", "2", "--num-envs", "4",
-    "--batch-size", "8", "--core-units", "16", "--head-units", "16", "--torso-units", "16", "--burn-in", "4",
-    "--unroll", "8", "--period", "4", "--n-step", "2", "--replay-capacity", "2000", "--progress", "false",
-    "--env-steps-per-update", "4",
-]  # fmt: skip
-
-
-def outcome(main, argv: list[str], capsys) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of ``main(argv)`` in this process."""
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def assert_one_line_error(err: str, prog: str, *texts: str) -> None:
-    """``err`` is one error line (after any progress bar lines of the work done before it)."""
-    lines = [line for line in err.strip().splitlines() if "it/s]" not in line]
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"python -m agents.{prog}: error: "), err
-    for text in texts:
-        assert text in lines[0], (text, err)
-    assert "Traceback" not in err
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +59,18 @@ def corrupted(checkpoint: Path, tmp_path: Path, how: str) -> Path:
 
 
 BAD_FLAGS = [
-    (["--seed", "-1"], "--seed: expected an int >= 0, got -1"),
+    (["--seed", "-1"], "--seed: expected an int >= 0 and <= 4294967295, got -1"),
+    (["--seed", str(2**32)], "--seed: expected an int >= 0 and <= 4294967295, got 4294967296"),
+    (["--solve-return", "-inf"], "--solve-return: expected a finite number, got -inf"),
+    (["--eval", "x", "--resume", "auto"], "--eval: 'x' given with --resume auto; --eval only evaluates"),
+    (["--eval", "x", "--actors", "2"], "--eval: 'x' given with --actors 2; --eval only evaluates"),
+    (["--core", "dense", "--core-layers", "gru"], "--core-layers: gru given with --core dense, which has no"),
+    (
+        ["--replay-capacity", "2000", "--min-replay-steps", "2001"],
+        "--min-replay-steps: expected an int <= 2000 (the replay holds at most",
+    ),
+    (["--allow-mismatch", "env"], "--allow-mismatch: 'env' given without --resume or --eval"),
+    (["--allow-mismatch", "env,bogus", "--resume", "auto"], "--allow-mismatch: expected entries among"),
     (["--batch-size", "0"], "--batch-size: expected an int >= 1, got 0"),
     (["--period", "1000"], "--period: expected an int <= unroll (40), got 1000"),
     (["--gamma", "2"], "--gamma: expected a finite number >= 0.0 and <= 1.0, got 2.0"),
@@ -107,6 +93,12 @@ def test_cartpole_bad_flag_is_one_line_and_exit_2(argv, message, capsys):
     code, _, err = outcome(cartpole.main, argv, capsys)
     assert code == 2
     assert_one_line_error(err, "cartpole", message)
+
+
+def test_a_float_flag_takes_a_value_that_starts_with_a_minus():
+    """Issue 24: argparse alone reads '-1e3' or '-inf' after a flag as an unknown option."""
+    args, _ = cartpole.parse_args([*FLAGS, "--solve-return", "-1e3", "--gamma", "0.9"])
+    assert args.solve_return == -1000.0
 
 
 def test_eval_or_resume_of_a_directory_that_is_no_checkpoint(tmp_path, capsys):
