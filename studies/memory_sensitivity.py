@@ -11,29 +11,40 @@ from typing import Any
 import numpy as np
 
 from agents.cli import ArgumentParser, run_script
+from studies import memory_report
 from studies import memory_suite as suite
+from studies.popgym_tasks import TASKS
 
 PROG = "python -m studies.memory_sensitivity"
 
-BEFORE = {"adam_epsilon": 1e-3, "gamma": 0.99}
-"""The two settings the tuning changed, as they were (the R2D2 paper's Adam ε and the demo's γ)."""
+BEFORE = {"adam_epsilon": 1e-3, "gamma": 0.99, "reward_scale": 1.0}
+"""The settings before the tuning: the paper's Adam ε, the masked-CartPole γ, the env's own rewards."""
 
-# fmt: off
-VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
-    # task                        label                          R2D2Config overrides on the popgym preset
-    ("RepeatFirstEasy",          "before: Adam ε 1e-3, γ 0.99", BEFORE),
-    ("RepeatFirstEasy",          "Adam ε 1e-8, γ 0.99",         {"gamma": 0.99}),
-    ("RepeatFirstEasy",          "Adam ε 1e-3, γ 0.5",          {"adam_epsilon": 1e-3, "gamma": 0.5}),
-    ("RepeatFirstEasy",          "tuned: Adam ε 1e-8, γ 0.5",   {"gamma": 0.5}),
-    ("RepeatPreviousEasy",       "before: Adam ε 1e-3, γ 0.99", BEFORE),
-    ("RepeatPreviousEasy",       "Adam ε 1e-8, γ 0.99",         {"gamma": 0.99}),
-    ("RepeatPreviousEasy",       "Adam ε 1e-3, γ 0.5",          {"adam_epsilon": 1e-3, "gamma": 0.5}),
-    ("RepeatPreviousEasy",       "tuned: Adam ε 1e-8, γ 0.5",   {"gamma": 0.5}),
-    ("PositionOnlyCartPoleEasy", "before: Adam ε 1e-3, γ 0.99", BEFORE),
-    ("PositionOnlyCartPoleEasy", "tuned: Adam ε 1e-8, γ 0.99",  {}),
+TURNED_BACK: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("Adam ε 1e-3", {"adam_epsilon": 1e-3}),
+    ("γ 0.99", {"gamma": 0.99}),
+    ("reward ×1", {"reward_scale": 1.0}),
 )
-# fmt: on
-"""One run per row: the task, what the row sets, and the overrides (the rest is the ``popgym`` preset)."""
+"""Each tuned setting turned back alone (a γ row only where the task overrides γ)."""
+
+SENSITIVITY_TASKS = ("RepeatFirstEasy", "RepeatPreviousEasy", "PositionOnlyCartPoleEasy", "CountRecallEasy")
+
+
+def variants() -> tuple[tuple[str, str, dict[str, Any]], ...]:
+    """(task, label, R2D2Config overrides on the suite's task settings) per run: the tuned settings, each
+    setting turned back alone, and all of them turned back."""
+    out = []
+    for name in SENSITIVITY_TASKS:
+        task = TASKS[name]
+        out.append((name, "tuned", {}))
+        for label, overrides in TURNED_BACK:
+            if "gamma" not in overrides or "gamma" in task.overrides:
+                out.append((name, label, overrides))
+        out.append((name, "before: " + ", ".join(label for label, _ in TURNED_BACK), BEFORE))
+    return tuple(out)
+
+
+VARIANTS = variants()
 
 
 def jobs(args: argparse.Namespace) -> list[tuple[str, suite.Job]]:
@@ -42,8 +53,9 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, suite.Job]]:
     for i, (name, label, overrides) in enumerate(VARIANTS):
         for seed in args.seeds:
             job = suite.Job(
-                task=suite.TASKS[name], seed=seed, env_steps=args.env_steps, eval_every=args.eval_every,
-                eval_episodes=args.eval_episodes, overrides=overrides, run_dir=str(args.run_dir / f"v{i}"),
+                task=TASKS[name], seed=seed, env_steps=args.env_steps, eval_every=args.eval_every,
+                eval_episodes=args.eval_episodes, overrides={**TASKS[name].overrides, **overrides},
+                run_dir=str(args.run_dir / f"v{i}"),
                 stop_when_solved=True,
             )  # fmt: skip
             out.append((label, job))
@@ -62,17 +74,17 @@ def adam_denominator(learner_npz: Path) -> dict[str, float]:
 
 def markdown(rows: list[dict[str, Any]], *, env_steps: int) -> str:
     lines = [
-        f"R2D2 (preset `popgym` + the row's settings), budget {env_steps:,} env steps, a run ends at its first "
-        f"evaluation at ≥ {suite.SOLVED:g}. MMER: best mean greedy return (per seed).",
+        f"R2D2 (preset `popgym` + the suite's task settings, then the row's), budget {env_steps:,} env steps, a "
+        "run ends at its first evaluation at ≥ its task's threshold. MMER: best mean greedy return (per seed).",
         "",
-        f"| task | settings | MMER | env steps to {suite.SOLVED:g} | median √v̂ of Adam at the end (ε: the row's) |",
+        "| task | settings | MMER | env steps to threshold | median √v̂ of Adam at the end (ε: the row's) |",
         "| --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         mmer = ", ".join(f"{v:.2f}" for v in r["mmer"])
         root = ", ".join(f"{d['median']:.1e}" for d in r["adam_sqrt_v"])
         lines.append(
-            f"| {r['task']} | {r['settings']} | {mmer} | {suite.format_steps(r['steps_to'])} | {root} |"
+            f"| {r['task']} | {r['settings']} | {mmer} | {memory_report.format_steps(r['steps_to'])} | {root} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -103,7 +115,7 @@ def _main(argv: list[str] | None) -> int:
     summaries.update(suite.run_jobs(todo, workers=args.workers, resume=args.resume, desc="sensitivity runs"))
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for label, job in labelled:
-        m = suite.seed_metrics(summaries[job.key]["history"]["evals"])
+        m = memory_report.seed_metrics(summaries[job.key]["history"]["evals"], threshold=job.task.threshold)
         row = rows.setdefault((job.task.name, label), {
             "task": job.task.name, "settings": label, "overrides": job.overrides, "seeds": [], "mmer": [],
             "steps_to": [], "curves": [], "adam_sqrt_v": [],

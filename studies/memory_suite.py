@@ -7,7 +7,6 @@ import concurrent.futures as futures
 import dataclasses
 import functools
 import json
-import math
 import multiprocessing
 import os
 import shutil
@@ -16,71 +15,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from agents.ablation import steps_text
 from agents.cli import ArgumentParser, run_script
+from studies import memory_report as report_
+from studies.popgym_tasks import DEFAULT_TASKS, PRESET, QUICK_CONFIG, QUICK_TASKS, TARGET_TASKS, TASKS, Task
 
 PROG = "python -m studies.memory_suite"
-PRESET = "popgym"
-"""The R2D2Config preset every task starts from (:data:`agents.r2d2.config.PRESETS`)."""
-SOLVED = 0.9
-"""The return the issue counts as solved (POPGym scales every task's return into [-1, 1])."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-    """One row of the suite: a POPGym env (by its class name), its env-step budget, the env steps between
-    greedy evaluations, and R2D2Config overrides on top of the ``popgym`` preset."""
-
-    name: str
-    env_steps: int
-    eval_every: int
-    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    @property
-    def env_id(self) -> str:
-        return f"popgym-{self.name}-v0"
-
-
-# fmt: off
-TASKS: dict[str, Task] = {t.name: t for t in (
-    #    POPGym class                     env steps  eval every  R2D2Config overrides (on the popgym preset)
-    Task("RepeatFirstEasy",                 200_000,      8_000,  {"gamma": 0.5}),  # actions never change what comes next
-    Task("RepeatPreviousEasy",              200_000,      8_000,  {"gamma": 0.5}),  # (the same)
-    Task("PositionOnlyCartPoleEasy",        200_000,      8_000,  {}),
-    Task("CountRecallEasy",                 200_000,     10_000,  {}),
-    Task("AutoencodeEasy",                  200_000,     10_000,  {}),
-    Task("NoisyPositionOnlyCartPoleEasy",   200_000,     10_000,  {}),
-    Task("MultiarmedBanditEasy",            200_000,     10_000,  {}),
-    Task("HigherLowerEasy",                 200_000,     10_000,  {}),
-    Task("MineSweeperEasy",                 200_000,     10_000,  {}),
-    Task("BattleshipEasy",                  200_000,     10_000,  {}),
-    Task("ConcentrationEasy",               200_000,     10_000,  {}),
-    Task("RepeatPreviousMedium",            400_000,     20_000,  {"gamma": 0.5}),  # k = 32: memory > burn-in
-    Task("RepeatFirstMedium",               400_000,     20_000,  {"gamma": 0.5}),  # 415-step episodes
-)}
-# fmt: on
-"""The suite. Budgets: 200k env steps for the Easy tasks (the issue's reference budget), 400k for the Medium
-ones; 20 to 25 evaluations each. Overrides: γ 0.5 where the actions never change what the agent sees next
-(the Repeat games: only the immediate reward depends on the action; measured in
-``studies.memory_sensitivity``)."""
-
-DEFAULT_TASKS = ("RepeatFirstEasy", "RepeatPreviousEasy", "PositionOnlyCartPoleEasy")
-"""The default run: the issue's three solve targets × 3 seeds at 200k env steps each. One run of the popgym
-preset with one TensorFlow thread measured about 33 learner updates/s (136 env steps/s) on this 2-core
-machine with two runs side by side, so a whole budget takes about 25 min and the nine runs on 2 workers
-about 2 h; with ``--stop-when-solved`` (each run ends at its first evaluation at >= 0.9) the nine took
-20 min. ``--tasks all`` runs every task (9M env steps: about 9 h on 2 workers); ``--tasks NAME …`` some;
-``--env-steps N`` sets every selected task's budget."""
-
-QUICK_TASKS = ("RepeatFirstEasy", "RepeatPreviousEasy")
-QUICK_CONFIG = dict(
-    torso_units=(16,), core_units=16, head_units=16, batch_size=8, num_envs=4, replay_capacity=2000,
-    min_replay_steps=300, env_steps_per_update=8.0,
-)  # fmt: skip
-"""``--quick`` (CI, about 20 s): these two tasks, seed 0, 1000 env steps, a tiny network, 2 evaluations
-of 8 episodes, 20 random episodes, outputs in a temp dir."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -95,6 +34,9 @@ class Job:
     overrides: dict[str, Any]
     """R2D2Config overrides on the preset actually used (the task's, and ``--quick``'s)."""
     run_dir: str
+    probe: bool = False
+    """Read the core with :class:`studies.memory_probe.MemoryProbeHook` at every evaluation (where the task
+    has labels); the training is the same with it as without."""
     stop_when_solved: bool = False
     """End the run at its first evaluation at >= 0.9 (its MMER is then that evaluation's return)."""
 
@@ -124,7 +66,7 @@ class Job:
             total_env_steps=self.env_steps,
             eval_every=self.eval_every,
             eval_episodes=self.eval_episodes,
-            solve_return=SOLVED,
+            solve_return=self.task.threshold,
             stop_when_solved=self.stop_when_solved,  # by default the whole curve: MMER and the final return
             checkpoint_every=max(self.env_steps // 4, self.eval_every),
             progress=False,
@@ -194,9 +136,14 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+PROBE_BATCHES = 8
+"""Batches of windows per ``--probe`` reading (a few hundred mid-episode windows)."""
+
+
 def _train(job: Job, *, resume: str) -> dict[str, Any]:
     from agents.envs import make_vector_env
     from agents.experiment import train
+    from studies.memory_probe import MemoryProbeHook, labeller
 
     config, options = job.settings()
     options = dataclasses.replace(options, resume=resume)
@@ -206,6 +153,8 @@ def _train(job: Job, *, resume: str) -> dict[str, Any]:
     job.out_dir.mkdir(parents=True, exist_ok=True)
     (job.out_dir / JOB_FILE).write_text(json.dumps(job.identity))
     run_args = {"seed": job.seed, **dataclasses.asdict(options)}
+    label_fn = labeller(job.task.env_id) if job.probe else None
+    hooks = [MemoryProbeHook(label_fn, batches=PROBE_BATCHES, seed=job.seed)] if label_fn else []
     return train(
         config,
         options,
@@ -214,6 +163,7 @@ def _train(job: Job, *, resume: str) -> dict[str, Any]:
         out_dir=job.out_dir,
         title=f"R2D2 on {job.task.name} (preset {PRESET}, seed {job.seed})",
         fields={"env": job.task.env_id, "seed": job.seed, "config": config.to_json(), "args": run_args},
+        hooks=hooks,
     )
 
 
@@ -249,55 +199,19 @@ def completed(summary: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def random_return(env_id: str, *, episodes: int, seed: int) -> dict[str, Any]:
-    """Mean and std of the return of a uniform random policy over ``episodes`` episodes (env reset with
-    ``seed + i``, actions from the action space seeded with ``seed``)."""
-    import gymnasium as gym
-
-    from agents.envs import ensure_registered
-
-    env = gym.make(ensure_registered(env_id), disable_env_checker=True)
-    env.action_space.seed(seed)
-    returns = []
-    for i in range(episodes):
-        env.reset(seed=seed + i)
-        total, done = 0.0, False
-        while not done:
-            _, reward, terminated, truncated, _ = env.step(env.action_space.sample())
-            total, done = total + float(reward), terminated or truncated
-        returns.append(total)
-    env.close()
-    return {
-        "mean": float(np.mean(returns)),
-        "std": float(np.std(returns)),
-        "episodes": episodes,
-        "seed": seed,
-    }
-
-
-def stat(values: list[float]) -> dict[str, Any]:
-    """Per-seed values with their mean and (population) std."""
-    return {"values": values, "mean": float(np.mean(values)), "std": float(np.std(values))}
-
-
-def seed_metrics(evals: list[dict[str, Any]]) -> dict[str, Any]:
-    """From one run's evaluations: the curve, MMER (its max), the final return, env steps to the first ≥ 0.9."""
-    curve = [[int(e["env_steps"]), float(e["mean_return"])] for e in evals]
-    returns = [r for _, r in curve]
-    return {
-        "curve": curve,
-        "mmer": max(returns),
-        "final": returns[-1],
-        "steps_to": next((s for s, r in curve if r >= SOLVED), None),
-    }
-
-
 def task_entry(
     jobs: list[Job], summaries: dict[tuple[str, int, str], dict], random: dict, command: str
 ) -> dict[str, Any]:
     """The JSON entry of one task: its runs (one per seed) summarised."""
     job, by_seed = jobs[0], sorted(jobs, key=lambda j: j.seed)
-    per_seed = {j.seed: seed_metrics(summaries[j.key]["history"]["evals"]) for j in by_seed}
+    per_seed = {
+        j.seed: report_.seed_metrics(
+            summaries[j.key]["history"]["evals"],
+            summaries[j.key]["history"]["episodes"],
+            threshold=job.task.threshold,
+        )
+        for j in by_seed
+    }
     seeds = list(per_seed)
     return {
         "env_id": job.task.env_id,
@@ -308,129 +222,19 @@ def task_entry(
         "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in job.overrides.items()},
         "seeds": seeds,
         "stop_when_solved": job.stop_when_solved,
-        "mmer": stat([per_seed[s]["mmer"] for s in seeds]),
-        "final": stat([per_seed[s]["final"] for s in seeds]),
-        f"steps_to_{SOLVED:g}": [per_seed[s]["steps_to"] for s in seeds],
+        "config": summaries[by_seed[0].key]["config"],
+        "mmer": report_.stat([per_seed[s]["mmer"] for s in seeds]),
+        "final": report_.stat([per_seed[s]["final"] for s in seeds]),
+        "popgym": {"values": [per_seed[s]["popgym"] for s in seeds]},
+        "threshold": job.task.threshold,
+        "steps_to_threshold": [per_seed[s]["steps_to"] for s in seeds],
+        "published": dataclasses.asdict(job.task.target) if job.task.target else None,
         "random_return": random,
         "curves": {str(s): per_seed[s]["curve"] for s in seeds},
         "updates": [summaries[j.key]["updates"] for j in by_seed],
         "wall_time_s": [summaries[j.key]["wall_time_s"] for j in by_seed],
         "command": command,
     }
-
-
-def format_steps(values: list[int | None]) -> str:
-    """Env steps per seed in thousands (``24k, 16.5k, —``; — for a run that never got there)."""
-    if all(v is None for v in values):
-        return "—"
-    return ", ".join(steps_text(v) for v in values)
-
-
-def lead_over_random(final: float, random: dict[str, float], *, episodes: int) -> float:
-    """How far a final return lies above the random policy's, in standard errors of one evaluation.
-
-    lead = (final − μ_random) / (σ_random / √episodes), σ_random the random policy's episode-return std: a
-    policy that plays like the random one scores within ±2 about 95% of the time. Judged on the final
-    return, not MMER: a max over ~20 evaluations lies about 2 standard errors above the mean by chance alone.
-    """
-    diff = final - random["mean"]
-    se = random["std"] / math.sqrt(episodes)
-    if se == 0:  # a task whose random return never varies: any difference is certain
-        return math.copysign(math.inf, diff) if diff else 0.0
-    return diff / se
-
-
-CLEAR_LEAD = 3.0
-"""A lead over random of at least this many standard errors counts as clear in the table."""
-
-
-def lead_cell(final: float, random: dict[str, float], *, episodes: int) -> str:
-    """The table's lead column: the lead in return and in standard errors, bold when clear. A lead that
-    rounds to zero prints as +0.00 (0.0 SE), not −0.00 (−0.0 SE)."""
-    lead = lead_over_random(final, random, episodes=episodes)
-    # round, then + 0.0: a −0.0 becomes 0.0 (Python 3.10 has no "z" format option)
-    text = f"{round(final - random['mean'], 2) + 0.0:+.2f} ({round(lead, 1) + 0.0:.1f} SE)"
-    return f"**{text}**" if lead >= CLEAR_LEAD else text
-
-
-def markdown(report: dict[str, dict[str, Any]]) -> str:
-    """The table: one row per task in :data:`TASKS` order."""
-    lines = [
-        f"R2D2 (preset `{PRESET}` + the overrides shown) on POPGym, mean ± std over seeds. MMER: the best "
-        "mean greedy return over a run's evaluations (POPGym's metric; returns lie in [−1, 1], perfect "
-        f"play 1). Steps to {SOLVED:g}: env steps of the first evaluation at ≥ {SOLVED:g}, per seed. Random: a "
-        "uniform random policy. Lead: the mean final return's lead over random, in standard errors of one "
-        "evaluation of a random policy (σ_random / √episodes); ≥ "
-        f"{CLEAR_LEAD:g} (bold) is a clear margin. Commands in memory_suite.json.",
-        "",
-        "| task | env steps | eval every × episodes | seeds | MMER | 1 − MMER | final | "
-        f"steps to {SOLVED:g} | random | lead over random | overrides |",
-        "| --- " * 11 + "|",
-    ]
-    for name in sorted(report, key=_order):
-        e = report[name]
-        m, f, r = e["mmer"], e["final"], e["random_return"]
-        overrides = ", ".join(f"{k}={v}" for k, v in e["overrides"].items()) or "—"
-        per_seed = ", ".join(f"{v:.2f}" for v in m["values"])
-        mark = " ‡" if e.get("stop_when_solved") else ""
-        lead_text = lead_cell(f["mean"], r, episodes=e["eval_episodes"])
-        lines.append(
-            f"| {name} | {e['budget']:,} | {e['eval_every']:,} × {e['eval_episodes']} | {len(e['seeds'])} | "
-            f"{m['mean']:.2f} ± {m['std']:.2f} ({per_seed}) | {1 - m['mean']:.2f} | "
-            f"{f['mean']:.2f} ± {f['std']:.2f}{mark} | {format_steps(e[f'steps_to_{SOLVED:g}'])} | {r['mean']:.2f} | "
-            f"{lead_text} | {overrides} |"
-        )
-    if any(e.get("stop_when_solved") for e in report.values()):
-        lines.append(
-            f"\n‡ run with `--stop-when-solved`: a seed's run ends at its first evaluation at ≥ {SOLVED:g}, "
-            "so its final return is that evaluation's (runs that never reach it use the whole budget)."
-        )
-    return "\n".join(lines) + "\n"
-
-
-def _order(name: str) -> int:
-    return list(TASKS).index(name) if name in TASKS else len(TASKS)
-
-
-def plot(report: dict[str, dict[str, Any]], path: Path) -> None:
-    """One learning-curve panel per task: mean greedy return over seeds ± std, random dashed, 0.9 dotted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = sorted(report, key=_order)
-    cols = min(4, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
-        _panel(ax, name, report[name])
-    for ax in axes.flat[len(names) :]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _panel(ax, name: str, entry: dict[str, Any]) -> None:
-    curves = [np.array(c, dtype=float) for c in entry["curves"].values()]
-    for c in curves:  # each seed thin: a run stopped at its solve ends there
-        ax.plot(c[:, 0], c[:, 1], color="tab:blue", lw=0.7, alpha=0.5)
-    # mean ± std where every seed has evaluated (all evaluate at about the same env steps)
-    grid = min(curves, key=len)[:, 0]
-    ys = np.array([np.interp(grid, c[:, 0], c[:, 1]) for c in curves])
-    mean, std = ys.mean(0), ys.std(0)
-    ax.plot(grid, mean, color="tab:blue", label=f"R2D2 ({len(curves)} seed{'s' if len(curves) != 1 else ''})")
-    ax.fill_between(grid, mean - std, mean + std, color="tab:blue", alpha=0.2)
-    ax.axhline(entry["random_return"]["mean"], color="tab:gray", ls="--", lw=1, label="random")
-    ax.axhline(SOLVED, color="tab:green", ls=":", lw=1, label=f"{SOLVED:g}")
-    m = entry["mmer"]
-    ax.set_title(f"{name}\nMMER {m['mean']:.2f} ± {m['std']:.2f}", fontsize=9)
-    ax.set_ylim(-1.05, 1.05)
-    ax.set_xlabel("env steps", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=6, loc="lower right")
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, list[Job]]]:
@@ -445,7 +249,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, li
         nargs="+",
         default=None,
         metavar="TASK",
-        help="POPGym class names, or 'all' [the default run]",
+        help="POPGym class names, 'all', or 'targets' (those with a published target) [the default run]",
     )
     add("--seeds", nargs="+", type=int, default=None, help="seeds per task [0 1 2]")
     add("--workers", type=int, default=None, help="runs in parallel processes (1: in this process) [2]")
@@ -456,9 +260,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, li
     add(
         "--stop-when-solved",
         action="store_true",
-        help=f"end each run at its first evaluation at >= {SOLVED:g} (saves the rest of its budget)",
+        help="end each run at its first evaluation at >= its threshold (saves the rest of its budget)",
     )
     add("--resume", action="store_true", help="reuse finished runs; resume killed ones from their checkpoint")
+    add(
+        "--probe",
+        action="store_true",
+        help="read the core at every evaluation (studies.memory_probe; tasks with labels); same training",
+    )
     add(
         "--quick", action="store_true", help="CI: 2 tasks, 1 seed, 1000 env steps, tiny net, temp dir (≈20 s)"
     )
@@ -492,9 +301,11 @@ def _tasks(parser: ArgumentParser, names: list[str] | None, *, quick: bool) -> l
         return list(QUICK_TASKS if quick else DEFAULT_TASKS)
     if names == ["all"]:
         return list(TASKS)
+    if names == ["targets"]:
+        return list(TARGET_TASKS)
     unknown = [n for n in names if n not in TASKS]
     if unknown:
-        parser.error(f"--tasks: unknown task {unknown[0]!r}; choices: {', '.join(TASKS)}, or 'all'")
+        parser.error(f"--tasks: unknown task {unknown[0]!r}; choices: {', '.join(TASKS)}, 'all' or 'targets'")
     return list(dict.fromkeys(names))
 
 
@@ -530,7 +341,8 @@ def make_jobs(args: argparse.Namespace) -> dict[str, list[Job]]:
         overrides = {**task.overrides, **(QUICK_CONFIG if args.quick else {})}
         out[name] = [
             Job(task=task, seed=s, env_steps=steps, eval_every=every, eval_episodes=args.eval_episodes,
-                overrides=overrides, run_dir=str(args.run_dir), stop_when_solved=args.stop_when_solved)
+                overrides=overrides, run_dir=str(args.run_dir), stop_when_solved=args.stop_when_solved,
+                probe=args.probe)
             for s in args.seeds
         ]  # fmt: skip
     return out
@@ -544,7 +356,7 @@ def random_returns(names: list[str], previous: dict[str, Any], *, episodes: int)
         if cached.get("episodes") == episodes and cached.get("seed") == 0:
             out[name] = cached
         else:
-            out[name] = random_return(TASKS[name].env_id, episodes=episodes, seed=0)
+            out[name] = report_.random_return(TASKS[name].env_id, episodes=episodes, seed=0)
     return out
 
 
@@ -565,9 +377,9 @@ def _main(argv: list[str] | None) -> int:
     report = {**previous, **{n: task_entry(jobs[n], summaries, randoms[n], command) for n in args.tasks}}
     args.out.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=1))
-    md = markdown(report)
+    md = report_.targets_markdown(report) + "\n" + report_.markdown(report)
     (args.out / "memory_suite.md").write_text(md)
-    plot(report, args.out / "memory_suite.png")
+    report_.plot(report, args.out / "memory_suite.png")
     print(md)
     print(f"outputs: {args.out}/memory_suite.{{md,json,png}}")
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 import pytest
@@ -23,15 +22,19 @@ def test_every_variant_is_its_own_valid_run_stopped_at_its_solve(tmp_path):
     for label, job in labelled:
         config, options = job.settings()
         assert options.stop_when_solved and options.total_env_steps == 6000
-        # the label says what the run sets: Adam ε and γ as configured
-        eps, gamma = re.search(r"Adam ε (\S+), γ (\S+)$", label).groups()
-        assert (float(eps), float(gamma)) == (config.adam_epsilon, config.gamma)
-    tuned = {name: suite.TASKS[name].overrides.get("gamma", 0.99) for name, *_ in sens.VARIANTS}
-    for name, label, overrides in sens.VARIANTS:  # the "tuned" row is the suite's setting
-        if label.startswith("tuned"):
-            config = suite.Job(task=suite.TASKS[name], seed=0, env_steps=1, eval_every=1, eval_episodes=1,
-                               overrides=overrides, run_dir="x").settings()[0]  # fmt: skip
-            assert config.gamma == tuned[name] and config.adam_epsilon == 1e-8
+        tuned = suite.Job(task=job.task, seed=0, env_steps=1, eval_every=1, eval_episodes=1,
+                          overrides=job.task.overrides, run_dir="x").settings()[0]  # fmt: skip
+        changed = {
+            f for f in ("adam_epsilon", "gamma", "reward_scale") if getattr(config, f) != getattr(tuned, f)
+        }
+        # the label names what the row turns back, and nothing else differs from the suite's setting
+        expected = {"tuned": set(), "Adam ε 1e-3": {"adam_epsilon"}, "γ 0.99": {"gamma"},
+                    "reward ×1": {"reward_scale"}}.get(label)  # fmt: skip
+        if expected is None:
+            assert label.startswith("before: ") and config.adam_epsilon == 1e-3 and config.reward_scale == 1
+            assert config.gamma == 0.99
+        else:
+            assert changed == expected, (label, changed)
 
 
 def test_the_table_has_a_row_per_variant_with_per_seed_values():

@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("popgym")
 
 from agents.envs import ensure_registered
+from studies import memory_report
 from studies import memory_suite as suite
 
 ISSUE_TASKS = (
@@ -47,9 +48,50 @@ def test_each_task_is_popgyms_class_with_a_sane_budget(name):
     ],
 )
 def test_seed_metrics_read_the_curve(curve, mmer, final, steps_to):
-    m = suite.seed_metrics([{"env_steps": s, "mean_return": r} for s, r in curve])
+    m = memory_report.seed_metrics([{"env_steps": s, "mean_return": r} for s, r in curve])
     assert (m["mmer"], m["final"], m["steps_to"]) == (mmer, final, steps_to)
     assert m["curve"] == [list(p) for p in curve]
+
+
+# (episodes as [env steps at the end, return], evaluation steps) -> the best mean of the last 100 by then
+POPGYM_CASES = [
+    ([[10, 1.0], [20, 0.0]], [5], None),  # no episode ended by the only evaluation
+    ([[10, 1.0], [20, 0.0]], [15, 25], 1.0),  # at 15: [1.0]; at 25: mean(1, 0) = 0.5
+    ([[i, 0.0] for i in range(100)] + [[100 + i, 1.0] for i in range(100)], [99, 149, 199], 1.0),
+    ([[i, 0.0] for i in range(100)] + [[100 + i, 1.0] for i in range(50)], [149], 0.5),  # the last 100 only
+]
+
+
+@pytest.mark.parametrize(("episodes", "at", "expected"), POPGYM_CASES)
+def test_popgym_metric_is_the_best_mean_of_the_last_100_training_episodes(episodes, at, expected):
+    assert memory_report.popgym_metric(episodes, at) == expected
+
+
+def test_a_target_task_is_solved_at_its_published_figure():
+    targets = [suite.TASKS[name] for name in suite.TARGET_TASKS]
+    assert {t.name for t in targets} >= {"CountRecallEasy", "RepeatPreviousMedium", "AutoencodeEasy"}
+    for task in targets:
+        assert task.threshold == task.target.score and task.env_steps <= 1_000_000
+        job = suite.Job(task=task, seed=0, env_steps=1000, eval_every=500, eval_episodes=4, overrides={},
+                        run_dir="unused", stop_when_solved=True)  # fmt: skip
+        assert job.settings()[1].solve_return == task.target.score
+    assert suite.TASKS["RepeatFirstEasy"].threshold == 0.9
+    _, jobs = suite.parse_args(["--tasks", "targets"])
+    assert list(jobs) == list(suite.TARGET_TASKS)
+
+
+def test_the_targets_table_sets_each_task_beside_its_published_figure():
+    entry = {
+        "budget": 1_000_000, "seeds": [0, 1], "mmer": memory_report.stat([0.6, 0.5]),
+        "popgym": {"values": [0.4, None]}, "threshold": 0.51, "steps_to_threshold": [400_000, None],
+        "published": {"score": 0.51, "method": "PPO-LSTM", "budget": "15M", "source": "POPGym table"},
+    }  # fmt: skip
+    md = memory_report.targets_markdown({"CountRecallEasy": entry, "RepeatFirstEasy": {"published": None}})
+    assert (
+        "| CountRecallEasy | 1,000,000 | 2 | 0.55 (0.60, 0.50) | 0.40 (0.40) | 400k, — | 0.51 PPO-LSTM, 15M¹ | **yes** |"
+        in md
+    )
+    assert "¹ POPGym table." in md and "RepeatFirstEasy" not in md
 
 
 @pytest.mark.parametrize(
@@ -62,7 +104,7 @@ def test_seed_metrics_read_the_curve(curve, mmer, final, steps_to):
     ],
 )
 def test_lead_over_random_is_in_standard_errors_of_one_evaluation(final, random, episodes, lead):
-    assert suite.lead_over_random(final, random, episodes=episodes) == pytest.approx(lead)
+    assert memory_report.lead_over_random(final, random, episodes=episodes) == pytest.approx(lead)
 
 
 @pytest.fixture(scope="module")
@@ -85,14 +127,16 @@ def test_quick_run_writes_table_json_and_plot(quick):
         returns = [r for _, r in curve]
         assert entry["mmer"]["values"] == [max(returns)] and entry["mmer"]["mean"] == max(returns)
         assert entry["final"]["values"] == [returns[-1]]
-        assert entry["steps_to_0.9"] == [next((s for s, r in curve if r >= 0.9), None)]
+        assert entry["threshold"] == 0.9 and entry["published"] is None
+        assert entry["steps_to_threshold"] == [next((s for s, r in curve if r >= 0.9), None)]
+        assert entry["popgym"]["values"][0] is not None and -1 <= entry["popgym"]["values"][0] <= 1
         assert -1.0 <= entry["random_return"]["mean"] <= 0.0 and entry["random_return"]["episodes"] == 20
         assert entry["overrides"]["core_units"] == 16 and entry["command"].startswith(suite.PROG + " --quick")
     md = (quick / "memory_suite.md").read_text()
     assert "| RepeatFirstEasy | 1,000 | 500 × 8 | 1 |" in md and "| RepeatPreviousEasy |" in md
     row = next(line for line in md.splitlines() if line.startswith("| RepeatFirstEasy |")).split(" | ")
     entry = report["RepeatFirstEasy"]
-    lead = suite.lead_over_random(entry["final"]["mean"], entry["random_return"], episodes=8)
+    lead = memory_report.lead_over_random(entry["final"]["mean"], entry["random_return"], episodes=8)
     assert row[9].strip("*").endswith(f"({round(lead, 1) + 0.0:.1f} SE)")  # the lead column
     assert (quick / "memory_suite.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -214,14 +258,17 @@ def test_stop_when_solved_is_a_flag_and_marks_the_final_column(tmp_path):
     _, jobs = suite.parse_args(["--out", str(tmp_path)])
     assert not any(j.stop_when_solved for runs in jobs.values() for j in runs)
     entry = {"budget": 1000, "eval_every": 500, "eval_episodes": 8, "seeds": [0], "overrides": {},
-             "mmer": suite.stat([0.95]), "final": suite.stat([0.95]), "steps_to_0.9": [500],
-             "random_return": {"mean": -0.5, "std": 0.2}}  # fmt: skip
-    assert "‡" not in suite.markdown({"RepeatFirstEasy": entry})
-    md = suite.markdown({"RepeatFirstEasy": {**entry, "stop_when_solved": True}})
+             "mmer": memory_report.stat([0.95]), "final": memory_report.stat([0.95]), "steps_to_0.9": [500],
+             "random_return": {"mean": -0.5, "std": 0.2}, "config": {}}  # fmt: skip
+    assert "‡" not in memory_report.markdown({"RepeatFirstEasy": entry})
+    md = memory_report.markdown({"RepeatFirstEasy": {**entry, "stop_when_solved": True}})
     assert (
-        "| 0.95 ± 0.00 (0.95) | 0.05 | 0.95 ± 0.00 ‡ | 0.5k |" in md
+        "| 0.95 ± 0.00 (0.95) | 0.05 | 0.95 ± 0.00 ‡ | 0.5k (≥ 0.9) |" in md
         and "‡ run with `--stop-when-solved`" in md
+        and "†" not in md
     )
+    older = {k: v for k, v in entry.items() if k != "config"}  # an entry from before the config was kept
+    assert "| RepeatFirstEasy † |" in memory_report.markdown({"RepeatFirstEasy": older})
 
 
 @pytest.mark.parametrize(
@@ -235,4 +282,4 @@ def test_stop_when_solved_is_a_flag_and_marks_the_final_column(tmp_path):
     ],
 )
 def test_lead_cell_by_hand(final, random, cell):
-    assert suite.lead_cell(final, random, episodes=36) == cell
+    assert memory_report.lead_cell(final, random, episodes=36) == cell

@@ -227,7 +227,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "masked-cartpole": {},
     "popgym": dict(
         burn_in=10, unroll=40, period=10, learning_rate=3e-4, adam_epsilon=1e-8, env_steps_per_update=4.0,
-        replay_capacity=50_000, min_replay_steps=2_000,
+        replay_capacity=50_000, min_replay_steps=2_000, reward_scale=50.0,
     ),
     "atari": dict(
         torso_units=(), core_units=512, head_units=512, burn_in=40, unroll=80, period=40, n_step=5,
@@ -243,8 +243,10 @@ PRESET_DOCS: dict[str, str] = {
     "popgym": (
         "a starting point for POPGym's card and memory games (episodes of tens of steps, returns in "
         "[-1, 1]): burn-in 10, period 10 (ΔQ is measured at the first trained step), lr 3e-4, Adam ε "
-        "1e-8 (the paper's 1e-3 outweighs gradients of returns this small and stalls learning), 4 env "
-        "steps per update, 50k replay steps; per-task overrides in studies.memory_suite.TASKS."
+        "1e-8 (the paper's 1e-3 outweighs gradients of returns this small and stalls learning), rewards ×50 "
+        "(POPGym divides a game's per-step reward by its length, about 50: ×50 brings the targets back to "
+        "about ±1, above the network's initial Q noise), 4 env steps per update, 50k replay steps; per-task "
+        "overrides in studies.popgym_tasks.TASKS."
     ),
     "atari": (
         "the paper's values (Kapturowski et al. 2019): conv torso, LSTM 512, heads 512, burn-in 40, "
