@@ -1,10 +1,10 @@
-"""Recurrent-state staleness diagnostics: the R2D2 paper's ΔQ."""
+"""Recurrent-state staleness diagnostics: the R2D2 paper's ΔQ, and ΔQ against the spread of the Q-values."""
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-__all__ = ["delta_q"]
+__all__ = ["delta_q", "delta_q_spread"]
 
 
 def delta_q(q_hat_t: tf.Tensor, q_t: tf.Tensor, q_hat_seq: tf.Tensor, seq_mask: tf.Tensor) -> tf.Tensor:
@@ -32,3 +32,31 @@ def delta_q(q_hat_t: tf.Tensor, q_t: tf.Tensor, q_hat_seq: tf.Tensor, seq_mask: 
     scale = tf.abs(tf.reduce_max(masked, axis=[1, 2]))  # [B]
     nan = tf.constant(float("nan"), dtype=q_hat_t.dtype)
     return tf.where((scale > 0) & tf.math.is_finite(scale), diff / scale, nan)
+
+
+def delta_q_spread(
+    q_hat_t: tf.Tensor, q_t: tf.Tensor, q_hat_seq: tf.Tensor, seq_mask: tf.Tensor
+) -> tf.Tensor:
+    """ΔQ_spread = ‖q(ĥ_t; θ) − q(h_t; θ)‖₂ / (max_{a,j} q(ĥ_j; θ)_a − min_{a,j} q(ĥ_j; θ)_a).
+
+    The paper's ΔQ (:func:`delta_q`) divides by |max_{a,j} q|, a stand-in for the
+    Q scale that holds where the Q-values lie far from 0 (Atari's positive
+    returns). Where returns straddle 0, as on POPGym (±1/L per step), that max
+    can sit near 0 and the reading runs to tens or hundreds. This divides by the
+    spread of the Q-values over the sequence instead: unchanged when every Q
+    shifts by a constant (which changes no greedy action), and equal to the
+    paper's ΔQ when the smallest Q of the sequence is 0. Same arguments and
+    shapes as :func:`delta_q`; ``[B]`` per sequence, NaN for a row whose spread
+    is 0 or whose mask is empty.
+    """
+    q_hat_t = tf.convert_to_tensor(q_hat_t)
+    q_t = tf.convert_to_tensor(q_t, dtype=q_hat_t.dtype)
+    q_hat_seq = tf.convert_to_tensor(q_hat_seq, dtype=q_hat_t.dtype)
+    diff = tf.norm(q_hat_t - q_t, ord="euclidean", axis=-1)  # [B]
+    mask = tf.cast(seq_mask, tf.bool)[..., None]  # [B, T, 1]
+    inf = tf.constant(float("inf"), dtype=q_hat_seq.dtype)
+    spread = tf.reduce_max(tf.where(mask, q_hat_seq, -inf), axis=[1, 2]) - tf.reduce_min(
+        tf.where(mask, q_hat_seq, inf), axis=[1, 2]
+    )  # [B]
+    nan = tf.constant(float("nan"), dtype=q_hat_t.dtype)
+    return tf.where((spread > 0) & tf.math.is_finite(spread), diff / spread, nan)

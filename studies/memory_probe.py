@@ -9,6 +9,7 @@ import numpy as np
 
 from agents.episode_probe import Recorder, pad_rows, true_states
 from burnin import BurnInRunner
+from burnin.diagnostics import delta_q, delta_q_spread
 from burnin.losses import r2d2_loss
 
 __all__ = [
@@ -150,7 +151,10 @@ def probe(loop, recorder: Recorder, label_fn, *, batches: int, rng: np.random.Ge
     ``q_right/<start>``, how often the greedy action is the right answer; ``read_out/<start>``, the held-out
     accuracy of a linear read-out of the answer from the core's state after the step
     (:func:`least_squares_predict`, fitted on half the windows, all starts pooled so one read-out serves
-    all three). For the learner's own (stored) start: ``td_abs`` (mean |δ|), and the scales ``q_abs_max``
+    all three). For the stored and the zero start against the true state: ``delta_q/<start>``, the paper's
+    ΔQ (:func:`burnin.diagnostics.delta_q`, the max over the trained steps), and ``delta_q_spread/<start>``,
+    the same over the spread of the Q-values (:func:`burnin.diagnostics.delta_q_spread`). For the learner's
+    own (stored) start: ``td_abs`` (mean |δ|), and the scales ``q_abs_max``
     (max_a |Q|), ``q_gap`` (best minus second-best Q), ``target_abs`` (|y|) and ``reward_abs`` (|r| of the
     rewarded steps), all in the learner's units (rewards times ``reward_scale``)."""
     learner = loop.learner
@@ -213,6 +217,14 @@ def _readings(
         out[f"q_right/{name}"] = _binned((q.argmax(-1) == y).astype(float), labelled)
         part = slice(i * rows, (i + 1) * rows)
         out[f"read_out/{name}"] = _binned((predicted[part] == yy[part]).astype(float), test[part])
+    q_true = np.concatenate(found["true"])
+    for name in ("stored", "zero"):  # the learner's two starts, each against the true state
+        q_hat = np.concatenate(found[name])
+        for key, fn in (("delta_q", delta_q), ("delta_q_spread", delta_q_spread)):
+            per_step = np.stack(
+                [fn(q_hat[:, t], q_true[:, t], q_hat, learn).numpy() for t in range(q_true.shape[1])], 1
+            )
+            out[f"{key}/{name}"] = _binned(np.nan_to_num(per_step), learn & np.isfinite(per_step))
     q = np.concatenate(found["stored"])
     top2 = np.sort(q, axis=-1)[..., -2:]
     out["td_abs"] = _binned(np.concatenate(found["td"]), learn)

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from burnin import losses
-from burnin.diagnostics import delta_q
+from burnin.diagnostics import delta_q, delta_q_spread
 
 GAMMA = 0.9
 
@@ -205,6 +205,35 @@ def test_delta_q_by_hand(call):
     got = call(delta_q, q_hat_t, q_t, q_hat_seq, mask)
     np.testing.assert_allclose(got[:2], [2.0 / 4.0, 5.0 / 2.0])
     assert np.isnan(got[2])
+
+
+def test_delta_q_spread_by_hand(call):
+    """The same rows as test_delta_q_by_hand, divided by max − min of the masked Q-values instead."""
+    q_hat_t = np.array([[1.0, 2.0], [0.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    q_t = np.array([[1.0, 0.0], [3.0, 4.0], [1.0, 1.0], [0.0, 0.0]])
+    q_hat_seq = np.array(
+        [
+            [[1.0, 2.0], [4.0, 0.0], [100.0, 0.0]],  # masked 100 left out: spread 4 − 0 = 4
+            [[-2.0, -3.0], [-5.0, -4.0], [0.0, 0.0]],  # spread −2 − (−5) = 3
+            [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]],  # spread 0: undefined
+            [[10.0, 11.0], [10.5, 10.0], [9.0, 0.0]],  # near 10, spread 1 (the paper's ΔQ would read 1/11)
+        ]
+    )
+    mask = np.array([[1, 1, 0], [1, 1, 0], [1, 1, 1], [1, 1, 0]], bool)
+    got = call(delta_q_spread, q_hat_t, q_t, q_hat_seq, mask)
+    np.testing.assert_allclose(got[[0, 1, 3]], [2.0 / 4.0, 5.0 / 3.0, 1.0 / 1.0])
+    assert np.isnan(got[2])
+
+
+def test_delta_q_spread_ignores_a_shift_and_equals_the_papers_when_the_smallest_q_is_0(call):
+    rng = np.random.default_rng(3)
+    q_hat_seq = rng.uniform(0, 1, (4, 6, 3))
+    q_hat_seq[:, 0, 0] = 0.0  # min 0 in every row
+    q_hat_t, q_t, mask = q_hat_seq[:, 2], rng.uniform(0, 1, (4, 3)), np.ones((4, 6), bool)
+    spread = call(delta_q_spread, q_hat_t, q_t, q_hat_seq, mask)
+    np.testing.assert_allclose(spread, call(delta_q, q_hat_t, q_t, q_hat_seq, mask), rtol=1e-6)
+    shifted = call(delta_q_spread, q_hat_t - 7.0, q_t - 7.0, q_hat_seq - 7.0, mask)
+    np.testing.assert_allclose(shifted, spread, rtol=1e-5)
 
 
 def test_delta_q_is_zero_for_equal_states(call):

@@ -104,5 +104,9 @@ def test_the_probe_reads_and_leaves_the_run_as_it_was(tmp_path):
         for key in (f"q_right/{name}", f"read_out/{name}"):
             assert len(reading[key]) == mp.BINS
             assert all(0.0 <= v <= 1.0 for v in reading[key] if v == v)
-    assert reading["reward_abs"] == pytest.approx(1 / 51, rel=1e-5)
+    assert reading["reward_abs"] == pytest.approx(
+        preset("popgym").reward_scale / 51, rel=1e-5
+    )  # learner units
     assert reading["q_abs_max"] > 0 and reading["target_abs"] > 0
+    for name in ("stored", "zero"):
+        assert len(reading[f"delta_q/{name}"]) == len(reading[f"delta_q_spread/{name}"]) == mp.BINS
