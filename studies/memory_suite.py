@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -168,26 +169,37 @@ def _train(job: Job, *, resume: str) -> dict[str, Any]:
 
 
 def run_jobs(
-    jobs: list[Job], *, workers: int, resume: bool, desc: str = "memory suite runs"
+    jobs: list[Job],
+    *,
+    workers: int,
+    resume: bool,
+    desc: str = "memory suite runs",
+    on_done: Callable[[Job, dict[str, Any]], None] | None = None,
 ) -> dict[tuple[str, int, str], dict[str, Any]]:
     """Every job's summary, with a progress bar over runs: here one after another with one worker, else in
-    ``workers`` spawned processes (TensorFlow does not survive fork), the cores split between them."""
+    ``workers`` spawned processes (TensorFlow does not survive fork), the cores split between them.
+    ``on_done(job, summary)`` is called as each run finishes (to report results as they come)."""
     from tqdm import tqdm
 
     done: dict[tuple[str, int, str], dict[str, Any]] = {}
+
+    def finish(job: Job, summary: dict[str, Any]) -> None:
+        done[job.key] = completed(summary)
+        if on_done is not None:
+            on_done(job, done[job.key])
+        bar.update()
+
     with tqdm(total=len(jobs), desc=desc, unit="run") as bar:
         if workers == 1:
             for job in jobs:
-                done[job.key] = completed(run_job(job, threads=0, resume=resume))
-                bar.update()
+                finish(job, run_job(job, threads=0, resume=resume))
             return done
         threads = max(1, (os.cpu_count() or 1) // workers)
         ctx = multiprocessing.get_context("spawn")
         with futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             pending = {pool.submit(run_job, job, threads=threads, resume=resume): job for job in jobs}
             for fut in futures.as_completed(pending):
-                done[pending[fut].key] = completed(fut.result())
-                bar.update()
+                finish(pending[fut], fut.result())
     return done
 
 
@@ -366,23 +378,39 @@ def _main(argv: list[str] | None) -> int:
     summaries = {j.key: s for j in flat if args.resume and (s := finished(j)) is not None}
     if args.resume:
         print(f"resume: {len(summaries)} finished runs reused, {len(flat) - len(summaries)} to run")
-    summaries.update(
-        run_jobs([j for j in flat if j.key not in summaries], workers=args.workers, resume=args.resume)
-    )
     json_path = args.out / "memory_suite.json"
     previous = _read_json(json_path)
-    previous = previous if isinstance(previous, dict) else {}
-    randoms = random_returns(args.tasks, previous, episodes=args.random_episodes)
+    report = previous if isinstance(previous, dict) else {}
+    randoms = random_returns(args.tasks, report, episodes=args.random_episodes)
     command = " ".join([PROG, *(argv if argv is not None else sys.argv[1:])])
-    report = {**previous, **{n: task_entry(jobs[n], summaries, randoms[n], command) for n in args.tasks}}
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=1))
-    md = report_.targets_markdown(report) + "\n" + report_.markdown(report)
-    (args.out / "memory_suite.md").write_text(md)
-    report_.plot(report, args.out / "memory_suite.png")
-    print(md)
+
+    def report_task(name: str) -> None:
+        """Once every seed of task ``name`` has finished: its entry, and the files rewritten with it."""
+        if all(j.key in summaries for j in jobs[name]):
+            report[name] = task_entry(jobs[name], summaries, randoms[name], command)
+            write_report(report, args.out)
+
+    def on_done(job: Job, summary: dict[str, Any]) -> None:
+        summaries[job.key] = summary
+        report_task(job.task.name)
+
+    for name in args.tasks:  # tasks whose runs had all finished before (--resume)
+        report_task(name)
+    run_jobs([j for j in flat if j.key not in summaries], workers=args.workers, resume=args.resume,
+             on_done=on_done)  # fmt: skip
+    print(write_report(report, args.out))
     print(f"outputs: {args.out}/memory_suite.{{md,json,png}}")
     return 0
+
+
+def write_report(report: dict[str, dict[str, Any]], out: Path) -> str:
+    """memory_suite.{json,md,png} in ``out`` for ``report``; returns the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "memory_suite.json").write_text(json.dumps(report, indent=1))
+    md = report_.targets_markdown(report) + "\n" + report_.markdown(report)
+    (out / "memory_suite.md").write_text(md)
+    report_.plot(report, out / "memory_suite.png")
+    return md
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -226,7 +226,7 @@ class R2D2Config:
 PRESETS: dict[str, dict[str, Any]] = {
     "masked-cartpole": {},
     "popgym": dict(
-        burn_in=10, unroll=40, period=10, learning_rate=3e-4, adam_epsilon=1e-8, env_steps_per_update=4.0,
+        burn_in=10, unroll=40, period=10, learning_rate=3e-4, adam_epsilon=1e-8, env_steps_per_update=8.0,
         replay_capacity=50_000, min_replay_steps=2_000, reward_scale=50.0,
     ),
     "atari": dict(
@@ -245,7 +245,8 @@ PRESET_DOCS: dict[str, str] = {
         "[-1, 1]): burn-in 10, period 10 (ΔQ is measured at the first trained step), lr 3e-4, Adam ε "
         "1e-8 (the paper's 1e-3 outweighs gradients of returns this small and stalls learning), rewards ×50 "
         "(POPGym divides a game's per-step reward by its length, about 50: ×50 brings the targets back to "
-        "about ±1, above the network's initial Q noise), 4 env steps per update, 50k replay steps; per-task "
+        "about ±1, above the network's initial Q noise), 8 env steps per update (as sample-efficient as 4 on "
+        "CountRecall, in half the time), 50k replay steps; per-task "
         "overrides in studies.popgym_tasks.TASKS."
     ),
     "atari": (
