@@ -113,9 +113,10 @@ BAD_COUNTER = {
     "missing": DELETE, "string": "7", "null": None, "float": 1.5, "bool": True, "negative": -1,
     "huge": 2**70, "nan": math.nan, "inf": math.inf, "list": [1], "object": {},
 }  # fmt: skip
+# CONFIG's 4 envs at 4 env steps an update: a loop stopped among an iterate's updates owes at most 1 + 4 / 4.
 BAD_CREDIT = {
     "missing": DELETE, "string": "0.5", "null": None, "nan": math.nan, "inf": math.inf, "negative": -0.1,
-    "above one": 1.5, "bool": True, "list": [],
+    "above what an iterate owes": 2.5, "bool": True, "list": [],
 }  # fmt: skip
 BAD_FORMAT = {"missing": DELETE, "next": 2, "string": "1", "float": 1.0, "bool": True, "null": None}
 BAD_OBJECT = {"missing": DELETE, "string": "x", "list": [], "null": None, "number": 3}

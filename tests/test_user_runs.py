@@ -152,6 +152,41 @@ def test_a_failed_run_resumes_from_its_final_checkpoint(tmp_path, capsys):
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["env_steps"] >= 400
 
 
+@pytest.mark.parametrize(
+    ("fault", "raised"), [("sigint", KeyboardInterrupt), ("error", ValueError)], ids=["sigint", "error"]
+)
+def test_a_loop_stopped_between_its_updates_saves_a_checkpoint_that_resumes(
+    fault, raised, tmp_path, monkeypatch
+):
+    """Ctrl-C or a failed update among the several an iterate owes: the final checkpoint keeps every update
+    done or still owed, and loads (it held credit > 1 that its own load refused, so the run was lost)."""
+    from test_r2d2 import run_loop, small_config
+
+    config = small_config(env_steps_per_update=1.0)  # 4 envs: 4 updates an iterate
+    loop, _ = run_loop(config, 30)  # past min_replay_steps
+    earned = loop.learner.num_updates + loop.credit + config.num_envs
+    real, calls = loop.learner.update, []
+
+    def update(batch, *, replay=None):  # the second update of the iterate is cut short
+        calls.append(batch)
+        if len(calls) == 2 and fault == "sigint":
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C as this update starts
+        elif len(calls) == 2:
+            raise ValueError("the step would leave the weights non-finite")
+        return real(batch, replay=replay)
+
+    monkeypatch.setattr(loop.learner, "update", update)
+    with pytest.raises(raised):
+        loop.iterate()
+    assert loop.learner.num_updates + loop.credit == earned and loop.credit >= 1.0
+    loop.save(tmp_path / "c")
+    again = TrainLoop(config, make_vector_env(config.num_envs, seed=0), seed=0)
+    again.load(tmp_path / "c")
+    assert (again.learner.num_updates, again.credit) == (loop.learner.num_updates, loop.credit)
+    again.iterate()  # the updates still owed are done first
+    assert again.credit < 1.0
+
+
 # ------------------------------------------------------------------ 3. bounded evaluation
 
 

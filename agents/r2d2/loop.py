@@ -183,8 +183,10 @@ class TrainLoop:
         if self.replay.num_steps >= cfg.min_replay_steps and self.replay.num_sampleable > 0:
             self.credit += (self.actor.env_steps - before) / cfg.env_steps_per_update
             while self.credit >= 1.0:
-                last = self.learner.step(self.replay)
-                self.credit -= 1.0
+                # The update and its debit are one commit: Ctrl-C between them would save an update twice.
+                with deferred_interrupts():
+                    last = self.learner.step(self.replay)
+                    self.credit -= 1.0
         if self.actor.steps % cfg.actor_update_period == 0:
             self.actor.set_weights(self.learner.get_weights())
         return LoopStats(self.actor.env_steps, self.learner.num_updates, self.actor.episodes, finished, last)
@@ -247,7 +249,9 @@ class TrainLoop:
         meta_config(file, meta, self.config)
         allow = check_overrides("allow_mismatch", allow_mismatch)
         check_identity(file, meta, seed=self.seed, identity=self.identity, allow=allow)
-        credit = meta_field(file, meta, "credit", check_float, low=0.0, high=1.0)
+        # Stopped among an iterate's updates (Ctrl-C, a failed update), a loop still owes the rest.
+        most_owed = 1.0 + self.config.num_envs / self.config.env_steps_per_update
+        credit = meta_field(file, meta, "credit", check_float, low=0.0, high=most_owed)
         resumes = meta_field(file, meta, "resumes", check_int, minimum=0)
         extra = meta.get("extra", {})
         if not isinstance(extra, dict):
