@@ -110,3 +110,28 @@ def test_the_probe_reads_and_leaves_the_run_as_it_was(tmp_path):
     assert reading["q_abs_max"] > 0 and reading["target_abs"] > 0
     for name in ("stored", "zero"):
         assert len(reading[f"delta_q/{name}"]) == len(reading[f"delta_q_spread/{name}"]) == mp.BINS
+
+
+def _reading(value: float) -> dict:
+    binned = [value] * mp.BINS
+    out = {"rows": 10, "td_abs": binned, "q_abs_max": 1.0, "q_gap": 0.1, "target_abs": 0.5, "reward_abs": 1.0}
+    for name in mp.START_NAMES:
+        out[f"q_right/{name}"] = out[f"read_out/{name}"] = binned
+    for name in ("stored", "zero"):
+        out[f"delta_q/{name}"] = out[f"delta_q_spread/{name}"] = binned
+    return out
+
+
+def test_the_probe_report_averages_the_last_reading_of_each_run(tmp_path):
+    from studies import probe_report
+
+    runs = {}
+    for name, value in (("a", 0.2), ("b", 0.4)):
+        evals = [{"env_steps": 100, "memory_probe": _reading(0.9)}, {"env_steps": 200, "memory_probe": _reading(value)},
+                 {"env_steps": 300, "memory_probe": {"rows": 0}}]  # fmt: skip
+        runs[name] = {"history": {"evals": evals}}
+    md = probe_report.markdown(runs)
+    assert "| stored | 0.30 / 0.30 / 0.30 / 0.30 | 0.30 / 0.30 / 0.30 / 0.30 |" in md  # mean of 0.2 and 0.4
+    assert "env steps 200" in md and "20 in all" in md
+    probe_report.plot(runs, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
