@@ -371,7 +371,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Study]:
         parser.error(f"--seeds: expected ints >= 0, got {bad_seeds}")
     parser.build(check_env, args.env, aliases={"env_id": "env"})
     args.preset = parser.build(check_choice, "preset", args.preset or default_preset(args.env), PRESETS)
-    extra = {**(QUICK if args.quick else {}), **_overrides(parser, args.set)}
+    extra = {**(QUICK if args.quick else {}), **parse_overrides(parser, args.set)}
     solve = args.solve_return if args.solve_return is not None else default_solve_return(args.env)
     study = Study(env=args.env, preset=args.preset, env_steps=args.env_steps, solve_return=solve,
                   extra=extra, probe_batches=args.probe_batches)  # fmt: skip
@@ -409,7 +409,7 @@ def _outputs(args: argparse.Namespace) -> None:
         args.run_dir = args.out.parent / "runs" if args.quick else Path("runs") / name
 
 
-def _overrides(parser: ArgumentParser, items: list[str]) -> dict[str, Any]:
+def parse_overrides(parser: ArgumentParser, items: list[str]) -> dict[str, Any]:
     """``FIELD=VALUE`` items as a dict of JSON values; FIELD must be an R2D2Config or RunOptions field."""
     from agents.experiment import RunOptions
     from agents.r2d2 import R2D2Config

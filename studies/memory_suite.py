@@ -16,11 +16,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agents.ablation import parse_overrides
 from agents.cli import ArgumentParser, run_script
+from agents.r2d2.config import R2D2Config
 from studies import memory_report as report_
 from studies.popgym_tasks import DEFAULT_TASKS, PRESET, QUICK_CONFIG, QUICK_TASKS, TARGET_TASKS, TASKS, Task
 
 PROG = "python -m studies.memory_suite"
+CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(R2D2Config))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -276,6 +279,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, li
     )
     add("--resume", action="store_true", help="reuse finished runs; resume killed ones from their checkpoint")
     add(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="R2D2Config overrides on every task's (JSON values), e.g. state_strategy='\"zero\"'",
+    )
+    add(
         "--probe",
         action="store_true",
         help="read the core at every evaluation (studies.memory_probe; tasks with labels); same training",
@@ -287,6 +297,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, li
     add("--run-dir", type=Path, default=None, help="per-run outputs [runs/memory_suite]")
     args = parser.parse_args(argv)
     args.tasks = _tasks(parser, args.tasks, quick=args.quick)
+    args.overrides = {k: v for k, v in parse_overrides(parser, args.set).items() if k in CONFIG_FIELDS}
+    if len(args.overrides) < len(args.set):
+        parser.error(f"--set: expected R2D2Config fields only, got {args.set}")
     _fill(args)
     parser.require_at_least(
         args, dict.fromkeys(("workers", "env_steps", "eval_every", "eval_episodes", "random_episodes"), 1)
@@ -350,7 +363,7 @@ def make_jobs(args: argparse.Namespace) -> dict[str, list[Job]]:
         task = TASKS[name]
         steps = args.env_steps or task.env_steps
         every = args.eval_every or max(1, round(task.eval_every * steps / task.env_steps))
-        overrides = {**task.overrides, **(QUICK_CONFIG if args.quick else {})}
+        overrides = {**task.overrides, **(QUICK_CONFIG if args.quick else {}), **args.overrides}
         out[name] = [
             Job(task=task, seed=s, env_steps=steps, eval_every=every, eval_episodes=args.eval_episodes,
                 overrides=overrides, run_dir=str(args.run_dir), stop_when_solved=args.stop_when_solved,

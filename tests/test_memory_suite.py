@@ -283,3 +283,27 @@ def test_stop_when_solved_is_a_flag_and_marks_the_final_column(tmp_path):
 )
 def test_lead_cell_by_hand(final, random, cell):
     assert memory_report.lead_cell(final, random, episodes=36) == cell
+
+
+def test_set_puts_config_overrides_on_every_task(tmp_path):
+    _, jobs = suite.parse_args(
+        ["--tasks", "CountRecallEasy", "--set", 'state_strategy="zero"', "--out", str(tmp_path)]
+    )
+    for job in jobs["CountRecallEasy"]:
+        config = job.settings()[0]
+        assert config.state_strategy == "zero" and config.gamma == 0.0  # the task's override stays
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("eval_every=3", "--set: expected R2D2Config fields only"),
+        ("gamma=x", "--set: expected a JSON value for gamma"),
+    ],
+)
+def test_a_bad_set_is_one_line_exit_2(item, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        suite.main(["--set", item, "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and not (tmp_path / "out").exists()
