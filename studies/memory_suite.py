@@ -62,7 +62,7 @@ class Job:
         }))  # fmt: skip
 
     def settings(self) -> tuple[Any, Any]:
-        """(R2D2Config, RunOptions) of the run; a checkpoint every quarter of the budget (for ``--resume``)."""
+        """(R2D2Config, RunOptions) of the run; a checkpoint every tenth of the budget (for ``--resume``: a killed run loses at most that)."""
         from agents.experiment import RunOptions
         from agents.r2d2.config import preset
 
@@ -72,7 +72,7 @@ class Job:
             eval_episodes=self.eval_episodes,
             solve_return=self.task.threshold,
             stop_when_solved=self.stop_when_solved,  # by default the whole curve: MMER and the final return
-            checkpoint_every=max(self.env_steps // 4, self.eval_every),
+            checkpoint_every=max(self.env_steps // 10, self.eval_every),
             progress=False,
         )
         return preset(PRESET, **self.overrides), options
