@@ -35,7 +35,7 @@ from agents.interrupts import quiet_interrupt, sigterm_as_interrupt
 PROG = "python -m agents.train"
 
 with quiet_interrupt(PROG, enabled=__name__ == "__main__"):  # Ctrl-C while TensorFlow loads: one line
-    from agents.cli import EXIT_INTERRUPTED, ArgumentParser, run_script
+    from agents.cli import EXIT_INTERRUPTED, EXIT_USAGE, ArgumentParser, one_line, run_script
     from agents.envs import MASKED_CARTPOLE_ID, ensure_registered, make_vector_env, solve_threshold
     from agents.experiment import RunOptions, resume_path
     from agents.r2d2.checkpoint import MISMATCH_OVERRIDES
@@ -462,13 +462,23 @@ def _main(argv: list[str] | None, prog: str) -> int:
     if args.eval:
         run_eval_only(args)
         return 0
-    summary = train_distributed(args, config) if args.actors else train(args, config)
+    if args.actors:
+        from agents.distributed import JoinError
+
+        try:
+            summary = train_distributed(args, config)
+        except JoinError as err:  # raised before anything ran: the flag or the environment is wrong
+            print(f"{prog}: error: --address: {one_line(err)}", file=sys.stderr)
+            return EXIT_USAGE
+    else:
+        summary = train(args, config)
     return EXIT_INTERRUPTED if summary["stop_reason"] == "interrupted" else 0
 
 
 def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
-    """The CLI: 0 when done, 2 for a bad flag, value, env or checkpoint (one line on stderr), 130 when
-    interrupted (Ctrl-C or SIGTERM; a run writes its final checkpoint first)."""
+    """The CLI: 0 when done; 2 for a bad flag, value, env or checkpoint, or a Ray cluster that cannot be joined
+    (one line on stderr); 1 for a run that failed after saving what it could; 130 when interrupted (Ctrl-C or
+    SIGTERM; a run writes its final checkpoint first)."""
     return run_script(prog, lambda: _main(argv, prog))
 
 

@@ -297,6 +297,40 @@ def test_joining_a_cluster_without_token_authentication_warns_in_one_line(monkey
         assert not caplog.records
 
 
+AUTH_REFUSAL = (  # the cause ray.init gives its ConnectionError when the cluster's GCS refuses the token
+    "Failed to connect to GCS. Last connection error: Traceback (most recent call last):\n  ...\n"
+    "ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken: Authentication token is missing or incorrect."
+)
+JOIN_FAILURES = [
+    # (what ray.init raises, text the one line holds)
+    (ConnectionError("Failed to connect to Ray cluster at 10.1.2.3:6379"), "refused this run's token"),
+    (ConnectionError("Could not find any running Ray instance."), "Could not find any running Ray instance"),
+    (ValueError("Invalid address format: foo"), "ValueError: Invalid address format: foo"),
+]
+
+
+@pytest.mark.parametrize(("error", "text"), JOIN_FAILURES, ids=["refused", "none-there", "malformed"])
+def test_a_cluster_that_cannot_be_joined_is_one_line_and_exit_2(error, text, monkeypatch, tmp_path, capsys):
+    from helpers import CLI_FLAGS, assert_one_line_error, outcome
+
+    from agents import train
+
+    if "refused" in text:
+        error.__cause__ = RuntimeError(AUTH_REFUSAL)
+
+    def init(**kwargs):
+        raise error
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    argv = ["--env", MASKED_CARTPOLE_ID, *CLI_FLAGS, "--actors", "1", "--address", "10.1.2.3:6379",
+            "--run-dir", str(tmp_path)]  # fmt: skip
+    code, _, err = outcome(train.main, argv, capsys)
+    assert code == 2, err
+    assert_one_line_error(err, "train", "--address: ", "10.1.2.3:6379", text)
+    assert list(tmp_path.iterdir()) == []  # nothing ran
+
+
 def test_resume_reloads_the_learner_and_the_replay(first_run, tmp_path):
     first = first_run[0]
     ckpt = first.save(tmp_path / "checkpoint", extra={"note": "first"})

@@ -102,12 +102,16 @@ def local_cluster(**env: str) -> Iterator[tuple[str, int, dict[str, str]]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+DRIVER_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keep 127.0.0.1 (Linux ray.init swaps it away)
+    "RAY_NUM_REDIS_GET_RETRIES": "2",  # a refused driver gives up after 2 tries, not 20 (1 s each)
+}
+"""The environment of a driver joining :func:`local_cluster`."""
+
+
 def drive(address: str, env: dict[str, str], **extra: str) -> subprocess.CompletedProcess:
     """A driver joining ``address``: prints the number of live nodes, or fails."""
-    env = env | extra | {
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keep 127.0.0.1 (Linux ray.init swaps it away)
-        "RAY_NUM_REDIS_GET_RETRIES": "2",  # a refused driver gives up after 2 tries, not 20 (1 s each)
-    }  # fmt: skip
+    env = env | extra | DRIVER_ENV
     return subprocess.run(
         [sys.executable, "-c", DRIVER, address], env=env, capture_output=True, text=True, timeout=180
     )
@@ -127,3 +131,21 @@ def test_token_authentication_refuses_a_driver_without_the_token():
     assert right.stdout.split()[-1] == "2"  # the same driver with the token sees both nodes
     assert sum(name == "raylet" for name, _ in listening.values()) == 2
     assert not off_loopback(listening), listening
+
+
+def test_the_train_cli_refused_by_a_cluster_says_so_in_one_line(tmp_path):
+    """``--address`` of a cluster that checks tokens, without the token: one line and exit 2, no traceback."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with local_cluster(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32)) as (address, _, env):
+        env = env | DRIVER_ENV | {"PYTHONPATH": root}
+        argv = ["--env", "CartPole-v1", "--actors", "1", "--address", address, "--run-dir", str(tmp_path)]
+        run = subprocess.run(
+            [sys.executable, "-m", "agents.train", *argv], env=env, cwd=root, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    ours = [line for line in run.stderr.splitlines() if line.startswith("python -m agents.train")]
+    assert len(ours) == 1 and ours[0] == run.stderr.strip().splitlines()[-1], run.stderr[-3000:]
+    assert f"--address: the Ray cluster at {address} refused this run's token" in ours[0]
+    assert list(tmp_path.iterdir()) == []

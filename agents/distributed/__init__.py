@@ -2,7 +2,7 @@
 ``worker`` (actor workers), ``loop`` (DistributedLoop, the learner's side), ``cluster`` (starting Ray on
 loopback or joining a cluster). No CLI code here: the cartpole CLI's ``--actors N`` drives it."""
 
-from agents.distributed.cluster import init_ray
+from agents.distributed.cluster import JoinError, init_ray
 from agents.distributed.config import DistributedConfig
 from agents.distributed.loop import DistributedLoop, RemoteReplay, spawn_server
 from agents.distributed.server import PushReply, Registration, ReplayServer, SampleReply
@@ -12,6 +12,7 @@ __all__ = [
     "ActorWorker",
     "DistributedConfig",
     "DistributedLoop",
+    "JoinError",
     "PushReply",
     "Registration",
     "RemoteReplay",

@@ -11,7 +11,7 @@ import ray
 
 from burnin._checks import check_int
 
-__all__ = ["LOOPBACK", "QUIET_WORKER_SETUP", "init_ray", "loopback_node", "token_auth_on"]
+__all__ = ["LOOPBACK", "QUIET_WORKER_SETUP", "JoinError", "init_ray", "loopback_node", "token_auth_on"]
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,14 @@ UNAUTHENTICATED = (
     "in it (set RAY_AUTH_MODE=token on every node and here; README, 'Running on a cluster')"
 )
 
+REFUSALS = ("Unauthenticated", "InvalidAuthToken", "AuthenticationError")
+"""What Ray's errors say when a cluster's GCS refuses the token (Ray 2.60: in the text of the cause)."""
+
+
+class JoinError(ConnectionError):
+    """:func:`init_ray` could not join the cluster at an address; the message is one line naming it, why, and
+    what to do. The error Ray raised is ``__cause__``."""
+
 
 def init_ray(address: str = "", *, num_cpus: int | None = None) -> bool:
     """Join the cluster at ``address``, or start a local one; True when this call started Ray (so we shut it down).
@@ -32,7 +40,8 @@ def init_ray(address: str = "", *, num_cpus: int | None = None) -> bool:
     ``num_cpus`` logical CPUs and no dashboard. Joining a cluster without token
     authentication logs a one-line warning. Worker output is forwarded to this
     terminal (errors and tracebacks matter), with TensorFlow's C++ logging
-    quietened the same way as here.
+    quietened the same way as here. A cluster that refuses this run's token,
+    or cannot be joined, is a :class:`JoinError`.
     """
     if ray.is_initialized():
         return False
@@ -44,7 +53,10 @@ def init_ray(address: str = "", *, num_cpus: int | None = None) -> bool:
     runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": QUIET_WORKER_SETUP}
     common = dict(log_to_driver=True, logging_level=logging.WARNING, runtime_env=runtime_env)
     if address:
-        ray.init(address=address, **common)
+        try:
+            ray.init(address=address, **common)
+        except (ConnectionError, ValueError) as err:  # ValueError: an address Ray cannot parse
+            raise JoinError(join_failure(address, err)) from err
         if not token_auth_on():
             log.warning(UNAUTHENTICATED, address)
         return True
@@ -60,6 +72,27 @@ def init_ray(address: str = "", *, num_cpus: int | None = None) -> bool:
             node,
         )
     return True
+
+
+def join_failure(address: str, err: BaseException) -> str:
+    """One line on why ``ray.init(address=address)`` raised ``err``: a refused token, else Ray's error."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = err
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    # Ray 2.60 wraps the GCS's answer as text (a formatted traceback) in the cause of its ConnectionError.
+    if any(mark in str(e) or mark == type(e).__name__ for e in chain for mark in REFUSALS):
+        sent = (
+            "a token it does not take" if token_auth_on() else "no token (RAY_AUTH_MODE is not 'token' here)"
+        )
+        return (
+            f"the Ray cluster at {address} refused this run's token: it checks tokens, and this run sent {sent}; "
+            "set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, or the file RAY_AUTH_TOKEN_PATH "
+            "names, else ~/.ray/auth_token) (README, 'Running on a cluster')"
+        )
+    reason = " ".join(str(err).split()) or "no reason given"
+    return f"cannot join a Ray cluster at {address}: {type(err).__name__}: {reason}"
 
 
 def token_auth_on() -> bool:
