@@ -57,6 +57,7 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, suite.Job]]:
                 eval_episodes=args.eval_episodes, overrides={**TASKS[name].overrides, **overrides},
                 run_dir=str(args.run_dir / f"v{i}"),
                 stop_when_solved=True,
+                probe=True,  # the memory probe where the task has labels: the Q scale against the reward scale
             )  # fmt: skip
             out.append((label, job))
     return out
@@ -72,19 +73,31 @@ def adam_denominator(learner_npz: Path) -> dict[str, float]:
     return {"median": float(np.median(root)), "p99": float(np.percentile(root, 99))}
 
 
+def q_scale(evals: list[dict[str, Any]]) -> list[float] | None:
+    """max_a |Q| over |target| (the learner's units) at the run's first and last memory-probe reading: how far
+    the network's Q-values stand from the size of what they learn; None for a run without the probe."""
+    readings = [e["memory_probe"] for e in evals if e.get("memory_probe", {}).get("rows", 0) > 0]
+    if not readings:
+        return None
+    return [r["q_abs_max"] / r["target_abs"] for r in (readings[0], readings[-1])]
+
+
 def markdown(rows: list[dict[str, Any]], *, env_steps: int) -> str:
     lines = [
         f"R2D2 (preset `popgym` + the suite's task settings, then the row's), budget {env_steps:,} env steps, a "
         "run ends at its first evaluation at ≥ its task's threshold. MMER: best mean greedy return (per seed).",
         "",
-        "| task | settings | MMER | env steps to threshold | median √v̂ of Adam at the end (ε: the row's) |",
-        "| --- | --- | --- | --- | --- |",
+        "| task | settings | MMER | env steps to threshold | median √v̂ of Adam at the end (ε: the row's) | "
+        "max_a |Q| / |target|, first → last probe |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         mmer = ", ".join(f"{v:.2f}" for v in r["mmer"])
         root = ", ".join(f"{d['median']:.1e}" for d in r["adam_sqrt_v"])
+        scale = ", ".join(f"{q[0]:.1f} → {q[1]:.1f}" for q in r.get("q_scale", []) if q) or "—"
         lines.append(
-            f"| {r['task']} | {r['settings']} | {mmer} | {memory_report.format_steps(r['steps_to'])} | {root} |"
+            f"| {r['task']} | {r['settings']} | {mmer} | {memory_report.format_steps(r['steps_to'])} | {root} | "
+            f"{scale} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -118,13 +131,14 @@ def _main(argv: list[str] | None) -> int:
         m = memory_report.seed_metrics(summaries[job.key]["history"]["evals"], threshold=job.task.threshold)
         row = rows.setdefault((job.task.name, label), {
             "task": job.task.name, "settings": label, "overrides": job.overrides, "seeds": [], "mmer": [],
-            "steps_to": [], "curves": [], "adam_sqrt_v": [],
+            "steps_to": [], "curves": [], "adam_sqrt_v": [], "q_scale": [],
         })  # fmt: skip
         row["seeds"].append(job.seed)
         row["mmer"].append(m["mmer"])
         row["steps_to"].append(m["steps_to"])
         row["curves"].append(m["curve"])
         row["adam_sqrt_v"].append(adam_denominator(job.out_dir / "checkpoint" / "learner.npz"))
+        row["q_scale"].append(q_scale(summaries[job.key]["history"]["evals"]))
     command = " ".join([PROG, *(argv if argv is not None else sys.argv[1:])])
     report = {"command": command, "env_steps": args.env_steps, "rows": list(rows.values())}
     args.out.mkdir(parents=True, exist_ok=True)

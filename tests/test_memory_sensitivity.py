@@ -44,8 +44,17 @@ def test_the_table_has_a_row_per_variant_with_per_seed_values():
          "adam_sqrt_v": sqrt_v}
     ]  # fmt: skip
     md = sens.markdown(rows, env_steps=60_000)
-    assert "| RepeatFirstEasy | tuned | 0.95, 0.50 | 24k, — | 2.6e-06, 1.2e-07 |" in md
+    assert "| RepeatFirstEasy | tuned | 0.95, 0.50 | 24k, — | 2.6e-06, 1.2e-07 | — |" in md
+    rows[0]["q_scale"] = [[5.0, 1.25], None]
+    assert "| 2.6e-06, 1.2e-07 | 5.0 → 1.2 |" in sens.markdown(rows, env_steps=60_000)
     assert "60,000 env steps" in md
+
+
+def test_q_scale_reads_the_first_and_last_probe():
+    probe = lambda q, y: {"memory_probe": {"rows": 3, "q_abs_max": q, "target_abs": y}}
+    evals = [{"memory_probe": {"rows": 0}}, probe(0.5, 0.01), {}, probe(1.0, 0.5)]
+    assert sens.q_scale(evals) == [50.0, 2.0]
+    assert sens.q_scale([{}]) is None
 
 
 def test_a_bad_flag_is_one_line_exit_2(capsys, tmp_path):
