@@ -219,12 +219,17 @@ def parse_args(argv: list[str] | None = None, *, prog: str = PROG):
         f"R2D2 config (defaults: preset {chosen!r}; paper values in the docs)",
         preset(chosen),
     )
+    # --core-layers given at all, even at the preset's value, conflicts with --core dense: None marks it unset.
+    parser.set_defaults(core_layers=None)
     ns = {**vars(parser.parse_args(argv)), "preset": chosen}
+    layers_given = ns["core_layers"] is not None
+    if not layers_given:
+        ns["core_layers"] = preset(chosen).core_layers
     arg_names = {f.name for f in dataclasses.fields(Args)}
     aliases = {"env_id": "env"}
     args = parser.build(Args, **{k: v for k, v in ns.items() if k in arg_names}, aliases=aliases)
     config = parser.build(R2D2Config.from_json, {k: v for k, v in ns.items() if k not in arg_names})
-    if config.core == "dense" and config.core_layers != preset(chosen).core_layers:
+    if config.core == "dense" and layers_given:
         parser.error(
             f"--core-layers: {' '.join(config.core_layers)} given with --core dense, which has no recurrent "
             "layers; drop --core-layers, or use --core lstm"

@@ -65,6 +65,9 @@ BAD_FLAGS = [
     (["--eval", "x", "--resume", "auto"], "--eval: 'x' given with --resume auto; --eval only evaluates"),
     (["--eval", "x", "--actors", "2"], "--eval: 'x' given with --actors 2; --eval only evaluates"),
     (["--core", "dense", "--core-layers", "gru"], "--core-layers: gru given with --core dense, which has no"),
+    # the preset's own value
+    (["--core", "dense", "--core-layers", "lstm"], "--core-layers: lstm given with --core dense"),
+    (["--core-layers", "gru", "--core", "dense"], "--core-layers: gru given with --core dense"),
     (
         ["--replay-capacity", "2000", "--min-replay-steps", "2001"],
         "--min-replay-steps: expected an int <= 2000 (the replay holds at most",
