@@ -285,6 +285,15 @@ def test_resume_or_eval_of_another_env_or_seed_is_refused_unless_allowed(
     assert not (tmp_path / "m").exists()
 
 
+def test_a_layout_mismatch_shows_both_sides_in_one_key_order():
+    """The layout read back from JSON and this run's come in different key orders; side by side they must not."""
+    from agents.r2d2.checkpoint import IdentityMismatch
+
+    saved, mine = {"shape": [4], "kind": "vector"}, {"kind": "vector", "shape": [6]}
+    text = str(IdentityMismatch(Path("loop.json"), "observation", saved, mine))
+    assert '{"kind":"vector","shape":[4]} in the checkpoint but {"kind":"vector","shape":[6]} here' in text
+
+
 def test_an_old_checkpoint_without_identity_is_evaluated_with_a_note(finished, tmp_path, capsys):
     old = tmp_path / "old"
     shutil.copytree(finished / "checkpoint", old)

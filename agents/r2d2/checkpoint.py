@@ -260,7 +260,9 @@ class IdentityMismatch(CheckpointError):
         what = {"env": "env id", "observation": "observation layout", "actions": "action layout"}.get(
             field, field
         )
-        show = lambda v: json.dumps(v, separators=(",", ":")) if isinstance(v, dict) else repr(v)
+        show = lambda v: (
+            json.dumps(v, separators=(",", ":"), sort_keys=True) if isinstance(v, dict) else repr(v)
+        )
         super().__init__(
             f"checkpoint {file}: {what} is {show(saved)} in the checkpoint but {show(mine)} here"
         )
