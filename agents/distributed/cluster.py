@@ -37,11 +37,12 @@ def init_ray(address: str = "", *, num_cpus: int | None = None) -> bool:
     """Join the cluster at ``address``, or start a local one; True when this call started Ray (so we shut it down).
 
     A local cluster listens on loopback only (:func:`loopback_node`) and gets
-    ``num_cpus`` logical CPUs and no dashboard. Joining a cluster without token
-    authentication logs a one-line warning. Worker output is forwarded to this
-    terminal (errors and tracebacks matter), with TensorFlow's C++ logging
-    quietened the same way as here. A cluster that refuses this run's token,
-    or cannot be joined, is a :class:`JoinError`.
+    ``num_cpus`` logical CPUs and no dashboard. Joining a cluster without sending
+    a token logs a one-line warning (the cluster took us, so it checks none; see
+    :func:`token_auth_on` for what a run that sends one is not told). Worker
+    output is forwarded to this terminal (errors and tracebacks matter), with
+    TensorFlow's C++ logging quietened the same way as here. A cluster that
+    refuses this run's token, or cannot be joined, is a :class:`JoinError`.
     """
     if ray.is_initialized():
         return False
@@ -98,8 +99,9 @@ def join_failure(address: str, err: BaseException) -> str:
 def token_auth_on() -> bool:
     """Whether this process talks to Ray with token authentication (Ray 2.52+ with ``RAY_AUTH_MODE=token``).
 
-    Asked after joining a cluster, it tells whether the cluster checks tokens:
-    one that does refuses a process without a token.
+    False after joining a cluster means the cluster checks no tokens (one that does refuses a process
+    without one). True says nothing of the cluster: Ray 2.60 lets a process that sends a token join a
+    cluster that checks none, and has no public way to ask a cluster whether it does.
     """
     has_token_auth = hasattr(ray.exceptions, "AuthenticationError")  # Ray < 2.52 ignores RAY_AUTH_MODE
     return has_token_auth and os.environ.get(AUTH_MODE, "").lower() == "token"
