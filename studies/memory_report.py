@@ -165,7 +165,7 @@ def markdown(report: dict[str, dict[str, Any]]) -> str:
         lead_text = lead_cell(f["mean"], r, episodes=e["eval_episodes"])
         lines.append(
             f"| {name}{older} | {e['budget']:,} | {e['eval_every']:,} × {e['eval_episodes']} | {len(e['seeds'])} | "
-            f"{m['mean']:.2f} ± {m['std']:.2f} ({per_seed}) | {1 - m['mean']:.2f} | "
+            f"{m['mean']:.2f} ± {m['std']:.2f} ({per_seed}) | {round(1 - m['mean'], 2) + 0.0:.2f} | "
             f"{f['mean']:.2f} ± {f['std']:.2f}{mark} | {format_steps(steps)} (≥ {threshold:g}) | "
             f"{r['mean']:.2f} | {lead_text} | {overrides} |"
         )
@@ -185,6 +185,8 @@ def markdown(report: dict[str, dict[str, Any]]) -> str:
 def targets_markdown(report: dict[str, dict[str, Any]]) -> str:
     """The tasks with a published target, each beside it: greedy MMER, POPGym's metric, steps to the target."""
     rows = [n for n in sorted(report, key=task_order) if report[n].get("published")]
+    if not rows:
+        return ""
     lines = [
         f"R2D2 (preset `{PRESET}`), each seed's run ending at its first greedy evaluation at ≥ the target or at "
         "its budget. Greedy MMER: the best mean greedy return over the run's evaluations (mean over seeds, "

@@ -307,3 +307,13 @@ def test_a_bad_set_is_one_line_exit_2(item, message, capsys, tmp_path):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and not (tmp_path / "out").exists()
+
+
+def test_the_tables_print_no_negative_zero_and_no_empty_targets_table():
+    entry = {"budget": 1000, "eval_every": 500, "eval_episodes": 8, "seeds": [0], "overrides": {}, "config": {},
+             "mmer": memory_report.stat([1.0]), "final": memory_report.stat([1.0]), "threshold": 0.9,
+             "steps_to_threshold": [500], "random_return": {"mean": -0.5, "std": 0.2}, "published": None}  # fmt: skip
+    assert "| 0.00 |" in memory_report.markdown(
+        {"RepeatFirstEasy": entry}
+    ) and "-0.00" not in memory_report.markdown({"RepeatFirstEasy": entry})
+    assert memory_report.targets_markdown({"RepeatFirstEasy": entry}) == ""
