@@ -2,8 +2,8 @@
 
 Modules: ``spec`` (SequenceSpec, ReplayConfig, SequenceBatch, argument checks),
 ``kernels`` (numba bookkeeping), ``buffer`` (SequenceReplay), ``lanes`` (the
-writer registry), ``checkpoint`` (the file format), ``testing`` (invariants,
-window listing).
+writer registry), ``checkpoint`` (the file format), ``invariants`` (the production
+checks of a valid buffer), ``listing`` (live keys, fingerprint).
 """
 
 from burnin.replay.buffer import SequenceReplay

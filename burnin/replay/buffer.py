@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 
 from burnin._checks import check_generator, check_int, fmt
-from burnin.replay import kernels, testing
+from burnin.replay import invariants, kernels, listing
 from burnin.replay.checkpoint import Checkpoint, encode_json, read_checkpoint, write_checkpoint
-from burnin.replay.lanes import LaneRegistry, check_lanes
+from burnin.replay.lanes import LaneRegistry, check_lanes, registry_problem
 from burnin.replay.spec import (
     COUNTERS,
     RecurrentState,
@@ -431,7 +431,7 @@ class SequenceReplay:
             leaves = pr**alpha
         # Every window may come to hold the largest leaf (new windows start at the running maximum),
         # so num_slots times it must stay finite; and a positive priority must stay sampleable.
-        limit = testing.TOTAL_LIMIT / self._num_slots
+        limit = invariants.TOTAL_LIMIT / self._num_slots
         bad = ~(leaves <= limit) | ((pr > 0) & (leaves <= 0))
         if bad.any():
             raise ValueError(
@@ -543,7 +543,7 @@ class SequenceReplay:
     def live_keys(self) -> np.ndarray:
         """Keys of every sampleable window, lane by lane, oldest first."""
         with self._lock:
-            return testing.live_keys(self._tables, self._layout)
+            return listing.live_keys(self._tables, self._layout)
 
     def windows(self, keys: Any, *, extra_state_offsets: Sequence[int] = ()) -> SequenceBatch:
         """The windows of live ``keys`` as a batch (probabilities from current priorities, weights 1)."""
@@ -566,9 +566,9 @@ class SequenceReplay:
 
     def _problem(self) -> str | None:
         return (
-            testing.table_problem(self._tables, self._layout, alpha=self._config.alpha)
-            or testing.registry_problem(self._registry.to_json(), self.num_lanes)
-            or testing.data_problem(self._arrays)
+            invariants.table_problem(self._tables, self._layout, alpha=self._config.alpha)
+            or registry_problem(self._registry.to_json(), self.num_lanes)
+            or invariants.data_problem(self._arrays)
         )
 
     def fingerprint(self) -> str:
@@ -580,7 +580,7 @@ class SequenceReplay:
                 "registry": self._registry.to_json(),
                 "rng": encode_json(self._rng.bit_generator.state),
             }
-            return testing.fingerprint(self._arrays, self._tree.nodes, self._prio, meta)
+            return listing.fingerprint(self._arrays, self._tree.nodes, self._prio, meta)
 
     def copy(self) -> SequenceReplay:
         """An independent copy of the buffer (arrays, priorities, registry and RNG state)."""

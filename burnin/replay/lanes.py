@@ -6,10 +6,10 @@ from typing import Any
 
 import numpy as np
 
-from burnin._checks import fmt, int_vector
+from burnin._checks import fmt, int_vector, is_int
 from burnin.replay.kernels import lanes_problem
 
-__all__ = ["LaneRegistry", "check_lanes"]
+__all__ = ["LaneRegistry", "check_lanes", "registry_problem"]
 
 
 def check_lanes(lanes: Any, num_lanes: int) -> np.ndarray:
@@ -81,3 +81,22 @@ class LaneRegistry:
     def from_json(cls, num_lanes: int, data: Any) -> LaneRegistry:
         """Inverse of :meth:`to_json`."""
         return cls(num_lanes, {str(k): [int(x) for x in v] for k, v in data.items()})
+
+
+def registry_problem(registry: Any, num_lanes: int) -> str | None:
+    """What is wrong with a lane registry (owner -> lane ids), or None."""
+    if not isinstance(registry, dict):
+        return f"registry: expected a mapping of owner names to lane lists, got {type(registry).__name__}"
+    seen: dict[int, str] = {}
+    for owner, lanes in registry.items():
+        if not isinstance(owner, str) or not owner:
+            return f"registry: expected non-empty owner names, got {owner!r}"
+        if not isinstance(lanes, list) or not lanes or not all(is_int(x) for x in lanes):
+            return f"registry: owner {owner!r} must hold a non-empty list of lane ids, got {lanes!r}"
+        for lane in lanes:
+            if not 0 <= lane < num_lanes:
+                return f"registry: owner {owner!r} holds lane {lane}, outside [0, {num_lanes})"
+            if lane in seen:
+                return f"registry: lane {lane} is held by both {seen[lane]!r} and {owner!r}"
+            seen[lane] = owner
+    return None

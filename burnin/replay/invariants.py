@@ -1,22 +1,20 @@
-"""The invariants of a SequenceReplay's tables, and the listing of its live windows.
+"""The invariants of a SequenceReplay: what its tables, stored values and lane registry must satisfy.
 
-:func:`table_problem`, :func:`data_problem` and :func:`registry_problem` say what
-is inconsistent (``None`` when nothing is). They are the definition of a valid
-buffer: :meth:`SequenceReplay.check_invariants` asserts them after every
-operation in the tests, and :meth:`SequenceReplay.load` refuses a checkpoint that
-breaks one, so a crafted file can never make a kernel index out of bounds.
-Every check is vectorised over lanes, windows or steps.
+:func:`table_problem` and :func:`data_problem`, with the lane registry's
+:func:`burnin.replay.lanes.registry_problem`, say what is inconsistent (``None``
+when nothing is). They are production checks, the definition of a valid buffer:
+:meth:`SequenceReplay.load` refuses a checkpoint that breaks one, so a crafted
+file can never make a kernel index out of bounds, and
+:meth:`SequenceReplay.check_invariants` asserts them. Every check is vectorised.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
 import numpy as np
 
-from burnin._checks import fmt, is_int
+from burnin._checks import fmt
 from burnin.replay.kernels import (
     C_CREATED,
     C_EVICTED,
@@ -56,8 +54,6 @@ __all__ = [
     "TOTAL_LIMIT",
     "check_tables",
     "data_problem",
-    "live_keys",
-    "registry_problem",
     "table_problem",
 ]
 
@@ -76,17 +72,6 @@ WINDOW_NAMES = ("start", "left", "right", "touch", "state", "generation")
 VALID_FLAGS = np.array([0, TERMINATED, TRUNCATED, TERMINATED | TRUNCATED, FINAL, FINAL | FINAL_TERMINATED])
 """Every flags byte a stored step can hold."""
 _CHUNK = 1 << 16
-
-
-def live_keys(t: Tables, lay: Layout) -> np.ndarray:
-    """Keys of every sampleable window, lane by lane, oldest first."""
-    wpl = lay.windows_per_lane
-    slots = np.flatnonzero(t.alive)
-    lane = slots // wpl
-    tail = t.lanes[lane, LANE_TAIL]
-    num = tail + (slots - lane * wpl - tail) % wpl
-    slots = slots[np.lexsort((num, lane))]
-    return t.windows[slots, WIN_GEN] * lay.num_slots + slots
 
 
 def check_tables(t: Tables, lay: Layout, *, alpha: float) -> None:
@@ -512,38 +497,3 @@ def data_problem(arrays: dict[str, np.ndarray]) -> str | None:
                 rows = at + np.flatnonzero(~finite.all(axis=1))
                 return f"{name}: expected finite values, got NaN or inf in rows {fmt(rows)}"
     return None
-
-
-def registry_problem(registry: Any, num_lanes: int) -> str | None:
-    """What is wrong with a lane registry (owner -> lane ids), or None."""
-    if not isinstance(registry, dict):
-        return f"registry: expected a mapping of owner names to lane lists, got {type(registry).__name__}"
-    seen: dict[int, str] = {}
-    for owner, lanes in registry.items():
-        if not isinstance(owner, str) or not owner:
-            return f"registry: expected non-empty owner names, got {owner!r}"
-        if not isinstance(lanes, list) or not lanes or not all(is_int(x) for x in lanes):
-            return f"registry: owner {owner!r} must hold a non-empty list of lane ids, got {lanes!r}"
-        for lane in lanes:
-            if not 0 <= lane < num_lanes:
-                return f"registry: owner {owner!r} holds lane {lane}, outside [0, {num_lanes})"
-            if lane in seen:
-                return f"registry: lane {lane} is held by both {seen[lane]!r} and {owner!r}"
-            seen[lane] = owner
-    return None
-
-
-def fingerprint(
-    arrays: dict[str, np.ndarray], nodes: np.ndarray, prio: np.ndarray, meta: dict[str, Any]
-) -> str:
-    """A SHA-256 of a buffer's arrays (by name, with dtype and shape), its sum-tree nodes, its running
-    maximum priority and ``meta`` (configuration, registry, RNG state, as JSON)."""
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        arr = arrays[name]
-        h.update(f"{name} {arr.dtype.str} {arr.shape}".encode())
-        h.update(np.ascontiguousarray(arr).view(np.uint8).reshape(-1))
-    h.update(nodes.view(np.uint8))
-    h.update(prio.view(np.uint8))
-    h.update(json.dumps(meta, sort_keys=True).encode())
-    return h.hexdigest()
