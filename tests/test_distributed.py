@@ -331,6 +331,25 @@ def test_a_cluster_that_cannot_be_joined_is_one_line_and_exit_2(error, text, mon
     assert list(tmp_path.iterdir()) == []  # nothing ran
 
 
+def test_ctrl_c_while_a_local_ray_starts_waits_for_it_then_stops_it(monkeypatch):
+    """A SIGINT inside ray.init is held until Ray is up (one inside its C++ start-up crashed the process), then
+    Ray is shut down and the KeyboardInterrupt goes on."""
+    import signal
+
+    steps = []
+
+    def init(**kwargs):
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C as Ray starts its processes
+        steps.append("started")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: steps.append("shut down"))
+    with pytest.raises(KeyboardInterrupt):
+        init_ray(num_cpus=1)
+    assert steps == ["started", "shut down"]
+
+
 def test_resume_reloads_the_learner_and_the_replay(first_run, tmp_path):
     first = first_run[0]
     ckpt = first.save(tmp_path / "checkpoint", extra={"note": "first"})

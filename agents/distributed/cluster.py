@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import ray
 
+from agents.interrupts import deferred_interrupts
 from burnin._checks import check_int
 
 __all__ = ["LOOPBACK", "QUIET_WORKER_SETUP", "JoinError", "init_ray", "loopback_node", "token_auth_on"]
@@ -43,6 +44,9 @@ def init_ray(address: str = "", *, num_cpus: int | None = None) -> bool:
     output is forwarded to this terminal (errors and tracebacks matter), with
     TensorFlow's C++ logging quietened the same way as here. A cluster that
     refuses this run's token, or cannot be joined, is a :class:`JoinError`.
+    Ctrl-C while a local Ray starts is held until it is up, then stops it
+    and raises KeyboardInterrupt (while joining, it is Ray's to handle: a
+    join can wait minutes for a cluster that does not answer).
     """
     if ray.is_initialized():
         return False
@@ -64,7 +68,14 @@ def init_ray(address: str = "", *, num_cpus: int | None = None) -> bool:
     # Token authentication is Ray's call here: 2.60 turns it on for a new local cluster (2.52 did not).
     # RAY_AUTH_MODE set here would come too late: Ray has read it into this process's config already.
     with loopback_node():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK, **common)
+        try:
+            # Ctrl-C held until Ray is up: one inside its start-up (the C++ core worker's) crashed the
+            # process with a segmentation fault, and was sometimes lost (the run went on).
+            with deferred_interrupts():
+                ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK, **common)
+        except KeyboardInterrupt:
+            ray.shutdown()  # the caller never learns that Ray started: stop it here
+            raise
     node = ray.util.get_node_ip_address()
     if node != LOOPBACK:
         log.warning(
