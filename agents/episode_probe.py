@@ -270,7 +270,7 @@ def second_reading(loop, recorder: Recorder, *, batches: int, rng: np.random.Gen
     learner = loop.learner
     firsts, lasts, sampled, mid = [], [], 0, 0
     keys = loop.replay.live_keys()
-    for _ in range(batches if learner.delta_q_offsets and keys.size else 0):
+    for _ in range(batches if learner.offsets.delta_q and keys.size else 0):
         pick = rng.choice(keys, size=min(learner.config.batch_size, keys.size), replace=False)
         batch = loop.replay.windows(pick)
         truth = true_states(learner, recorder, batch, np.arange(len(pick)))
@@ -291,7 +291,7 @@ def second_reading(loop, recorder: Recorder, *, batches: int, rng: np.random.Gen
 def _delta_q_to_true(learner, batch, rows: np.ndarray, q_true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per row of ``rows``, ΔQ of the learner's start against the true state's Q ``q_true`` at the first
     trained step (where it is a ΔQ offset) and at the row's last valid ΔQ offset."""
-    offsets, b = learner.delta_q_offsets, learner.spec.burn_in
+    offsets, b = learner.offsets.delta_q, learner.spec.burn_in
     q_hat, mask = _learner_q(learner, batch, rows), batch.mask[rows]
     per_offset = np.stack(
         [delta_q(q_hat[:, o], q_true[:, o], q_hat[:, b:], mask[:, b:]).numpy() for o in offsets], 1

@@ -73,14 +73,14 @@ def scales(precision: str, lstm_impl: str, jit: bool) -> dict[str, Scale]:
 def synthetic_batch(config, obs_dim: int, num_actions: int):
     """A full batch of complete windows (every step valid), as SequenceReplay.sample returns it
     with the learner's extra state offsets."""
-    from agents.r2d2 import extra_state_offsets
+    from agents.r2d2 import WindowOffsets
 
     rng = np.random.default_rng(0)
     b = config.batch_size
     spec = config.sequence_spec
     length = spec.length
     units = config.core_units
-    offsets = extra_state_offsets(spec)
+    offsets = WindowOffsets.of(spec).extra
     learn = np.zeros((b, length), bool)
     learn[:, length - spec.unroll - spec.n_step : length - spec.n_step] = True
 
@@ -131,11 +131,11 @@ def step_flops(config, obs_dim: int, num_actions: int) -> dict[str, float]:
 
 def variant_step_counts(config, variant: str) -> dict[str, float]:
     """Forward-equivalent time steps each variant computes per update (backward = 2 × forward)."""
-    from agents.r2d2 import delta_q_offsets
+    from agents.r2d2 import WindowOffsets
 
     spec = config.sequence_spec
     length, burn, unroll, n = spec.length, spec.burn_in, spec.unroll, spec.n_step
-    probes = len(delta_q_offsets(spec))
+    probes = len(WindowOffsets.of(spec).delta_q)
     if variant == "runner":
         # online burn-in + unroll + tail, backward through the trained steps, target over the window, ΔQ probes
         return {"forward": 2 * length + probes, "backward": unroll}
@@ -143,7 +143,7 @@ def variant_step_counts(config, variant: str) -> dict[str, float]:
         return {"forward": 2 * length + probes, "backward": burn + unroll}
     if variant == "no_burn_in":
         short = dataclasses.replace(spec, burn_in=0)
-        return {"forward": 2 * short.length + len(delta_q_offsets(short)), "backward": unroll}
+        return {"forward": 2 * short.length + len(WindowOffsets.of(short).delta_q), "backward": unroll}
     if variant == "article":
         # predict: online window + target window; train_on_batch reruns the unroll forward and backward.
         return {"forward": 2 * length + (unroll + n), "backward": unroll + n}

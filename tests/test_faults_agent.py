@@ -560,9 +560,7 @@ def test_interrupt_at_each_stage_of_update_applies_all_or_nothing(saved, tmp_pat
     learner = loop.learner
     snapshot = learner.state_dict()
     replay_file = pristine / "replay.npz"
-    batch = read_replay(replay_file).sample(
-        CONFIG.batch_size, extra_state_offsets=learner.extra_state_offsets
-    )
+    batch = read_replay(replay_file).sample(CONFIG.batch_size, extra_state_offsets=learner.offsets.extra)
 
     def state(replay: SequenceReplay) -> tuple[str, str]:
         return learner_digest(learner), replay_digest(replay, tmp_path)
@@ -623,7 +621,7 @@ def test_a_rejected_update_changes_nothing(saved):
     loop, pristine = saved
     learner = loop.learner
     replay = read_replay(pristine / "replay.npz")
-    batch = replay.sample(CONFIG.batch_size, extra_state_offsets=learner.extra_state_offsets)
+    batch = replay.sample(CONFIG.batch_size, extra_state_offsets=learner.offsets.extra)
     before, updates = learner_digest(learner), learner.num_updates
     observation = batch.observation.copy()
     observation[1, 2, 0] = np.nan

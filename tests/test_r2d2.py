@@ -11,7 +11,7 @@ import pytest
 
 import burnin
 from agents.envs import make_vector_env
-from agents.r2d2 import Actor, Learner, R2D2Config, TrainLoop, apex_epsilons, make_replay
+from agents.r2d2 import Actor, Learner, R2D2Config, TrainLoop, WindowOffsets, apex_epsilons, make_replay
 from agents.r2d2.actor import EnvError
 from agents.r2d2.networks import network_state_shapes
 
@@ -36,6 +36,21 @@ SMALL = dict(
 
 def small_config(**overrides) -> R2D2Config:
     return R2D2Config(**{**SMALL, **overrides})
+
+
+@pytest.mark.parametrize(
+    "spec, refresh, delta_q, extra",
+    [
+        ((4, 8, 4, 2), (4, 8, 12), (4, 8, 12), (4, 8, 12)),  # SMALL: length 14
+        ((0, 8, 4, 2), (4, 8), (0, 4, 8), (4, 8)),  # no burn-in: ΔQ at step 0 too
+        ((20, 40, 20, 5), (20, 40, 60), (20, 40, 60), (20, 40, 60)),  # the demo
+        ((3, 8, 2, 1), (2, 4, 6, 8, 10), (4, 6, 8, 10), (4, 6, 8, 10)),  # burn-in not a multiple of period
+        ((0, 1, 1, 1), (1,), (0, 1), (1,)),
+    ],
+)
+def test_window_offsets(spec, refresh, delta_q, extra):
+    offsets = WindowOffsets.of(burnin.SequenceSpec(*spec))
+    assert offsets == WindowOffsets(refresh=refresh, delta_q=delta_q, extra=extra)
 
 
 def test_apex_epsilons():
@@ -113,7 +128,7 @@ def test_learner_reproduces_actor_q_values_and_zero_delta_q():
     """Same parameters: burned-in learner Q equals the actor's Q at every valid unrolled step; ΔQ is 0."""
     config = small_config()
     learner, _actor, replay, rec = filled(config, 150)
-    batch = replay.sample(config.batch_size, extra_state_offsets=learner.extra_state_offsets)
+    batch = replay.sample(config.batch_size, extra_state_offsets=learner.offsets.extra)
     inputs = [batch.observation, batch.prev_action, batch.prev_reward]
     out = learner.online_runner(inputs, batch.state, mask=batch.mask)
     q = out.outputs.numpy()  # [B, U + n, A] for window steps [burn_in, L)
@@ -141,7 +156,7 @@ def test_the_update_is_traced_once_and_then_called_as_one_concrete_function():
     twin = Learner(config, 2, 2, seed=0)
     twin.assign_state(learner.state_dict())
     for _ in range(3):
-        batch = replay.sample(config.batch_size, extra_state_offsets=learner.extra_state_offsets)
+        batch = replay.sample(config.batch_size, extra_state_offsets=learner.offsets.extra)
         step = learner.update(batch)
         reference = twin._update_fn(twin._feed(batch))  # the tf.function, called as before
         np.testing.assert_array_equal(step.priorities, reference["priorities"].numpy())
@@ -159,7 +174,7 @@ def test_reward_scale_is_the_update_on_scaled_rewards():
     scaled, _actor, replay, _ = filled(config, 150)
     plain = Learner(small_config(), 2, 2, seed=0)
     other = Learner(small_config(), 2, 2, seed=0)
-    batch = replay.sample(config.batch_size, extra_state_offsets=scaled.extra_state_offsets)
+    batch = replay.sample(config.batch_size, extra_state_offsets=scaled.offsets.extra)
     times_c = batch._replace(
         reward=(batch.reward * np.float32(c)).astype(np.float32),
         prev_reward=(batch.prev_reward * np.float32(c)).astype(np.float32),
@@ -279,7 +294,7 @@ def test_stacked_gru_lstm_core_trains_end_to_end(tmp_path):
     assert replay.config.state_shapes == (((16,),), ((16,), (16,)))
     assert [len(layer) for layer in rec.states[-1]] == [1, 2]  # GRU [h], LSTM [h, c]
     assert [layer.name for layer in burnin.stateful_layers(learner.online)] == ["gru", "lstm_1"]
-    batch = replay.sample(config.batch_size, extra_state_offsets=learner.extra_state_offsets)
+    batch = replay.sample(config.batch_size, extra_state_offsets=learner.offsets.extra)
     step = learner.update(batch)  # the actor's parameters: the recomputed states are the stored ones
     assert step.delta_q_first == pytest.approx(0.0, abs=1e-6)
     assert step.delta_q_last == pytest.approx(0.0, abs=1e-6)
@@ -299,7 +314,7 @@ def test_refresh_writes_the_recomputed_states_back(seed):
     # The actor acted with these very weights, so a refresh would rewrite identical states
     # (bit for bit); move the learner's parameters so the recomputed states differ.
     learner.online.set_weights([w * 1.05 for w in learner.online.get_weights()])
-    offsets = learner.refresh_offsets
+    offsets = learner.offsets.refresh
     batch = replay.sample(config.batch_size, extra_state_offsets=offsets)
     assert batch.extra_state_mask.any()
     # The states the update will recompute: same parameters, same window, before the optimizer step.
@@ -416,7 +431,7 @@ def test_env_size_must_match_config():
 def test_learner_checks_batch_shape():
     config = small_config()
     learner, _, replay, _ = filled(config, 150)
-    batch = replay.sample(config.batch_size, extra_state_offsets=learner.extra_state_offsets)
+    batch = replay.sample(config.batch_size, extra_state_offsets=learner.offsets.extra)
     bad = batch._replace(observation=batch.observation[:, :-1])
     with pytest.raises(ValueError, match="batch.observation: expected shape"):
         learner.update(bad)
@@ -441,8 +456,8 @@ def test_delta_q_uses_burn_in_offset_first_and_the_last_available_state():
     """ΔQ_first reads the actor's state at offset burn_in; ΔQ_last the largest offset that has one."""
     config = small_config()  # burn_in 4, period 4, length 14: candidate offsets 4, 8, 12
     learner, _, replay, _ = filled(config, 150)
-    assert learner.delta_q_offsets == (4, 8, 12)
-    offsets = learner.extra_state_offsets
+    assert learner.offsets.delta_q == (4, 8, 12)
+    offsets = learner.offsets.extra
     batch = replay.sample(config.batch_size, extra_state_offsets=offsets)
     inputs = [batch.observation, batch.prev_action, batch.prev_reward]
     probe = burnin.BurnInRunner(learner.online, burn_in=config.burn_in, state_offsets=offsets)

@@ -195,7 +195,7 @@ class DistributedLoop:
 
     def _request(self) -> ray.ObjectRef:
         return self.server.sample.remote(
-            self.config.batch_size, extra_state_offsets=self.learner.extra_state_offsets
+            self.config.batch_size, extra_state_offsets=self.learner.offsets.extra
         )
 
     def start(self) -> None:

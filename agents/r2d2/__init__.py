@@ -1,6 +1,6 @@
 """R2D2 on burnin: config, Q-network, learner, actor, the single-process loop and its checkpoints.
 
-Modules: ``config`` (R2D2Config, StateStrategy, presets), ``networks``,
+Modules: ``config`` (R2D2Config, StateStrategy, presets, WindowOffsets), ``networks``,
 ``learner``, ``actor`` (and greedy evaluation), ``loop`` (TrainLoop, the Loop
 protocol), ``checkpoint``.
 """
@@ -11,10 +11,8 @@ from agents.r2d2.config import (
     PRESETS,
     R2D2Config,
     StateStrategy,
-    delta_q_offsets,
-    extra_state_offsets,
+    WindowOffsets,
     preset,
-    stored_state_offsets,
 )
 from agents.r2d2.learner import Learner, LearnerStep, PriorityWriter
 from agents.r2d2.loop import Loop, LoopStats, TrainLoop, make_replay
@@ -33,11 +31,9 @@ __all__ = [
     "ReplayWriter",
     "StateStrategy",
     "TrainLoop",
+    "WindowOffsets",
     "apex_epsilons",
-    "delta_q_offsets",
     "evaluate",
-    "extra_state_offsets",
     "make_replay",
     "preset",
-    "stored_state_offsets",
 ]

@@ -1,5 +1,5 @@
 """R2D2 hyper-parameters (R2D2Config), the learner's start-state strategy, presets, and the window
-offsets the learner reads stored states at."""
+offsets the learner uses stored states at (WindowOffsets)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,9 @@ __all__ = [
     "PRESET_DOCS",
     "R2D2Config",
     "StateStrategy",
-    "delta_q_offsets",
+    "WindowOffsets",
     "documented",
-    "extra_state_offsets",
     "preset",
-    "stored_state_offsets",
 ]
 
 
@@ -264,17 +262,44 @@ def preset(name: str, **overrides: Any) -> R2D2Config:
     return R2D2Config(**{**PRESETS[name], **overrides})
 
 
-def stored_state_offsets(spec: SequenceSpec) -> tuple[int, ...]:
-    """Window steps after 0 with a stored state: the multiples of ``period`` (burn-in starts of later windows)."""
-    return tuple(range(spec.period, spec.length, spec.period))
+@dataclasses.dataclass(frozen=True)
+class WindowOffsets:
+    """The window steps at which the learner uses stored states, computed once from a SequenceSpec (:meth:`of`).
 
+    The replay stores a state before every window step that is a multiple of
+    ``period`` (the burn-in starts of the windows of an episode)::
 
-def delta_q_offsets(spec: SequenceSpec) -> tuple[int, ...]:
-    """Window steps where ΔQ is measured: the stored-state steps (0 included) from the first trained step on."""
-    return tuple(o for o in range(0, spec.length, spec.period) if o >= spec.burn_in)
+        window step:  0     period   2·period  ...   (< length)
+        refresh:            x        x         ...   every stored state after step 0
+        delta_q:      those >= burn_in (the first trained step on; 0 included when burn_in = 0)
+        extra:        delta_q without step 0
 
+    A feed-forward network uses no states: ``WindowOffsets()``, every field empty.
+    """
 
-def extra_state_offsets(spec: SequenceSpec) -> tuple[int, ...]:
-    """Window steps whose stored states the learner samples beside the window's own: the ΔQ references
-    after step 0 (a refresh writes states back by key, it reads none)."""
-    return tuple(o for o in delta_q_offsets(spec) if o > 0)
+    refresh: tuple[int, ...] = ()
+    """Where a refresh writes the recomputed state back (``SequenceReplay.update_states``); it reads none."""
+    delta_q: tuple[int, ...] = ()
+    """Where ΔQ compares the recomputed state with the actor's stored one."""
+    extra: tuple[int, ...] = ()
+    """The stored states sampled beside the window's own (``SequenceReplay.sample(extra_state_offsets=...)``):
+    the ΔQ references after step 0, in the order of ``batch.extra_states``."""
+
+    def __post_init__(self) -> None:
+        for name in ("refresh", "delta_q", "extra"):
+            offsets = getattr(self, name)
+            if not isinstance(offsets, tuple) or not all(type(o) is int and o >= 0 for o in offsets):
+                raise ValueError(f"{name}: expected a tuple of ints >= 0, got {offsets!r}")
+        if not set(self.extra) <= set(self.delta_q):
+            raise ValueError(f"extra: expected a subset of delta_q {self.delta_q}, got {self.extra}")
+
+    @classmethod
+    def of(cls, spec: SequenceSpec) -> WindowOffsets:
+        """The offsets of windows cut as ``spec`` says."""
+        stored = range(0, spec.length, spec.period)
+        delta_q = tuple(o for o in stored if o >= spec.burn_in)
+        return cls(
+            refresh=tuple(o for o in stored if o > 0),
+            delta_q=delta_q,
+            extra=tuple(o for o in delta_q if o > 0),
+        )

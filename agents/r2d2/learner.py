@@ -20,13 +20,7 @@ from agents.r2d2.checkpoint import (
     comparable_config,
     read_learner_arrays,
 )
-from agents.r2d2.config import (
-    R2D2Config,
-    StateStrategy,
-    delta_q_offsets,
-    extra_state_offsets,
-    stored_state_offsets,
-)
+from agents.r2d2.config import R2D2Config, StateStrategy, WindowOffsets
 from agents.r2d2.feed import UpdateFeed, check_field, pack_feed, unpack_feed
 from agents.r2d2.networks import build_q_network, network_inputs, row_state_shapes
 from agents.spaces import ObservationEncoding
@@ -126,16 +120,15 @@ class Learner:
         self.state_shapes = row_state_shapes(self.online)
         """Per stateful layer and state array, its shape without the batch (what the replay stores)."""
         recurrent = self.network_config.recurrent
-        self.refresh_offsets = stored_state_offsets(spec) if recurrent else ()
-        self.delta_q_offsets = delta_q_offsets(spec) if recurrent else ()
-        self._extra_offsets = extra_state_offsets(spec) if recurrent else ()
+        self.offsets = WindowOffsets.of(spec) if recurrent else WindowOffsets()
+        """Where the update reads and writes stored states (refresh, ΔQ, the extra states it samples)."""
         # The n-step tail only feeds the (stopped) double-Q bootstrap, so it runs
         # without gradient; burn_in_gradient moves the burn-in into the unroll.
         self.online_runner = BurnInRunner(
             self.online,
             burn_in=0 if burn_in_gradient else spec.burn_in,
             gradient_steps=spec.burn_in + spec.unroll if burn_in_gradient else spec.unroll,
-            state_offsets=self.refresh_offsets if config.refresh_states else (),
+            state_offsets=self.offsets.refresh if config.refresh_states else (),
             allow_stateless=not recurrent,
         )
         self.target_runner = BurnInRunner(self.target, burn_in=spec.burn_in, allow_stateless=not recurrent)
@@ -166,16 +159,11 @@ class Learner:
     def update_target(self) -> None:
         self.target.set_weights(self.online.get_weights())
 
-    @property
-    def extra_state_offsets(self) -> tuple[int, ...]:
-        """Window offsets whose stored states the learner asks the replay for."""
-        return self._extra_offsets
-
     # ------------------------------------------------------------- update
 
     def step(self, replay: SequenceReplay) -> LearnerStep:
         """Sample a batch, update, and write priorities (and refreshed states) back to ``replay``."""
-        batch = replay.sample(self.config.batch_size, extra_state_offsets=self._extra_offsets)
+        batch = replay.sample(self.config.batch_size, extra_state_offsets=self.offsets.extra)
         return self.update(batch, replay=replay)
 
     def update(self, batch: SequenceBatch, *, replay: PriorityWriter | None = None) -> LearnerStep:
@@ -197,12 +185,12 @@ class Learner:
             refreshed = 0
             if replay is not None:
                 replay.update_priorities(batch.keys, priorities)
-                if self.config.refresh_states and self.refresh_offsets:
+                if self.config.refresh_states and self.offsets.refresh:
                     states = tuple(
                         tuple(tuple(a.numpy() for a in entry) for entry in offset_state)
                         for offset_state in out["offset_states"]
                     )
-                    refreshed = replay.update_states(batch.keys, self.refresh_offsets, states)
+                    refreshed = replay.update_states(batch.keys, self.offsets.refresh, states)
         return LearnerStep(
             loss=float(out["loss"].numpy()),
             priorities=priorities,
@@ -254,12 +242,12 @@ class Learner:
             return f
         f["state"] = self._batch_state("batch.state", batch.state)
         f["actor_state"] = self._batch_state("batch.actor_state", batch.actor_state)
-        k = len(self._extra_offsets)
+        k = len(self.offsets.extra)
         f["extra_state_mask"] = check_field("batch.extra_state_mask", batch.extra_state_mask, "b", (b, k))
         extras = batch.extra_actor_states
         if not isinstance(extras, (tuple, list)) or len(extras) != k:
             raise ValueError(
-                f"batch.extra_actor_states: expected {k} states (offsets {self._extra_offsets}), got {extras!r:.60}"
+                f"batch.extra_actor_states: expected {k} states (offsets {self.offsets.extra}), got {extras!r:.60}"
             )
         f["extra_actor_states"] = tuple(
             self._batch_state(f"batch.extra_actor_states[{i}]", e) for i, e in enumerate(extras)
@@ -269,16 +257,16 @@ class Learner:
     def _feed(self, batch: SequenceBatch) -> UpdateFeed:
         """The update's inputs from ``batch``, every field checked first (see :meth:`update`)."""
         f = self._check_batch(batch)
-        offsets = self._extra_offsets
+        extra = self.offsets.extra
         # ΔQ compares with the actor's own states, even where a refresh replaced them.
         probe_states, probe_masks = [], []
-        for o in self.delta_q_offsets:
+        for o in self.offsets.delta_q:
             if o == 0:
                 probe_states.append(f["actor_state"])
                 probe_masks.append(f["mask"][:, 0])
             else:
-                probe_states.append(f["extra_actor_states"][offsets.index(o)])
-                probe_masks.append(f["extra_state_mask"][:, offsets.index(o)])
+                probe_states.append(f["extra_actor_states"][extra.index(o)])
+                probe_masks.append(f["extra_state_mask"][:, extra.index(o)])
         return pack_feed(f, probe_states, probe_masks, batch_size=self.config.batch_size)
 
     def model_inputs(self, observation: Any, prev_action: Any, prev_reward: Any) -> list[tf.Tensor]:
@@ -294,7 +282,7 @@ class Learner:
         feed = unpack_feed(
             packed,
             state_shapes=self.state_shapes if self.network_config.recurrent else (),
-            probes=len(self.delta_q_offsets),
+            probes=len(self.offsets.delta_q),
             batch_size=self.config.batch_size,
         )
         cfg = self.config
@@ -378,12 +366,12 @@ class Learner:
     def _delta_q(self, inputs, feed, q_hat, mask) -> tuple[tf.Tensor, tf.Tensor]:
         """Mean ΔQ over rows at the first trained step and at the last step with a stored state."""
         nan = tf.constant(float("nan"))
-        if not self.delta_q_offsets:
+        if not self.offsets.delta_q:
             return nan, nan
         burn_in = self.spec.burn_in
         seq_mask = mask[:, burn_in:]  # the j of max_{a,j} q(ĥ_j): every valid unrolled step
         values, avail = [], []
-        for o, state, ok in zip(self.delta_q_offsets, feed["probe_states"], feed["probe_masks"]):
+        for o, state, ok in zip(self.offsets.delta_q, feed["probe_states"], feed["probe_masks"]):
             step_inputs = [x[:, o : o + 1] for x in inputs]
             q_stored = self.probe_runner.run(step_inputs, state).outputs[:, 0]  # [B, A]
             dq = delta_q(q_hat[:, o - burn_in], q_stored, q_hat, seq_mask)  # [B]
@@ -398,7 +386,7 @@ class Learner:
             count = tf.reduce_sum(m)
             return tf.where(count > 0, tf.reduce_sum(v * m) / tf.maximum(count, 1.0), nan)
 
-        first = masked_mean(values[:, 0], avail[:, 0]) if self.delta_q_offsets[0] == burn_in else nan
+        first = masked_mean(values[:, 0], avail[:, 0]) if self.offsets.delta_q[0] == burn_in else nan
         # Per row, the largest offset that has a stored state.
         k = tf.shape(avail)[1]
         last_idx = tf.reduce_max(tf.where(avail, tf.range(k)[None, :], -1), axis=1)  # [B]
