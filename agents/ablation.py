@@ -426,6 +426,8 @@ def parse_overrides(parser: ArgumentParser, items: list[str]) -> dict[str, Any]:
             extra[key] = json.loads(value)
         except json.JSONDecodeError:
             parser.error(f"--set: expected a JSON value for {key}, got {value!r}")
+        if isinstance(extra[key], list):  # JSON has no tuples; the config's sequences are tuples
+            extra[key] = tuple(extra[key])
     return extra
 
 

@@ -269,3 +269,66 @@ class MemoryProbeHook:
 
     def on_end(self, run, summary: dict[str, Any]) -> None:
         pass
+
+
+def at_start(
+    env_id: str, *, overrides: dict[str, Any], steps: int, batches: int, seed: int
+) -> dict[str, Any]:
+    """The probe on an untrained network: the ``popgym`` preset (with ``overrides``) acts ``steps`` env steps
+    without learning, then :func:`probe` reads its replay. The Q scale the learner starts from."""
+    from agents.envs import make_vector_env
+    from agents.r2d2.config import preset
+    from agents.r2d2.loop import TrainLoop
+
+    config = preset("popgym", **{**overrides, "min_replay_steps": 10**9})  # act, never learn
+    loop = TrainLoop(config, make_vector_env(config.num_envs, seed=seed, env_id=env_id), seed=seed)
+    recorder = Recorder(loop)
+    while loop.env_steps < steps:
+        loop.iterate()
+    label_fn = labeller(env_id)
+    if label_fn is None:
+        raise ValueError(f"env_id: no labels for {env_id!r} (CountRecall and RepeatPrevious have them)")
+    return probe(loop, recorder, label_fn, batches=batches, rng=np.random.default_rng(seed))
+
+
+def _main(argv: list[str] | None) -> int:
+    import json
+    import sys
+
+    from agents.ablation import parse_overrides
+    from agents.cli import ArgumentParser
+
+    parser = ArgumentParser(
+        prog=PROG, description="The memory probe on an untrained network (the Q scale at the start)."
+    )
+    parser.add_argument("--env", default="popgym-CountRecallEasy-v0", help="a POPGym id with labels")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="FIELD=VALUE", help="R2D2Config overrides (JSON)"
+    )
+    parser.add_argument("--steps", type=int, default=4000, help="env steps of acting before the probe [4000]")
+    parser.add_argument("--batches", type=int, default=8, help="batches of windows [8]")
+    parser.add_argument("--seed", type=int, default=0, help="[0]")
+    args = parser.parse_args(argv)
+    parser.require_at_least(args, {"steps": 1, "batches": 1})
+    overrides = parse_overrides(parser, args.set)
+    if labeller(args.env) is None:
+        parser.error(f"--env: no labels for {args.env!r} (CountRecall and RepeatPrevious have them)")
+    reading = at_start(args.env, overrides=overrides, steps=args.steps, batches=args.batches, seed=args.seed)
+    print(json.dumps({"command": " ".join([PROG, *(argv if argv is not None else sys.argv[1:])]), **reading}))
+    return 0
+
+
+PROG = "python -m studies.memory_probe"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI: 0 when done, 2 for a bad flag (one line on stderr)."""
+    from agents.cli import run_script
+
+    return run_script(PROG, lambda: _main(argv))
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -135,3 +135,27 @@ def test_the_probe_report_averages_the_last_reading_of_each_run(tmp_path):
     assert "env steps 200" in md and "20 in all" in md
     probe_report.plot(runs, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_cli_probes_an_untrained_network(capsys):
+    import json
+
+    tiny = [
+        "torso_units=[8]",
+        "core_units=8",
+        "head_units=8",
+        "batch_size=4",
+        "num_envs=4",
+        "replay_capacity=1200",
+    ]
+    assert mp.main(["--steps", "400", "--batches", "2", "--set", "gamma=0", *tiny]) == 0
+    reading = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert reading["rows"] > 0 and reading["command"].startswith(mp.PROG)
+    # nothing was learned, so the stored state is the true one
+    assert max(reading["delta_q/stored"]) < 1e-5 < max(reading["delta_q/zero"])
+
+
+def test_the_cli_refuses_a_task_without_labels(capsys):
+    with pytest.raises(SystemExit) as exc:
+        mp.main(["--env", "popgym-AutoencodeEasy-v0"])
+    assert exc.value.code == 2 and "--env: no labels" in capsys.readouterr().err
