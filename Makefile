@@ -10,7 +10,7 @@ ARGS   ?=
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,dist,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[test,dist,dev,tune]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -17,7 +17,14 @@ LAYERS = (
     ("agents.distributed",),
     ("agents.experiment", "agents.hooks", "agents.history", "agents.cli", "agents.episode_probe"),
     ("agents.train",),
-    ("agents.cartpole", "agents.ablation", "agents.delta_q_probe", "agents.article", "agents.stored_start"),
+    (
+        "agents.cartpole",
+        "agents.ablation",
+        "agents.delta_q_probe",
+        "agents.article",
+        "agents.stored_start",
+        "agents.tune",
+    ),
     ("studies",),
 )
 

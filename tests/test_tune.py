@@ -1,0 +1,151 @@
+"""agents.tune: the objective, the drawn configs, the printed flags, bad flags, and a quick search that resumes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("optuna")
+
+import optuna
+
+from agents import train, tune
+from agents.envs import MASKED_CARTPOLE_ID
+from agents.r2d2.config import preset
+from tests.helpers import outcome
+
+
+def _summary(evals, *, env_steps=1000, wall=50.0):
+    entries = [{"env_steps": s, "wall_time_s": w, "mean_return": r} for s, w, r in evals]
+    return {"history": {"evals": entries}, "env_steps": env_steps, "wall_time_s": wall}
+
+
+@pytest.mark.parametrize(
+    "evals, objective, expected",
+    [
+        ([(100, 5.0, 10.0), (200, 9.0, 480.0), (300, 12.0, 500.0)], "steps", 200.0),  # first at the bar
+        ([(100, 5.0, 10.0), (200, 9.0, 480.0)], "wall", 9.0),
+        ([(100, 5.0, 475.0)], "steps", 100.0),  # at the bar counts
+        ([(100, 5.0, 0.0), (200, 9.0, 237.5)], "steps", 1000 * 1.5),  # unsolved, half way: used × (2 − 0.5)
+        ([(100, 5.0, 100.0), (200, 9.0, 50.0)], "wall", 50.0 * 2.0),  # no progress
+        ([], "steps", 2000.0),  # no evaluation at all
+    ],
+)
+def test_score_is_the_cost_to_the_bar_and_ranks_unsolved_runs_after_solved_ones(evals, objective, expected):
+    assert tune.score(_summary(evals), bar=475.0, objective=objective) == pytest.approx(expected)
+
+
+def _search(**changes):
+    values = dict(
+        env=MASKED_CARTPOLE_ID, preset="masked-cartpole", pins={}, fields=tuple(tune.SEARCH_SPACE),
+        budget=10_000, bar=475.0, objective="steps", eval_every=1000, eval_episodes=2, seed=0,
+    )  # fmt: skip
+    return tune.Search(**{**values, **changes})
+
+
+def test_a_drawn_config_round_trips_through_the_printed_train_flags(tmp_path):
+    """The best trial is printed as train CLI flags: parsed back, they give the trial's config."""
+    params = {name: choices[-1] for name, choices in tune.SEARCH_SPACE.items()}
+    params["unroll"] = 10  # below the preset's period 20: the period follows it
+    config = tune.draw(optuna.trial.FixedTrial(params), _search(pins={"torso_units": (32, 32)}))
+    assert (config.unroll, config.period, config.torso_units) == (10, 10, (32, 32))
+    flags = tune.train_flags(config, "masked-cartpole")
+    assert "--period" in flags and "--torso-units" in flags and "--lstm-impl" not in flags
+    argv = ["--env", MASKED_CARTPOLE_ID, "--preset", "masked-cartpole", *flags, "--run-dir", str(tmp_path)]
+    assert train.parse_args(argv)[1] == config
+    assert tune.train_flags(preset("popgym"), "popgym") == []
+
+
+def test_a_drawn_config_the_replay_cannot_fill_is_refused():
+    params = {"min_replay_steps": 5_000}
+    with pytest.raises(ValueError, match="min_replay_steps"):
+        tune.draw(
+            optuna.trial.FixedTrial(params), _search(pins={"replay_capacity": 2_000}, fields=tuple(params))
+        )
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--trials", "0"], "--trials: expected an int >= 1, got 0"),
+        (["--budget", "0"], "--budget: expected an int >= 1, got 0"),
+        (["--seed", str(2**32)], "--seed: expected an int <= 4294967295"),
+        (["--set", "bogus=1"], "--set: expected FIELD=VALUE with FIELD an R2D2Config or run option"),
+        (["--set", "total_env_steps=5"], "--set: total_env_steps: run options are flags here"),
+        (["--set", "batch_size=0"], "--set: batch_size: expected an int >= 1, got 0"),
+        (["--search", "gamma", "--set", "gamma=0.5"], "--search: every field is pinned by --set"),
+        (["--objective", "speed"], "argument --objective: invalid choice: 'speed'"),
+        (["--storage", "nosuchdb://x"], "--storage: 'nosuchdb://x'"),
+    ],
+)
+def test_bad_flags_are_one_line_and_exit_2(argv, message, capsys, tmp_path):
+    base = ["--env", MASKED_CARTPOLE_ID, "--run-dir", str(tmp_path), "--quick"]
+    code, _, err = outcome(tune.main, [*base, *argv], capsys)
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if "it/s]" not in line]
+    assert len(lines) == 1 and lines[0].startswith(f"{tune.PROG}: error: {message}"), err
+
+
+def test_an_env_with_no_bar_needs_solve_return(capsys, tmp_path):
+    argv = ["--env", "popgym-RepeatFirstEasy-v0", "--quick", "--run-dir", str(tmp_path)]
+    code, _, err = outcome(tune.main, argv, capsys)
+    assert (code, err) == (2, f"{tune.PROG}: error: --solve-return: 'popgym-RepeatFirstEasy-v0' has no "
+                               "reward_threshold in its spec: give the bar\n")  # fmt: skip
+
+
+def test_without_optuna_it_says_how_to_install_it(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    code, _, err = outcome(tune.main, ["--env", MASKED_CARTPOLE_ID], capsys)
+    assert (code, err) == (2, f"{tune.PROG}: error: needs Optuna: pip install -e '.[tune]'\n")
+
+
+def test_quick_search_prints_train_flags_resumes_and_refuses_another_search(capsys, tmp_path):
+    # One trial keeps the test short; --quick's two are the same path twice.
+    base = ["--env", MASKED_CARTPOLE_ID, "--quick", "--trials", "1", "--run-dir", str(tmp_path)]
+    base += ["--solve-return", "15"]
+    code, out, err = outcome(tune.main, base, capsys)
+    assert code == 0, err
+    command = next(line for line in out.splitlines() if line.startswith("python -m agents.train "))
+    study_dir = tmp_path / "tune" / "MaskedCartPole-v1-masked-cartpole-steps"
+    best = json.loads((study_dir / "best.json").read_text())
+    assert best["command"] == command and "--solve-return 15.0" in command
+    assert sorted(p.name for p in study_dir.glob("trial-*")) == ["trial-0"]
+    assert not (study_dir / "trial-0" / "checkpoint").exists()
+    assert (study_dir / "trial-0" / "summary.json").is_file()
+    # The same command again: the study is done, nothing runs; the same best.
+    code, out, err = outcome(tune.main, base, capsys)
+    assert code == 0, err
+    assert "resuming study 'MaskedCartPole-v1-masked-cartpole-steps': 1 of 1 trials finished" in out
+    assert command in out.splitlines()
+    # Another budget under the same study name is another search.
+    code, _, err = outcome(tune.main, [*base, "--budget", "200"], capsys)
+    assert code == 2 and "is another search (its budget differ)" in err, err
+
+
+class _Trial:
+    """A stand-in for an Optuna trial: records reports, and prunes once told to."""
+
+    def __init__(self, prune_after: int) -> None:
+        self.reports: list[tuple[float, int]] = []
+        self.prune_after = prune_after
+
+    def report(self, value: float, step: int) -> None:
+        self.reports.append((value, step))
+
+    def should_prune(self) -> bool:
+        return len(self.reports) >= self.prune_after
+
+
+def test_the_pruning_hook_reports_each_evaluation_once_and_stops_the_run_when_told():
+    trial, run = _Trial(prune_after=2), SimpleNamespace(history=SimpleNamespace(evals=[]))
+    hook = tune.PruneOnEvaluations(trial)
+    hook.on_start(run)
+    assert hook.on_step(run, None) is None and trial.reports == []  # no new evaluation
+    run.history.evals.append({"mean_return": 9.0})
+    assert hook.on_step(run, None) is None and trial.reports == [(-9.0, 0)]
+    assert hook.on_step(run, None) is None and len(trial.reports) == 1  # the same one is not reported again
+    run.history.evals.append({"mean_return": 12.0})
+    assert hook.on_step(run, None) == "pruned" and trial.reports[-1] == (-12.0, 1)
