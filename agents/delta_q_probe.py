@@ -68,7 +68,7 @@ def probe(checkpoint: Path, *, batches: int = 20) -> dict[str, dict[str, float]]
     for _ in range(batches):
         batch = replay.sample(config.batch_size, extra_state_offsets=(t1, t2))
         inputs = learner.model_inputs(batch.observation, batch.prev_action, batch.prev_reward)
-        mask = tf.constant(batch.mask)
+        mask = tf.constant(batch.valid_t)
 
         def part(lo: int, hi: int, inputs=inputs) -> list:
             return [x[:, lo:hi] for x in inputs]
@@ -92,7 +92,7 @@ def probe(checkpoint: Path, *, batches: int = 20) -> dict[str, dict[str, float]]
                 ("last", t2, batch.extra_state_mask[:, 1]),
             ):
                 dq = delta_q(q[:, t - t1], q_ref[t], q, seq_mask).numpy()  # [B]
-                rows = ok & batch.mask[:, t] & np.isfinite(dq)
+                rows = ok & batch.valid_t[:, t] & np.isfinite(dq)
                 sums[name][key].extend(dq[rows].tolist())
     return {s: {k: float(np.mean(v)) if v else float("nan") for k, v in d.items()} for s, d in sums.items()}
 

@@ -130,7 +130,7 @@ class Recorder:
     def locate(self, batch, row: int) -> tuple[int, int] | None:
         """(lane, lane position of window step 0) of batch row ``row``, found by its valid steps; None if they
         occur nowhere or more than once in the recorded lanes."""
-        valid = np.flatnonzero(batch.mask[row])
+        valid = np.flatnonzero(batch.valid_t[row])
         if valid.size == 0:
             return None
         fields = (batch.observation[row], batch.action[row], batch.reward[row], batch.final[row])
@@ -185,7 +185,7 @@ def true_states(learner, recorder: Recorder, batch, rows: Any) -> TrueStates:
             continue
         lane, start = found
         # A left-padded window starts before its episode: its first valid step names the episode.
-        first = recorder.episode_start(lane, start + int(np.argmax(batch.mask[r])))
+        first = recorder.episode_start(lane, start + int(np.argmax(batch.valid_t[r])))
         if first is not None:
             kept.append(int(r))
             where.append((lane, first, start))
@@ -198,7 +198,7 @@ def true_states(learner, recorder: Recorder, batch, rows: Any) -> TrueStates:
         state = runner(inputs, state, mask=mask).final_state
     idx = np.array(kept)
     window = [pad_rows(getattr(batch, f)[idx], B) for f in ("observation", "prev_action", "prev_reward")]
-    out = runner(learner.model_inputs(*window), state, mask=pad_rows(batch.mask[idx], B))
+    out = runner(learner.model_inputs(*window), state, mask=pad_rows(batch.valid_t[idx], B))
     if state is None:  # every window starts at or before its episode's first step: the true state is zero
         true_state = tuple(
             tuple(np.zeros((n, *s), np.float32) for s in layer) for layer in learner.state_shapes
@@ -292,7 +292,7 @@ def _delta_q_to_true(learner, batch, rows: np.ndarray, q_true: np.ndarray) -> tu
     """Per row of ``rows``, ΔQ of the learner's start against the true state's Q ``q_true`` at the first
     trained step (where it is a ΔQ offset) and at the row's last valid ΔQ offset."""
     offsets, b = learner.offsets.delta_q, learner.spec.burn_in
-    q_hat, mask = _learner_q(learner, batch, rows), batch.mask[rows]
+    q_hat, mask = _learner_q(learner, batch, rows), batch.valid_t[rows]
     per_offset = np.stack(
         [delta_q(q_hat[:, o], q_true[:, o], q_hat[:, b:], mask[:, b:]).numpy() for o in offsets], 1
     )  # [rows, offsets]
@@ -311,7 +311,7 @@ def _learner_q(learner, batch, rows: np.ndarray) -> np.ndarray:
     start = None
     if learner.config.strategy == StateStrategy.STORED:
         start = tuple(tuple(pad_rows(a[rows], B) for a in layer) for layer in batch.state)
-    out = learner.probe_runner(learner.model_inputs(*window), start, mask=pad_rows(batch.mask[rows], B))
+    out = learner.probe_runner(learner.model_inputs(*window), start, mask=pad_rows(batch.valid_t[rows], B))
     return out.outputs.numpy()[: len(rows)]
 
 

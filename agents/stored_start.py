@@ -81,9 +81,9 @@ def _start_qs(learner, batch) -> dict[str, np.ndarray]:
     blind_action[:, : burn_in + 1], blind_reward[:, : burn_in + 1] = 0, 0.0
     blind = learner.model_inputs(batch.observation, blind_action, blind_reward)
     return {
-        "zero_burn_in": runner(inputs, None, mask=batch.mask).outputs.numpy(),
-        "stored_burn_in": runner(inputs, batch.actor_state, mask=batch.mask).outputs.numpy(),
-        "zero_burn_in_blind": runner(blind, None, mask=batch.mask).outputs.numpy(),
+        "zero_burn_in": runner(inputs, None, mask=batch.valid_t).outputs.numpy(),
+        "stored_burn_in": runner(inputs, batch.actor_state, mask=batch.valid_t).outputs.numpy(),
+        "zero_burn_in_blind": runner(blind, None, mask=batch.valid_t).outputs.numpy(),
     }
 
 
@@ -123,14 +123,14 @@ def probe(loop, rec: Recorder, *, batches: int = 8, raw: list | None = None) -> 
     ys, ages = [], []
     for _ in range(batches):
         batch = loop.replay.sample(learner.config.batch_size)
-        third = batch.mask[:, 0] & np.array([bool(np.any(h != 0)) for h in batch.actor_state[0][0]])
+        third = batch.valid_t[:, 0] & np.array([bool(np.any(h != 0)) for h in batch.actor_state[0][0]])
         truth = true_states(learner, rec, batch, np.flatnonzero(third))
         if truth.rows.size == 0:
             continue
         rows, where = truth.rows, truth.where
         q = {"true": truth.q, **{k: v[rows] for k, v in _start_qs(learner, batch).items()}}
         card = np.array([rec.logs[lane].observation[e].argmax() for lane, e, _ in where])
-        mask = batch.mask[rows]
+        mask = batch.valid_t[rows]
         if raw is not None:
             actor_q = np.zeros_like(q["true"])
             for i, (lane, _, s) in enumerate(where):

@@ -98,7 +98,7 @@ def synthetic_batch(config, obs_dim: int, num_actions: int):
         prev_reward=rng.random((b, length)).astype(np.float32),
         state=start,
         actor_state=start,
-        mask=np.ones((b, length), bool),
+        valid_t=np.ones((b, length), bool),
         final=np.zeros((b, length), bool),
         learn_mask=learn,
         terminal=np.zeros((b, length), bool),

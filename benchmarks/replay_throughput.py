@@ -76,7 +76,7 @@ class NaiveWindowReplay:
             "discount": np.zeros((num_windows, L), np.float32),
             "prev_action": np.zeros((num_windows, L), np.int32),
             "prev_reward": np.zeros((num_windows, L), np.float32),
-            "mask": np.zeros((num_windows, L), bool),
+            "valid_t": np.zeros((num_windows, L), bool),
             "learn_mask": np.zeros((num_windows, L), bool),
             "terminal": np.zeros((num_windows, L), bool),
         }
@@ -166,7 +166,7 @@ class NaiveWindowReplay:
         act = np.where(mask, self.st_act[lanes2, idx], 0)
         rew = np.where(mask, self.st_rew[lanes2, idx], 0)
         final = mask & self.st_final[lanes2, idx]
-        w["action"][rows], w["reward"][rows], w["mask"][rows] = act, rew, mask
+        w["action"][rows], w["reward"][rows], w["valid_t"][rows] = act, rew, mask
         w["discount"][rows] = mask & ~final & ~self.st_term[lanes2, idx]
         prev_ok = mask & (e > 0)
         w["prev_action"][rows] = np.where(prev_ok, self.st_act[lanes2, (e - 1) % S], 0)

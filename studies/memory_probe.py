@@ -173,7 +173,7 @@ def probe(loop, recorder: Recorder, label_fn, *, batches: int, rng: np.random.Ge
         rows, where = truth.rows[inside], [w for w, keep in zip(truth.where, inside) if keep]
         n = len(rows)
         window = [pad_rows(getattr(batch, f)[rows], B) for f in ("observation", "prev_action", "prev_reward")]
-        inputs, mask = learner.model_inputs(*window), pad_rows(batch.mask[rows], B)
+        inputs, mask = learner.model_inputs(*window), pad_rows(batch.valid_t[rows], B)
         stored = tuple(tuple(pad_rows(a[rows], B) for a in layer) for layer in batch.state)
         true = tuple(tuple(pad_rows(a[inside], B) for a in layer) for layer in truth.state)
         y = _episode_labels(recorder, where, label_fn, L)[:, b : b + U]

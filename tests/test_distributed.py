@@ -79,7 +79,7 @@ def run_until(loop: DistributedLoop, env_steps: int, *, timeout: float = 300.0, 
 
 
 def assert_windows_stay_in_one_episode(batch) -> None:
-    for mask, final, learn in zip(batch.mask, batch.final, batch.learn_mask):
+    for mask, final, learn in zip(batch.valid_t, batch.final, batch.learn_mask):
         valid = np.flatnonzero(mask)
         assert valid.size and np.all(np.diff(valid) == 1), (
             "valid steps must be one run: padding, episode, padding"
@@ -101,7 +101,7 @@ def assert_no_window_spans(batch, fault) -> tuple[int, int]:
     for row in range(len(fault["lanes"])):
         last, first = fault["last_observation"][row], fault["first_observation"][row]
         assert np.isfinite(first).all(), "the new incarnation has not written to this lane yet"
-        for obs, mask, final in zip(batch.observation, batch.mask, batch.final):
+        for obs, mask, final in zip(batch.observation, batch.valid_t, batch.final):
             for j in np.flatnonzero((obs == last).all(axis=1) & mask):
                 if not final[j]:
                     if j + 1 == len(mask):

@@ -39,7 +39,7 @@ def test_every_sampled_window_is_found_and_replays_to_the_actors_q(filled):
     assert truth.rows.tolist() == list(range(8))  # observations, actions and rewards identify every window
     for i, (lane, first, start) in enumerate(truth.where):
         log = recorder.logs[lane]
-        valid = np.flatnonzero(batch.mask[i])
+        valid = np.flatnonzero(batch.valid_t[i])
         np.testing.assert_array_equal(log.observation[start + valid], batch.observation[i, valid])
         actor_q = log.q[start + valid]
         scale = np.abs(actor_q).max()

@@ -627,11 +627,11 @@ def test_a_rejected_update_changes_nothing(saved):
     observation[1, 2, 0] = np.nan
     bad = {
         "observation": observation,
-        "reward": np.where(batch.mask, np.float32(1e30), batch.reward).astype(np.float32),
+        "reward": np.where(batch.valid_t, np.float32(1e30), batch.reward).astype(np.float32),
         "weights": np.full_like(batch.weights, np.nan),
         "action": np.full_like(batch.action, 7),
         "discount": np.full_like(batch.discount, 2.0),
-        "mask": batch.mask.astype(np.float32),
+        "valid_t": batch.valid_t.astype(np.float32),
         "state": ((batch.state[0][0], batch.state[0][1][:-1]),),
     }
     messages = {
@@ -640,7 +640,7 @@ def test_a_rejected_update_changes_nothing(saved):
         "weights": r"batch\.weights: expected finite values",
         "action": r"batch\.action: expected values in \[0, 1\], got \[7",
         "discount": r"batch\.discount: expected values in \[0, 1\]",
-        "mask": r"batch\.mask: expected bools, got dtype float32",
+        "valid_t": r"batch\.valid_t: expected bools, got dtype float32",
         "state": r"batch\.state\[0\]\[1\]: expected shape \(8, 16\)",
     }
     for field, value in bad.items():

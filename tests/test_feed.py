@@ -12,7 +12,7 @@ B, L = 3, 5
 
 
 def _fields(rng, state_shapes):
-    f = {n: rng.random((B, L)) < 0.5 for n in ("mask", "learn_mask", "final")}
+    f = {n: rng.random((B, L)) < 0.5 for n in ("valid_t", "learn_mask", "final")}
     f["observation"] = rng.integers(0, 255, (B, L, 2, 2), dtype=np.uint8)
     f.update({n: rng.integers(0, 4, (B, L), dtype=np.int32) for n in ("action", "prev_action")})
     f.update(
@@ -53,11 +53,11 @@ def test_unpack_gives_back_what_was_packed(state_shapes, probes, compiled, rng):
         "reward",
         "prev_reward",
         "discount",
-        "mask",
+        "valid_t",
         "learn_mask",
     ):
         np.testing.assert_array_equal(np.asarray(out[name]), fields[name], err_msg=name)
-    np.testing.assert_array_equal(np.asarray(out["actionable"]), fields["mask"] & ~fields["final"])
+    np.testing.assert_array_equal(np.asarray(out["actionable"]), fields["valid_t"] & ~fields["final"])
     np.testing.assert_array_equal(np.asarray(out["weights"]), fields["weights"])
     for got, want in zip((out["state"], *out["probe_states"]), (fields.get("state", ()), *probe_states)):
         assert len(got) == len(want)

@@ -130,14 +130,14 @@ def test_learner_reproduces_actor_q_values_and_zero_delta_q():
     learner, _actor, replay, rec = filled(config, 150)
     batch = replay.sample(config.batch_size, extra_state_offsets=learner.offsets.extra)
     inputs = [batch.observation, batch.prev_action, batch.prev_reward]
-    out = learner.online_runner(inputs, batch.state, mask=batch.mask)
+    out = learner.online_runner(inputs, batch.state, mask=batch.valid_t)
     q = out.outputs.numpy()  # [B, U + n, A] for window steps [burn_in, L)
     b = config.burn_in
     compared = 0
     for row in range(config.batch_size):
-        lane, start = rec.find(batch.observation[row], batch.mask[row])
+        lane, start = rec.find(batch.observation[row], batch.valid_t[row])
         for t in range(b, config.sequence_spec.length):
-            if batch.mask[row, t]:
+            if batch.valid_t[row, t]:
                 np.testing.assert_allclose(q[row, t - b], rec.q[lane][start + t], rtol=1e-5, atol=1e-7)
                 compared += 1
     assert compared > config.batch_size * config.unroll // 2
@@ -320,7 +320,7 @@ def test_refresh_writes_the_recomputed_states_back(seed):
     # The states the update will recompute: same parameters, same window, before the optimizer step.
     inputs = [batch.observation, batch.prev_action, batch.prev_reward]
     probe = burnin.BurnInRunner(learner.online, burn_in=config.burn_in, state_offsets=offsets)
-    recomputed = probe(inputs, batch.state, mask=batch.mask).offset_states
+    recomputed = probe(inputs, batch.state, mask=batch.valid_t).offset_states
     # Where each (row, offset) writes: (lane, lane position). Windows k and k+1 of one
     # episode in the same batch name the same stored state; the last (offset, row) wins.
     slots = batch.keys % replay._num_slots
@@ -463,7 +463,7 @@ def test_delta_q_uses_burn_in_offset_first_and_the_last_available_state():
     probe = burnin.BurnInRunner(learner.online, burn_in=config.burn_in, state_offsets=offsets)
     exact = [
         tuple(tuple(a.numpy() for a in e) for e in s)
-        for s in probe(inputs, batch.state, mask=batch.mask).offset_states
+        for s in probe(inputs, batch.state, mask=batch.valid_t).offset_states
     ]
     rng = np.random.default_rng(0)
     noise = [
@@ -473,8 +473,8 @@ def test_delta_q_uses_burn_in_offset_first_and_the_last_available_state():
     states = (noise[0], exact[1], noise[2])
     avail = np.zeros((config.batch_size, 3), bool)
     # Rows whose episode ends before step 8 would take their last state at 4 (the wrong one): leave them out.
-    avail[:, 0] = batch.mask[:, 4] & batch.mask[:, 8]
-    avail[:, 1] = batch.mask[:, 8]
+    avail[:, 0] = batch.valid_t[:, 4] & batch.valid_t[:, 8]
+    avail[:, 1] = batch.valid_t[:, 8]
     assert avail[:, 0].any()
     batch = batch._replace(extra_actor_states=states, extra_states=states, extra_state_mask=avail)
     step = learner.update(batch)
@@ -509,7 +509,7 @@ def test_actor_stores_final_observations_under_truncation():
     assert stored_finals and stored_finals <= finals
     assert not (batch.learn_mask & batch.final).any()
     # A truncated episode bootstraps: the step before its final observation keeps discount 1.
-    before_final = np.roll(batch.final, -1, axis=1) & batch.mask & ~batch.final
+    before_final = np.roll(batch.final, -1, axis=1) & batch.valid_t & ~batch.final
     truncated_rows = before_final & ~np.roll(batch.terminal, -1, axis=1)
     assert truncated_rows.any() and (batch.discount[truncated_rows] == 1).all()
 

@@ -328,7 +328,7 @@ def test_window_table(case: Case) -> None:
         prev, _ = row(w.prev)
         assert len(obs) == L and (act_valid == mask).all()
         assert lanes[i] == w.lane
-        np.testing.assert_array_equal(batch.mask[i], mask, err_msg=f"window {i} mask")
+        np.testing.assert_array_equal(batch.valid_t[i], mask, err_msg=f"window {i} mask")
         np.testing.assert_array_equal(batch.observation[i, :, 0], obs, err_msg=f"window {i} obs")
         np.testing.assert_array_equal(batch.action[i], act, err_msg=f"window {i} action")
         np.testing.assert_array_equal(batch.reward[i], 10 * act, err_msg=f"window {i} reward")
@@ -444,13 +444,13 @@ class Reference:
         b, u, P, L = self.spec.burn_in, self.spec.unroll, self.spec.period, self.spec.length
         steps = self.steps[lane]
         c = {name: np.zeros(L) for name in ("obs", "act", "rew", "disc", "pact", "prew")}
-        c.update({name: np.zeros(L, bool) for name in ("mask", "learn", "term", "final")})
+        c.update({name: np.zeros(L, bool) for name in ("valid_t", "learn", "term", "final")})
         for t in range(L):
             e = sp + t
             if e < 0 or start + e > last:
                 continue
             s = steps[start + e]
-            c["mask"][t] = True
+            c["valid_t"][t] = True
             c["obs"][t], c["act"][t], c["rew"][t] = s["id"], s["action"], s["reward"]
             c["disc"][t] = 0.0 if s["final"] or s["term"] else 1.0
             c["learn"][t] = not s["final"] and b <= t < b + u
@@ -586,7 +586,7 @@ def check_against_reference(spec: SequenceSpec, capacity: int, events: list[tupl
     for i in range(keys.size):
         lane, start = int(got_lane[i]), int(got_start[i])
         want = expected[(lane, start)]
-        np.testing.assert_array_equal(batch.mask[i], want["mask"])
+        np.testing.assert_array_equal(batch.valid_t[i], want["valid_t"])
         np.testing.assert_array_equal(batch.observation[i, :, 0], want["obs"])
         np.testing.assert_array_equal(batch.action[i], want["act"])
         np.testing.assert_array_equal(batch.reward[i], want["rew"])

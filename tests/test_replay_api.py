@@ -133,6 +133,9 @@ def test_feed_forward_network_without_state() -> None:
     assert batch.state == () and batch.extra_states == ((), ())
     assert batch.observation.shape == (4, 4) and batch.observation.dtype == np.uint8
     assert batch.extra_state_mask.shape == (4, 2)
+    # ``mask``, the old name of ``valid_t``, still reads it, with a DeprecationWarning.
+    with pytest.warns(DeprecationWarning, match="use SequenceBatch.valid_t"):
+        assert batch.mask is batch.valid_t
 
 
 def test_batch_shapes_with_image_observations() -> None:

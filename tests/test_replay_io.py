@@ -250,7 +250,7 @@ def test_threads_write_sample_update_and_save_concurrently(tmp_path: Path) -> No
                 batch = replay.sample(16, extra_state_offsets=[2])
                 replay.update_priorities(batch.keys, rng.random(16) + 0.1)
                 replay.update_states(batch.keys, [2], (batch.extra_states[0],))
-                assert batch.mask[:, 1:].sum() > 0
+                assert batch.valid_t[:, 1:].sum() > 0
         except BaseException as err:  # pragma: no cover - reported below
             errors.append(err)
 

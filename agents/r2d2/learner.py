@@ -222,7 +222,8 @@ class Learner:
         b, length, a = self.config.batch_size, self.spec.length, self.num_actions
         bl, f32 = (b, length), np.float32
         f: dict[str, Any] = {
-            n: check_field(f"batch.{n}", getattr(batch, n), "b", bl) for n in ("mask", "learn_mask", "final")
+            n: check_field(f"batch.{n}", getattr(batch, n), "b", bl)
+            for n in ("valid_t", "learn_mask", "final")
         }
         f["observation"] = check_field(
             "batch.observation",
@@ -263,7 +264,7 @@ class Learner:
         for o in self.offsets.delta_q:
             if o == 0:
                 probe_states.append(f["actor_state"])
-                probe_masks.append(f["mask"][:, 0])
+                probe_masks.append(f["valid_t"][:, 0])
             else:
                 probe_states.append(f["extra_actor_states"][extra.index(o)])
                 probe_masks.append(f["extra_state_mask"][:, extra.index(o)])
@@ -288,15 +289,17 @@ class Learner:
         cfg = self.config
         burn_in, unroll = self.spec.burn_in, self.spec.unroll
         inputs = self.model_inputs(feed["observation"], feed["prev_action"], feed["prev_reward"])
-        mask = feed["mask"]
+        valid_t = feed["valid_t"]
         recurrent = self.network_config.recurrent
         stored = feed["state"] if recurrent else None
         start = stored if cfg.strategy == StateStrategy.STORED else None
 
         # Target pass first, outside the tape: its activations are never needed for gradients.
-        q_target = tf.stop_gradient(self.target_runner.run(inputs, start, mask=mask).outputs)  # [B, U+n, A]
+        q_target = tf.stop_gradient(
+            self.target_runner.run(inputs, start, mask=valid_t).outputs
+        )  # [B, U+n, A]
         with tf.GradientTape() as tape:
-            out = self.online_runner.run(inputs, start, mask=mask)
+            out = self.online_runner.run(inputs, start, mask=valid_t)
             q_online = out.outputs  # [B, U+n, A] (or [B, L, A] with burn_in_gradient)
             if self.burn_in_gradient:
                 q_online = q_online[:, burn_in:]
@@ -309,7 +312,7 @@ class Learner:
                 feed["action"][:, burn_in:],
                 r_t,
                 pcont_t,
-                mask[:, burn_in:],
+                valid_t[:, burn_in:],
                 feed["learn_mask"][:, burn_in : burn_in + unroll],
                 feed["weights"],
                 n=self.spec.n_step,
@@ -317,7 +320,7 @@ class Learner:
                 priority_eta=cfg.priority_eta,
             )
         grads = tape.gradient(loss, self.online.trainable_variables)
-        dq_first, dq_last = self._delta_q(inputs, feed, tf.stop_gradient(q_online), mask)
+        dq_first, dq_last = self._delta_q(inputs, feed, tf.stop_gradient(q_online), valid_t)
         finite = {
             "loss": _all_finite([loss]),
             "priorities": _all_finite([extras.priorities]),
@@ -363,19 +366,19 @@ class Learner:
         tf.cond(applied & (self.optimizer.iterations % period == 0), copy_target, lambda: tf.constant(False))
         return weights_finite, applied
 
-    def _delta_q(self, inputs, feed, q_hat, mask) -> tuple[tf.Tensor, tf.Tensor]:
+    def _delta_q(self, inputs, feed, q_hat, valid_t) -> tuple[tf.Tensor, tf.Tensor]:
         """Mean ΔQ over rows at the first trained step and at the last step with a stored state."""
         nan = tf.constant(float("nan"))
         if not self.offsets.delta_q:
             return nan, nan
         burn_in = self.spec.burn_in
-        seq_mask = mask[:, burn_in:]  # the j of max_{a,j} q(ĥ_j): every valid unrolled step
+        seq_mask = valid_t[:, burn_in:]  # the j of max_{a,j} q(ĥ_j): every valid unrolled step
         values, avail = [], []
         for o, state, ok in zip(self.offsets.delta_q, feed["probe_states"], feed["probe_masks"]):
             step_inputs = [x[:, o : o + 1] for x in inputs]
             q_stored = self.probe_runner.run(step_inputs, state).outputs[:, 0]  # [B, A]
             dq = delta_q(q_hat[:, o - burn_in], q_stored, q_hat, seq_mask)  # [B]
-            ok = tf.cast(ok, tf.bool) & mask[:, o] & tf.math.is_finite(dq)
+            ok = tf.cast(ok, tf.bool) & valid_t[:, o] & tf.math.is_finite(dq)
             values.append(tf.where(ok, dq, 0.0))
             avail.append(ok)
         values = tf.stack(values, axis=1)  # [B, K]

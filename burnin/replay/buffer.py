@@ -375,7 +375,7 @@ class SequenceReplay:
             "prev_action": out.prev_action,
             "prev_reward": out.prev_reward,
             "state": state,
-            "mask": out.mask,
+            "valid_t": out.valid_t,
             "learn_mask": out.learn_mask,
             "final": out.final_code >= 1,
             "terminal": out.final_code == 2,

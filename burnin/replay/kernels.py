@@ -152,7 +152,7 @@ class Gathered(NamedTuple):
     discount: np.ndarray  # [B, L] float32
     prev_action: np.ndarray  # [B, L] int32
     prev_reward: np.ndarray  # [B, L] float32
-    mask: np.ndarray  # [B, L] bool
+    valid_t: np.ndarray  # [B, L] bool
     learn_mask: np.ndarray  # [B, L] bool
     final_code: np.ndarray  # [B, L] uint8: 0 not final, 1 final of a truncated, 2 of a terminated episode
     keys: np.ndarray  # [B] int64
@@ -172,7 +172,7 @@ class Gathered(NamedTuple):
             discount=np.empty((B, L), dtype=np.float32),
             prev_action=np.empty((B, L), dtype=np.int32),
             prev_reward=np.empty((B, L), dtype=np.float32),
-            mask=np.empty((B, L), dtype=np.bool_),
+            valid_t=np.empty((B, L), dtype=np.bool_),
             learn_mask=np.empty((B, L), dtype=np.bool_),
             final_code=np.empty((B, L), dtype=np.uint8),
             keys=np.empty(B, dtype=np.int64),
@@ -500,7 +500,7 @@ def _invalid_steps(out, i, width, lo, hi):
     _fill(out.reward[i, lo:hi], 0.0)
     _fill(out.discount[i, lo:hi], 0.0)
     _fill(out.prev_reward[i, lo:hi], 0.0)
-    _fill(out.mask[i, lo:hi], False)
+    _fill(out.valid_t[i, lo:hi], False)
     _fill(out.learn_mask[i, lo:hi], False)
 
 
@@ -516,7 +516,7 @@ def _copy_run(out, i, t, lay, width, f, at, run):
         out.reward[i, at : at + run],
         out.discount[i, at : at + run],
     )
-    d_mask, d_learn = out.mask[i, at : at + run], out.learn_mask[i, at : at + run]
+    d_valid, d_learn = out.valid_t[i, at : at + run], out.learn_mask[i, at : at + run]
     d_final = out.final_code[i, at : at + run]
     s_act, s_rew, s_flags = t.action[f : f + run], t.reward[f : f + run], t.flags[f : f + run]
     learn_lo, learn_hi = lay.burn_in - at, lay.burn_in + lay.unroll - at
@@ -526,7 +526,7 @@ def _copy_run(out, i, t, lay, width, f, at, run):
         d_act[y] = s_act[y]
         d_rew[y] = s_rew[y]
         d_disc[y] = 1.0 if acts and (fl & TERMINATED) == 0 else 0.0
-        d_mask[y] = True
+        d_valid[y] = True
         d_learn[y] = acts and learn_lo <= y < learn_hi
         # 0: not a final observation, 1: final of a truncated episode, 2: of a terminated one.
         d_final[y] = ((fl & FINAL) != 0) + ((fl & FINAL_TERMINATED) != 0)

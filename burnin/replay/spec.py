@@ -4,6 +4,7 @@ the arrays the buffer holds, and the checks of the arguments its methods take.""
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -232,8 +233,8 @@ class SequenceBatch(NamedTuple):
     """[B, L] float32: reward of the action at t-1 (0 at the episode's first step and where invalid)."""
     state: RecurrentState
     """Stored state before window step 0, arrays [B, *shape]; zeros where step 0 is left padding."""
-    mask: np.ndarray
-    """[B, L] bool: step t exists in the episode (the final observation included)."""
+    valid_t: np.ndarray
+    """[B, L] bool: step t exists in the episode (the final observation included); False on padding."""
     learn_mask: np.ndarray
     """[B, L] bool: t in [burn_in, burn_in + unroll) and step t has an action."""
     final: np.ndarray
@@ -255,6 +256,14 @@ class SequenceBatch(NamedTuple):
     as ``state`` unless the replay keeps actor states)."""
     extra_actor_states: tuple[RecurrentState, ...]
     """Like ``extra_states``, but the actor's original states even after a refresh."""
+
+    @property
+    def mask(self) -> np.ndarray:
+        """Deprecated: the old name of :attr:`valid_t`, kept for code written against it."""
+        warnings.warn(
+            "SequenceBatch.mask is deprecated, use SequenceBatch.valid_t", DeprecationWarning, stacklevel=2
+        )
+        return self.valid_t
 
 
 def array_specs(config: ReplayConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
