@@ -104,7 +104,8 @@ def plot(history: History, path: Path, title: str, *, solve_return: float | None
     ax1.set_xlabel("env steps")
     ax1.set_ylabel("return")
     ax1.set_title("return")
-    ax1.legend(loc="upper left", fontsize=8)
+    if ax1.get_legend_handles_labels()[0]:  # nothing to show before the first episode (a run stopped early)
+        ax1.legend(loc="upper left", fontsize=8)
     if history.learner:
         upd = [e["updates"] for e in history.learner]
         ax2.plot(upd, [e["delta_q_first"] for e in history.learner], label="ΔQ first trained step")

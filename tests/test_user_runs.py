@@ -187,6 +187,19 @@ def test_a_loop_stopped_between_its_updates_saves_a_checkpoint_that_resumes(
     assert again.credit < 1.0
 
 
+def test_the_plot_of_a_run_that_failed_before_any_episode_warns_of_nothing(tmp_path):
+    """A run that fails (or is stopped) before its first episode still gets its plot, without matplotlib's
+    'No artists with labels found' warning in the middle of the one-line error."""
+    import warnings
+
+    from agents.history import History, plot
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot(History(), tmp_path / "plot.png", "empty", solve_return=None)
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
 # ------------------------------------------------------------------ 3. bounded evaluation
 
 
