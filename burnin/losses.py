@@ -14,6 +14,7 @@ __all__ = [
     "priority_mixture",
     "r2d2_loss",
     "r2d2_targets",
+    "rewards_and_continuations",
     "td_errors",
     "value_rescale",
     "value_rescale_inverse",
@@ -75,6 +76,40 @@ def forward_fill(x_t: tf.Tensor, valid_t: tf.Tensor) -> tf.Tensor:
     return tf.gather(x_t, source, axis=1, batch_dims=1)
 
 
+def rewards_and_continuations(
+    reward_t: tf.Tensor,
+    discount_t: tf.Tensor,
+    has_action_t: tf.Tensor,
+    *,
+    gamma: float,
+    reward_scale: float = 1.0,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """r_t = reward_scale · reward_t and pcont_t = γ · discount_t where step t has an action; r_t = 0 and
+    pcont_t = 1 where it has none.
+
+    The one place where the two conventions for a step without an action (the
+    final observation of an episode, padding) meet. A batch
+    (:class:`burnin.SequenceBatch`) stores ``discount`` 0 there, as it stores
+    ``reward`` and ``action`` 0; :func:`n_step_returns` needs continuation 1
+    there, so that a return reaching the episode's end adds no more reward and
+    bootstraps from the final observation's value (carried forward by
+    :func:`r2d2_targets`) with the right power of γ. A termination is the
+    discount 0 of the last action itself.
+
+    Args:
+        reward_t: ``[B, T]`` rewards of the action at step t.
+        discount_t: ``[B, T]`` 0 where the action at t terminated the episode (or t has no action), else 1.
+        has_action_t: ``[B, T]`` bool: step t exists and is not a final observation.
+        gamma: discount γ in [0, 1].
+        reward_scale: factor on the rewards.
+    Returns:
+        ``(r_t, pcont_t)``, each ``[B, T]``: the inputs of :func:`n_step_returns`.
+    """
+    r_t = tf.where(has_action_t, reward_scale * reward_t, 0.0)
+    pcont_t = tf.where(has_action_t, gamma * discount_t, 1.0)
+    return r_t, pcont_t
+
+
 def n_step_returns(r_t: tf.Tensor, pcont_t: tf.Tensor, v_t: tf.Tensor, *, n: int) -> tf.Tensor:
     """n-step bootstrapped returns with per-step continuation.
 
@@ -83,8 +118,9 @@ def n_step_returns(r_t: tf.Tensor, pcont_t: tf.Tensor, v_t: tf.Tensor, *, n: int
     Here ``r_t`` is the reward of the action taken at step t (rewards at
     [t+1 … t+n] in the usual notation) and ``pcont_t = γ · discount_t`` its
     continuation (0 after a termination). An episode that ends inside the
-    n steps is handled by the caller with ``r = 0`` and ``pcont = 1`` on the
-    final observation and after it, and ``v`` carried forward from the final
+    n steps is handled with ``r = 0`` and ``pcont = 1`` on the final
+    observation and after it (:func:`rewards_and_continuations` converts a
+    batch's rewards and discounts so), and ``v`` carried forward from the final
     observation: the sum then stops at the end and bootstraps from the final
     observation with the right power of γ.
 
@@ -222,7 +258,8 @@ def r2d2_loss(
         q_target_t: ``[B, U + n, A]`` target-network Q-values.
         a_t: ``[B, U + n]`` actions taken at step t.
         r_t: ``[B, U + n]`` rewards of those actions (0 where there is no action).
-        pcont_t: ``[B, U + n]`` γ·discount (1 where there is no action).
+        pcont_t: ``[B, U + n]`` γ·discount (1 where there is no action; see
+            :func:`rewards_and_continuations`).
         valid_t: ``[B, U + n]`` step exists (final observation included).
         learn_mask_t: ``[B, U]`` trained steps.
         weights: ``[B]`` importance-sampling weights.

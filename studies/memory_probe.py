@@ -10,7 +10,7 @@ import numpy as np
 from agents.episode_probe import Recorder, pad_rows, true_states
 from burnin import BurnInRunner
 from burnin.diagnostics import delta_q, delta_q_spread
-from burnin.losses import r2d2_loss
+from burnin.losses import r2d2_loss, rewards_and_continuations
 
 __all__ = [
     "START_NAMES",
@@ -112,11 +112,11 @@ def _td_errors(learner, inputs, start, mask, batch, rows: np.ndarray) -> tuple[n
     q_target = learner.target_runner(inputs, start, mask=mask).outputs
     action, reward, discount, final = (pad_rows(getattr(batch, f)[rows], B)[:, b:] for f in
                                        ("action", "reward", "discount", "final"))  # fmt: skip
-    actionable = mask[:, b:] & ~final
+    r_t, pcont_t = rewards_and_continuations(
+        reward, discount, mask[:, b:] & ~final, gamma=cfg.gamma, reward_scale=cfg.reward_scale
+    )
     _, extras = r2d2_loss(
-        q_online, q_target, action,
-        np.where(actionable, cfg.reward_scale * reward, 0.0).astype(np.float32),
-        np.where(actionable, cfg.gamma * discount, 1.0).astype(np.float32),
+        q_online, q_target, action, r_t, pcont_t,
         mask[:, b:], pad_rows(batch.learn_mask[rows], B)[:, b : b + learner.spec.unroll],
         np.ones(B, np.float32), n=learner.spec.n_step, rescale_eps=cfg.value_rescale_eps or None,
         priority_eta=cfg.priority_eta,

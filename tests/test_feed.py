@@ -57,7 +57,7 @@ def test_unpack_gives_back_what_was_packed(state_shapes, probes, compiled, rng):
         "learn_mask",
     ):
         np.testing.assert_array_equal(np.asarray(out[name]), fields[name], err_msg=name)
-    np.testing.assert_array_equal(np.asarray(out["actionable"]), fields["valid_t"] & ~fields["final"])
+    np.testing.assert_array_equal(np.asarray(out["has_action"]), fields["valid_t"] & ~fields["final"])
     np.testing.assert_array_equal(np.asarray(out["weights"]), fields["weights"])
     for got, want in zip((out["state"], *out["probe_states"]), (fields.get("state", ()), *probe_states)):
         assert len(got) == len(want)

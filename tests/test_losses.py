@@ -78,8 +78,33 @@ def test_n_step_of_one_is_one_step_td(call):
     np.testing.assert_allclose(call(losses.n_step_returns, r, pcont, v, n=1), [[1 + 0.5 * 8, 2 + 0.25 * 16]])
 
 
+# The two conventions for a step without an action: the batch's discount 0 there, the n-step sum's pcont 1.
+NO_ACTION_CASES = {
+    # name: (reward, discount, has_action, reward_scale) -> (r, pcont) with γ = GAMMA
+    "acting": (([2.0], [1.0], [True], 1.0), ([2.0], [GAMMA])),
+    "terminating action": (([2.0], [0.0], [True], 1.0), ([2.0], [0.0])),
+    "final observation": (([0.0], [0.0], [False], 1.0), ([0.0], [1.0])),
+    "padding with garbage": (([5.0], [0.5], [False], 3.0), ([0.0], [1.0])),
+    "scaled reward": (([2.0], [1.0], [True], 3.0), ([6.0], [GAMMA])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NO_ACTION_CASES))
+def test_rewards_and_continuations(case, call):
+    (reward, discount, has_action, scale), want = NO_ACTION_CASES[case]
+    got = call(
+        losses.rewards_and_continuations,
+        np.array([reward], np.float32),
+        np.array([discount], np.float32),
+        np.array([has_action]),
+        gamma=GAMMA,
+        reward_scale=scale,
+    )
+    np.testing.assert_allclose(got, np.array([[want[0]], [want[1]]], np.float32), rtol=1e-6)
+
+
 # An episode with actionable steps 0 and 1 and its final observation at step 2, then 2
-# steps of right padding. The caller writes r = 0 and pcont = 1 from the final observation on.
+# steps of right padding, in the batch's convention (discount 0 where there is no action).
 V_FINAL = 7.0
 EPISODE_END_CASES = {
     # name: (discount of the last action, expected [G_0, G_1] with n = 3)
@@ -91,8 +116,10 @@ EPISODE_END_CASES = {
 @pytest.mark.parametrize("case", sorted(EPISODE_END_CASES))
 def test_targets_at_episode_end(case, call):
     last_discount, want = EPISODE_END_CASES[case]
-    r = np.array([[1.0, 1.0, 0.0, 0.0, 0.0]])
-    pcont = np.array([[GAMMA, GAMMA * last_discount, 1.0, 1.0, 1.0]])
+    reward = np.array([[1.0, 1.0, 0.0, 0.0, 0.0]])
+    discount = np.array([[1.0, last_discount, 0.0, 0.0, 0.0]])
+    has_action = np.array([[True, True, False, False, False]])
+    r, pcont = losses.rewards_and_continuations(reward, discount, has_action, gamma=GAMMA)
     valid = np.array([[True, True, True, False, False]])
     q_online = np.zeros((1, 5, 2))
     q_online[..., 1] = 1.0  # online argmax is action 1 everywhere

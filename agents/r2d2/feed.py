@@ -55,7 +55,7 @@ class UpdateFeed(NamedTuple):
     ints: np.ndarray
     """[2, B, L] int32: prev_action, action."""
     bools: np.ndarray
-    """[3, B, L] bool: valid_t, learn_mask, actionable (valid and not final)."""
+    """[3, B, L] bool: valid_t, learn_mask, has_action (valid and not final)."""
     weights: np.ndarray
     """[B] float32 importance weights."""
     states: np.ndarray
@@ -90,7 +90,7 @@ def unpack_feed(feed: UpdateFeed, *, state_shapes: tuple, probes: int, batch_siz
     ``probes``: how many ΔQ probe states follow the start state."""
     prev_reward, reward, discount = tf.unstack(feed.floats)
     prev_action, action = tf.unstack(feed.ints)
-    valid_t, learn_mask, actionable = tf.unstack(feed.bools)
+    valid_t, learn_mask, has_action = tf.unstack(feed.bools)
     # The states' arrays in pack_feed's order: the start state's, then each probe's, layer by layer.
     shapes = [shape for entry in state_shapes for shape in entry] * (1 + probes)
     parts = tf.split(feed.states, [int(np.prod(shape)) for shape in shapes], axis=1) if shapes else []
@@ -109,7 +109,7 @@ def unpack_feed(feed: UpdateFeed, *, state_shapes: tuple, probes: int, batch_siz
         "action": action,
         "valid_t": valid_t,
         "learn_mask": learn_mask,
-        "actionable": actionable,
+        "has_action": has_action,
         "weights": feed.weights,
         "state": state,
         "probe_states": tuple(one_state() for _ in range(probes)),

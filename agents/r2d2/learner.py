@@ -26,7 +26,7 @@ from agents.r2d2.networks import build_q_network, network_inputs, row_state_shap
 from agents.spaces import ObservationEncoding
 from burnin._checks import check_bool, check_int, fmt
 from burnin.diagnostics import delta_q
-from burnin.losses import r2d2_loss
+from burnin.losses import r2d2_loss, rewards_and_continuations
 from burnin.replay import RecurrentState, SequenceBatch, SequenceReplay
 from burnin.runner import BurnInRunner
 
@@ -303,9 +303,13 @@ class Learner:
             q_online = out.outputs  # [B, U+n, A] (or [B, L, A] with burn_in_gradient)
             if self.burn_in_gradient:
                 q_online = q_online[:, burn_in:]
-            actionable = feed["actionable"][:, burn_in:]
-            r_t = tf.where(actionable, cfg.reward_scale * feed["reward"][:, burn_in:], 0.0)
-            pcont_t = tf.where(actionable, cfg.gamma * feed["discount"][:, burn_in:], 1.0)
+            r_t, pcont_t = rewards_and_continuations(
+                feed["reward"][:, burn_in:],
+                feed["discount"][:, burn_in:],
+                feed["has_action"][:, burn_in:],
+                gamma=cfg.gamma,
+                reward_scale=cfg.reward_scale,
+            )
             loss, extras = r2d2_loss(
                 q_online,
                 q_target,

@@ -226,7 +226,9 @@ class SequenceBatch(NamedTuple):
     reward: np.ndarray
     """[B, L] float32: reward of the action at t (0 where none)."""
     discount: np.ndarray
-    """[B, L] float32: 0 if the action at t terminated the episode, else 1 (truncation: 1); 0 where no action."""
+    """[B, L] float32: 0 if the action at t terminated the episode, else 1 (truncation: 1); 0 where no action
+    (the final observation, padding). The n-step sum wants continuation 1 there instead:
+    :func:`burnin.losses.rewards_and_continuations` converts."""
     prev_action: np.ndarray
     """[B, L] int32: action at t-1 in the same episode (0 at the episode's first step and where invalid)."""
     prev_reward: np.ndarray
