@@ -350,6 +350,21 @@ def test_ctrl_c_while_a_local_ray_starts_waits_for_it_then_stops_it(monkeypatch)
     assert steps == ["started", "shut down"]
 
 
+def test_an_env_that_fails_in_a_worker_is_named_in_one_line():
+    """Ray hands a worker's error back as a RayTaskError whose text is both processes' tracebacks (with terminal
+    colours): the run's one line names the worker, the env and its step instead."""
+    from agents.distributed.loop import worker_error
+    from agents.r2d2 import EnvError
+
+    cause = EnvError("env 'Bad-v0' failed at env step 4784 (actor step 304): step(): RuntimeError: boom")
+    task = ray.exceptions.RayTaskError("run", "Traceback (most recent call last):\n  ...", cause, pid=7)
+    err = worker_error(1, task.as_instanceof_cause())
+    assert isinstance(err, EnvError)
+    assert str(err) == f"actor-1: {cause}"
+    other = ray.exceptions.RayTaskError("run", "Traceback ...", ZeroDivisionError("division by zero"))
+    assert worker_error(0, other) is other  # a bug in the worker keeps Ray's traceback
+
+
 def test_resume_reloads_the_learner_and_the_replay(first_run, tmp_path):
     first = first_run[0]
     ckpt = first.save(tmp_path / "checkpoint", extra={"note": "first"})

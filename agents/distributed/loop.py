@@ -20,6 +20,7 @@ from agents.distributed.config import DistributedConfig
 from agents.distributed.server import ReplayServer, SampleReply
 from agents.distributed.worker import spawn_workers
 from agents.envs import make_vector_env
+from agents.r2d2.actor import EnvError
 from agents.r2d2.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
@@ -39,9 +40,17 @@ from agents.seeds import RunSeeds
 from agents.spaces import action_encoding, observation_encoding
 from burnin._checks import check_int, check_str
 
-__all__ = ["DistributedLoop", "RemoteReplay", "spawn_server"]
+__all__ = ["DistributedLoop", "RemoteReplay", "spawn_server", "worker_error"]
 
 log = logging.getLogger(__name__)
+
+
+def worker_error(index: int, err: ray.exceptions.RayTaskError) -> Exception:
+    """What to raise for the error worker ``index``'s ``run()`` ended with: its env's :class:`EnvError` as one
+    line naming the worker (Ray's own text holds both processes' tracebacks), anything else as Ray gave it."""
+    if isinstance(err.cause, EnvError):
+        return EnvError(f"actor-{index}: {err.cause}")
+    return err
 
 
 def spawn_server(
@@ -259,6 +268,8 @@ class DistributedLoop:
                         raise RuntimeError("every actor worker died and used up its restarts") from err
                 else:
                     self._runs[i] = self.workers[i].run.remote()
+            except ray.exceptions.RayTaskError as err:
+                raise worker_error(i, err) from err
             else:
                 raise RuntimeError(f"actor-{i}: run() ended with status {result['status']!r} during the run")
 
