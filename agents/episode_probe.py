@@ -201,7 +201,7 @@ def true_states(learner, recorder: Recorder, batch, rows: Any) -> TrueStates:
     out = runner(learner.model_inputs(*window), state, mask=pad_rows(batch.valid_t[idx], B))
     if state is None:  # every window starts at or before its episode's first step: the true state is zero
         true_state = tuple(
-            tuple(np.zeros((n, *s), np.float32) for s in layer) for layer in learner.state_shapes
+            tuple(np.zeros((n, *s), np.float32) for s in layer) for layer in learner.row_state_shapes
         )
     else:
         true_state = tuple(tuple(np.asarray(a)[:n] for a in layer) for layer in state)

@@ -21,10 +21,10 @@ def make_compiled(config, num_envs: int, seed: int) -> Callable[[], int]:
     """Our Actor: one tf.function per step (state reset, snapshot, forward), replay add beside it."""
     from agents.envs import make_vector_env
     from agents.r2d2 import Actor, make_replay
-    from agents.r2d2.networks import network_state_shapes
+    from agents.r2d2.networks import row_state_shapes
 
     env = make_vector_env(num_envs, seed=seed)
-    shapes = network_state_shapes(config.network(2, 2))
+    shapes = row_state_shapes(config.network(2, 2))
     replay = make_replay(config, 2, shapes, num_lanes=num_envs, seed=seed)
     actor = Actor(config, env, replay=replay, seed=seed)
 
@@ -123,7 +123,7 @@ def ray_scaling(
     try:
         model = build_q_network(config.network(2, 2), batch_size=1, seed=seed)
         name, server = spawn_server(
-            config, options, observation=2, state_shapes=row_state_shapes(model), seed=seed
+            config, options, observation=2, row_state_shapes=row_state_shapes(model), seed=seed
         )
         weights = model.get_weights()
         ray.get(server.publish.remote(1, [ray.put(weights)]))

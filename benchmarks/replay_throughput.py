@@ -36,7 +36,7 @@ class Workload:
     """Row label."""
     obs_shape: tuple[int, ...]
     """Observation shape."""
-    state_shapes: tuple[tuple[tuple[int, ...], ...], ...]
+    row_state_shapes: tuple[tuple[tuple[int, ...], ...], ...]
     """Recurrent state shapes kept by the buffer."""
     obs_dtype: str = "float32"
     """Stored observation dtype (Atari frames: uint8, as the agent stores them)."""
@@ -62,13 +62,13 @@ class NaiveWindowReplay:
     """
 
     def __init__(self, spec: SequenceSpec, *, num_lanes: int, num_windows: int, obs_shape: tuple[int, ...],
-                 state_shapes: tuple[tuple[tuple[int, ...], ...], ...], alpha: float, beta: float, seed: int,
+                 row_state_shapes: tuple[tuple[tuple[int, ...], ...], ...], alpha: float, beta: float, seed: int,
                  obs_dtype: str = "float32") -> None:  # fmt: skip
         L = spec.length
         self.spec, self.alpha, self.beta = spec, alpha, beta
         self.num_windows = num_windows
         self.rng = np.random.default_rng(seed)
-        self.shapes = [s for layer in state_shapes for s in layer]
+        self.shapes = [s for layer in row_state_shapes for s in layer]
         self.win = {
             "observation": np.zeros((num_windows, L, *obs_shape), obs_dtype),
             "action": np.zeros((num_windows, L), np.int32),
@@ -203,7 +203,7 @@ class Stream:
     """A pre-generated actor stream for LANES lanes: episodes of mean length 400, with final observations."""
 
     def __init__(
-        self, obs_shape: tuple[int, ...], state_shapes: Any, steps: int, seed: int, obs_dtype: str = "float32"
+        self, obs_shape: tuple[int, ...], row_state_shapes: Any, steps: int, seed: int, obs_dtype: str = "float32"
     ) -> None:
         rng = np.random.default_rng(seed)
         if np.dtype(obs_dtype).kind == "f":
@@ -215,7 +215,7 @@ class Stream:
         self.states = [
             tuple(
                 tuple(rng.standard_normal((LANES, *s)).astype(np.float32) for s in layer)
-                for layer in state_shapes
+                for layer in row_state_shapes
             )
             for _ in range(4)
         ]
@@ -245,12 +245,12 @@ def run_workload(w: Workload, *, lane_capacity: int, rounds: int, adds: int, sam
     P = SPEC.period
     lane_capacity = min(lane_capacity, w.max_lane_capacity or lane_capacity)
     ours = SequenceReplay(SPEC, num_lanes=LANES, lane_capacity=lane_capacity, obs_shape=w.obs_shape,
-                          obs_dtype=w.obs_dtype, state_shapes=w.state_shapes, seed=0)  # fmt: skip
+                          obs_dtype=w.obs_dtype, row_state_shapes=w.row_state_shapes, seed=0)  # fmt: skip
     naive = NaiveWindowReplay(SPEC, num_lanes=LANES, num_windows=LANES * -(-lane_capacity // P), obs_shape=w.obs_shape,
-                              state_shapes=w.state_shapes, alpha=0.9, beta=0.6, seed=0, obs_dtype=w.obs_dtype)  # fmt: skip
+                              row_state_shapes=w.row_state_shapes, alpha=0.9, beta=0.6, seed=0, obs_dtype=w.obs_dtype)  # fmt: skip
     fill = lane_capacity + 2 * SPEC.length
     stream = Stream(
-        w.obs_shape, w.state_shapes, steps=fill + rounds * adds + 1, seed=1, obs_dtype=w.obs_dtype
+        w.obs_shape, w.row_state_shapes, steps=fill + rounds * adds + 1, seed=1, obs_dtype=w.obs_dtype
     )
     for buf in (ours, naive):  # fill to steady state (and compile the kernels)
         stream.feed(buf, 0, fill)
@@ -273,7 +273,7 @@ def run_workload(w: Workload, *, lane_capacity: int, rounds: int, adds: int, sam
         for name, buf in order:
             times[name]["sample"].append(timed(lambda buf=buf: sample_update(buf)))
 
-    state_bytes = sum(4 * math.prod(s) for layer in w.state_shapes for s in layer)
+    state_bytes = sum(4 * math.prod(s) for layer in w.row_state_shapes for s in layer)
     obs_bytes = np.dtype(w.obs_dtype).itemsize * math.prod(w.obs_shape)
     raw = obs_bytes + 4 + 4 + 4 + 1 + 1  # obs, action, reward, discount, terminated, truncated
     target_bytes = 1.1 * raw + state_bytes / P

@@ -89,7 +89,8 @@ def state_variables(layer: keras.layers.RNN) -> list[Any]:
 
 
 def state_shapes(model: keras.layers.Layer) -> tuple[tuple[tuple[int, ...], ...], ...]:
-    """Shapes of the state arrays, structured like a ``RecurrentState``."""
+    """Shapes of the state arrays, batch first (``[batch, units]`` for an LSTM's h and c), structured like a
+    ``RecurrentState``. A replay stores rows: its ``row_state_shapes`` are these without the batch."""
     return tuple(
         tuple(tuple(int(d) for d in v.shape) for v in state_variables(layer))
         for layer in stateful_layers(model)

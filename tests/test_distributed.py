@@ -429,7 +429,7 @@ def synthetic_steps(rng: np.random.Generator, num_steps: int, lanes: int, pendin
 def test_rate_limiter_blocks_whichever_side_is_faster():
     # The server's waiting, driven by threads as the threaded Ray actor's calls are.
     config, options = small_config(), small_options(wait_timeout=0.05)
-    server = ReplayServer(config, options, observation=2, state_shapes=STATE_SHAPES, seed=0)
+    server = ReplayServer(config, options, observation=2, row_state_shapes=STATE_SHAPES, seed=0)
     reg = server.register("actor-0", 4)
     busy = []
     # One writer stream over all phases: the replay remembers where each lane's episode is.
@@ -501,8 +501,8 @@ def test_server_checkpoint_round_trips_exactly(tmp_path):
         small_config(),
         small_options(rate_limited=False),
     )  # the test adds faster than it samples
-    a = ReplayServer(config, options, observation=2, state_shapes=STATE_SHAPES, seed=3)
-    b = ReplayServer(config, options, observation=2, state_shapes=STATE_SHAPES, seed=99)
+    a = ReplayServer(config, options, observation=2, row_state_shapes=STATE_SHAPES, seed=3)
+    b = ReplayServer(config, options, observation=2, row_state_shapes=STATE_SHAPES, seed=99)
     rng = np.random.default_rng(0)
     pending = {o: np.zeros(4, bool) for o in ("actor-0", "actor-1")}
     regs = {o: a.register(o, 4) for o in pending}
@@ -538,7 +538,7 @@ def test_server_checkpoint_round_trips_exactly(tmp_path):
         b.restore(tmp_path / "one")
     # A save interrupted between its two renames leaves the last good checkpoint at .one.previous.
     (tmp_path / "one").rename(tmp_path / ".one.previous")
-    c = ReplayServer(config, options, observation=2, state_shapes=STATE_SHAPES, seed=5)
+    c = ReplayServer(config, options, observation=2, row_state_shapes=STATE_SHAPES, seed=5)
     assert c.restore(tmp_path / "one") == counters
     (tmp_path / ".one.previous").rename(tmp_path / "one")
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
@@ -546,8 +546,8 @@ def test_server_checkpoint_round_trips_exactly(tmp_path):
 
 def test_restore_into_another_layout_names_the_cause(tmp_path):
     config = small_config()
-    ReplayServer(config, small_options(), observation=2, state_shapes=STATE_SHAPES).save(tmp_path / "ckpt")
-    other = ReplayServer(config, small_options(num_actors=1), observation=2, state_shapes=STATE_SHAPES)
+    ReplayServer(config, small_options(), observation=2, row_state_shapes=STATE_SHAPES).save(tmp_path / "ckpt")
+    other = ReplayServer(config, small_options(num_actors=1), observation=2, row_state_shapes=STATE_SHAPES)
     with pytest.raises(ValueError, match="^directory: the replay in .* num_actors × num_envs = 4 lanes"):
         other.restore(tmp_path / "ckpt")
     with pytest.raises(ValueError, match="^directory: .* holds no server.json"):

@@ -1286,7 +1286,7 @@ def test_values_beyond_float32_are_refused_as_stored(
 
 
 def test_float16_states_are_stored_and_their_overflow_is_refused() -> None:
-    replay = SequenceReplay(S2, num_lanes=1, lane_capacity=16, obs_shape=(1,), state_shapes=(((2,),),),
+    replay = SequenceReplay(S2, num_lanes=1, lane_capacity=16, obs_shape=(1,), row_state_shapes=(((2,),),),
                             state_dtype=np.float16, seed=0)  # fmt: skip
     step = {
         "observation": [[1.0]],
@@ -1317,14 +1317,14 @@ def test_float_observations_other_than_float32_and_float64_are_refused() -> None
         TypeError, match="obs_dtype: expected float32 or float64 for floating observations, got float16"
     ):
         SequenceReplay(
-            S2, num_lanes=1, lane_capacity=16, obs_shape=(2,), obs_dtype=np.float16, state_shapes=()
+            S2, num_lanes=1, lane_capacity=16, obs_shape=(2,), obs_dtype=np.float16, row_state_shapes=()
         )
 
 
 def test_non_native_byte_order_is_stored_natively() -> None:
     """Found beyond the list: obs_dtype='>f4' was accepted, then every add failed inside numba."""
     replay = SequenceReplay(
-        S2, num_lanes=1, lane_capacity=16, obs_shape=(1,), obs_dtype=">f4", state_shapes=()
+        S2, num_lanes=1, lane_capacity=16, obs_shape=(1,), obs_dtype=">f4", row_state_shapes=()
     )
     assert replay.config.obs_dtype == np.dtype("<f4") or replay.config.obs_dtype.isnative
     for i in range(6):

@@ -11,7 +11,7 @@ from agents.r2d2.feed import pack_feed, unpack_feed
 B, L = 3, 5
 
 
-def _fields(rng, state_shapes):
+def _fields(rng, row_state_shapes):
     f = {n: rng.random((B, L)) < 0.5 for n in ("valid_t", "learn_mask", "final")}
     f["observation"] = rng.integers(0, 255, (B, L, 2, 2), dtype=np.uint8)
     f.update({n: rng.integers(0, 4, (B, L), dtype=np.int32) for n in ("action", "prev_action")})
@@ -19,32 +19,32 @@ def _fields(rng, state_shapes):
         {n: rng.standard_normal((B, L)).astype(np.float32) for n in ("reward", "prev_reward", "discount")}
     )
     f["weights"] = rng.random(B).astype(np.float32)
-    if state_shapes:
-        f["state"] = _state(rng, state_shapes)
+    if row_state_shapes:
+        f["state"] = _state(rng, row_state_shapes)
     return f
 
 
-def _state(rng, state_shapes):
+def _state(rng, row_state_shapes):
     return tuple(
-        tuple(rng.standard_normal((B, *s)).astype(np.float32) for s in entry) for entry in state_shapes
+        tuple(rng.standard_normal((B, *s)).astype(np.float32) for s in entry) for entry in row_state_shapes
     )
 
 
 @pytest.mark.parametrize(
-    "state_shapes",
+    "row_state_shapes",
     [(), (((4,), (4,)),), (((4,),), ((4,), (4,))), (((2, 3),),)],
     ids=["no state", "lstm", "gru then lstm", "2-d state"],
 )
 @pytest.mark.parametrize("probes", [0, 2])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "tf.function"])
-def test_unpack_gives_back_what_was_packed(state_shapes, probes, compiled, rng):
-    probes = probes if state_shapes else 0  # a stateless network has no ΔQ probes
-    fields = _fields(rng, state_shapes)
-    probe_states = [_state(rng, state_shapes) for _ in range(probes)]
+def test_unpack_gives_back_what_was_packed(row_state_shapes, probes, compiled, rng):
+    probes = probes if row_state_shapes else 0  # a stateless network has no ΔQ probes
+    fields = _fields(rng, row_state_shapes)
+    probe_states = [_state(rng, row_state_shapes) for _ in range(probes)]
     probe_masks = [rng.random(B) < 0.5 for _ in range(probes)]
     packed = pack_feed(fields, probe_states, probe_masks, batch_size=B)
     assert len(packed) == 7
-    unpack = lambda p: unpack_feed(p, state_shapes=state_shapes, probes=probes, batch_size=B)
+    unpack = lambda p: unpack_feed(p, row_state_shapes=row_state_shapes, probes=probes, batch_size=B)
     out = (tf.function(unpack) if compiled else unpack)(packed)
     for name in (
         "observation",

@@ -13,7 +13,7 @@ import burnin
 from agents.envs import make_vector_env
 from agents.r2d2 import Actor, Learner, R2D2Config, TrainLoop, WindowOffsets, apex_epsilons, make_replay
 from agents.r2d2.actor import EnvError
-from agents.r2d2.networks import network_state_shapes
+from agents.r2d2.networks import row_state_shapes
 
 SMALL = dict(
     torso_units=(16,),
@@ -102,7 +102,7 @@ class Recorder:
 def filled(config: R2D2Config, steps: int, *, seed: int = 0):
     env = make_vector_env(config.num_envs, seed=seed)
     learner = Learner(config, 2, 2, seed=seed)
-    replay = make_replay(config, 2, learner.state_shapes, seed=seed)
+    replay = make_replay(config, 2, learner.row_state_shapes, seed=seed)
     actor = Actor(config, env, replay=replay, seed=seed + 1)
     actor.set_weights(learner.get_weights())
     recorder = Recorder(actor)
@@ -291,7 +291,7 @@ def test_stacked_gru_lstm_core_trains_end_to_end(tmp_path):
     checkpoints and resumes."""
     config = small_config(core_layers=("gru", "lstm"))
     learner, _actor, replay, rec = filled(config, 150)
-    assert replay.config.state_shapes == (((16,),), ((16,), (16,)))
+    assert replay.config.row_state_shapes == (((16,),), ((16,), (16,)))
     assert [len(layer) for layer in rec.states[-1]] == [1, 2]  # GRU [h], LSTM [h, c]
     assert [layer.name for layer in burnin.stateful_layers(learner.online)] == ["gru", "lstm_1"]
     batch = replay.sample(config.batch_size, extra_state_offsets=learner.offsets.extra)
@@ -413,12 +413,12 @@ class WrongShapeEnv:
 def test_mismatched_observation_shape_is_reported():
     config = small_config()
     env = WrongShapeEnv(make_vector_env(4, seed=0))
-    replay = make_replay(config, 2, network_state_shapes(config.network(2, 2)))
+    replay = make_replay(config, 2, row_state_shapes(config.network(2, 2)))
     actor = Actor(config, env, replay=replay)
     with pytest.raises(EnvError, match=r"env 'WrongShapeEnv' failed at env step 0 \(actor step 0\): step\(\): "
                        r"ValueError: observation batch has shape \(4, 4\), expected \(4, 2\)"):  # fmt: skip
         actor.step()
-    other = make_replay(config, 3, network_state_shapes(config.network(3, 2)))
+    other = make_replay(config, 3, row_state_shapes(config.network(3, 2)))
     with pytest.raises(ValueError, match=r"env: observation shape \(2,\) does not match the replay's \(3,\)"):
         Actor(config, make_vector_env(4, seed=0), replay=other)
 
@@ -488,7 +488,7 @@ def test_actor_stores_final_observations_under_truncation():
 
     config = small_config(burn_in=2, unroll=4, period=2, n_step=1)
     env = MaskedCartPoleVectorEnv(num_envs=4, max_episode_steps=6)
-    replay = make_replay(config, 2, network_state_shapes(config.network(2, 2)))
+    replay = make_replay(config, 2, row_state_shapes(config.network(2, 2)))
     actor = Actor(config, env, replay=replay, seed=0)
     finals, lengths = set(), []
     original_step = env.step

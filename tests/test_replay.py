@@ -27,7 +27,7 @@ STATE_SHAPES = (((2,), (3,)),)
 
 
 def replay_for(spec: SequenceSpec, *, lanes: int = 1, capacity: int = 64, **kwargs: Any) -> SequenceReplay:
-    kwargs.setdefault("state_shapes", STATE_SHAPES)
+    kwargs.setdefault("row_state_shapes", STATE_SHAPES)
     if "rng" not in kwargs:
         kwargs.setdefault("seed", 0)
     return SequenceReplay(spec, num_lanes=lanes, lane_capacity=capacity, obs_shape=(1,), **kwargs)
@@ -533,7 +533,7 @@ def check_against_reference(spec: SequenceSpec, capacity: int, events: list[tupl
         num_lanes=lanes,
         lane_capacity=capacity,
         obs_shape=(1,),
-        state_shapes=STATE_SHAPES,
+        row_state_shapes=STATE_SHAPES,
         windows_per_lane=capacity,  # room for every window: no early eviction to model
         seed=0,
     )

@@ -104,7 +104,7 @@ def test_zero_priority_windows_are_never_sampled_and_new_windows_get_the_max() -
 def test_same_seed_same_samples_and_rng_keyword() -> None:
     def build(**kwargs: Any) -> SequenceReplay:
         replay = SequenceReplay(
-            S2, num_lanes=2, lane_capacity=64, obs_shape=(1,), state_shapes=STATE_SHAPES, **kwargs
+            S2, num_lanes=2, lane_capacity=64, obs_shape=(1,), row_state_shapes=STATE_SHAPES, **kwargs
         )
         long_episode(replay, 0, 1, 30)
         long_episode(replay, 1, 101, 17)
@@ -124,7 +124,7 @@ def test_same_seed_same_samples_and_rng_keyword() -> None:
 
 def test_feed_forward_network_without_state() -> None:
     replay = SequenceReplay(
-        S2, num_lanes=1, lane_capacity=32, obs_shape=(), obs_dtype=np.uint8, state_shapes=()
+        S2, num_lanes=1, lane_capacity=32, obs_shape=(), obs_dtype=np.uint8, row_state_shapes=()
     )
     for i in range(6):
         replay.add([0], observation=np.array([i], np.uint8), action=[i], reward=[1.0],
@@ -142,7 +142,7 @@ def test_batch_shapes_with_image_observations() -> None:
     spec = SequenceSpec(burn_in=2, unroll=3, period=3, n_step=2)
     replay = SequenceReplay(
         spec, num_lanes=3, lane_capacity=40, obs_shape=(4, 5, 2), obs_dtype=np.uint8,
-        state_shapes=(((6,), (6,)), ((3, 2),)), seed=1,
+        row_state_shapes=(((6,), (6,)), ((3, 2),)), seed=1,
     )  # fmt: skip
     rng = np.random.default_rng(0)
     for _ in range(30):
@@ -417,8 +417,18 @@ def test_sample_from_an_empty_buffer() -> None:
         ({"obs_shape": (0,)}, ValueError, "obs_shape: expected a tuple of ints >= 1"),
         ({"obs_dtype": object}, TypeError, "obs_dtype: expected a bool, integer or floating dtype"),
         ({"state_dtype": np.int32}, TypeError, "state_dtype: expected float16, float32 or float64"),
-        ({"state_shapes": ((),)}, ValueError, "state_shapes: expected a tuple"),
-        ({"state_shapes": (((0,),),)}, ValueError, r"state_shapes\[0\]\[0\]: expected a tuple of ints >= 1"),
+        ({"row_state_shapes": ((),)}, ValueError, "row_state_shapes: expected a tuple"),
+        (
+            {"row_state_shapes": (((0,),),)},
+            ValueError,
+            r"row_state_shapes\[0\]\[0\]: expected a tuple of ints >= 1",
+        ),
+        ({"row_state_shapes": None}, TypeError, "missing required keyword argument: 'row_state_shapes'"),
+        (
+            {"state_shapes": STATE_SHAPES},
+            TypeError,
+            "state_shapes is the deprecated name of row_state_shapes",
+        ),
         ({"alpha": -0.1}, ValueError, "alpha: expected a finite float >= 0.0"),
         ({"beta": float("nan")}, ValueError, "beta: expected a finite float"),
         ({"windows_per_lane": 2}, ValueError, "windows_per_lane: expected an int >= 3"),
@@ -428,7 +438,7 @@ def test_sample_from_an_empty_buffer() -> None:
     ],
 )
 def test_bad_construction(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
-    base = {"num_lanes": 1, "lane_capacity": 16, "obs_shape": (1,), "state_shapes": STATE_SHAPES}
+    base = {"num_lanes": 1, "lane_capacity": 16, "obs_shape": (1,), "row_state_shapes": STATE_SHAPES}
     base.update(kwargs)
     with pytest.raises(error, match=match):
         SequenceReplay(S2, **base)
@@ -451,6 +461,17 @@ def test_bad_spec(fields: tuple[Any, ...], error: type[Exception], match: str) -
         SequenceSpec(*fields)
 
 
+def test_state_shapes_is_the_deprecated_name_of_row_state_shapes() -> None:
+    """``state_shapes`` (without the batch) was the replay's name of what ``burnin.state_shapes`` gives with it."""
+    with pytest.warns(DeprecationWarning, match="use row_state_shapes"):
+        old = SequenceReplay(S2, num_lanes=1, lane_capacity=16, obs_shape=(1,), state_shapes=STATE_SHAPES)
+    assert old.config.row_state_shapes == STATE_SHAPES
+    with pytest.warns(DeprecationWarning, match="use ReplayConfig.row_state_shapes"):
+        assert old.config.state_shapes == STATE_SHAPES
+    # A checkpoint keeps the key it always had: the format is unchanged.
+    assert old.config.to_json()["state_shapes"] == [[list(s) for s in layer] for layer in STATE_SHAPES]
+
+
 def test_default_sizes() -> None:
     spec = SequenceSpec(burn_in=40, unroll=80, period=40, n_step=5)
     base = {
@@ -461,11 +482,11 @@ def test_default_sizes() -> None:
         "alpha": 0.9,
         "beta": 0.6,
     }
-    config = ReplayConfig(spec=spec, lane_capacity=1000, state_shapes=(((512,), (512,)),), **base)
+    config = ReplayConfig(spec=spec, lane_capacity=1000, row_state_shapes=(((512,), (512,)),), **base)
     assert spec.length == 125
     assert config.windows_per_lane == 2 * 25 + 1 + 2
     assert config.state_slots_per_lane == 25 + 2
-    no_burn_in = ReplayConfig(spec=SequenceSpec(0, 4, 2, 1), lane_capacity=100, state_shapes=(), **base)
+    no_burn_in = ReplayConfig(spec=SequenceSpec(0, 4, 2, 1), lane_capacity=100, row_state_shapes=(), **base)
     assert no_burn_in.state_slots_per_lane == no_burn_in.windows_per_lane == 2 * 50 + 2
 
 

@@ -75,7 +75,7 @@ def test_round_trip_is_exact(tmp_path: Path) -> None:
 def test_round_trip_with_other_bit_generators_and_no_state(tmp_path: Path) -> None:
     for bit_generator in (np.random.MT19937, np.random.Philox):
         replay = SequenceReplay(
-            S2, num_lanes=1, lane_capacity=16, obs_shape=(2, 2), obs_dtype=np.uint8, state_shapes=(),
+            S2, num_lanes=1, lane_capacity=16, obs_shape=(2, 2), obs_dtype=np.uint8, row_state_shapes=(),
             rng=np.random.Generator(bit_generator(11)),
         )  # fmt: skip
         for i in range(10):

@@ -74,7 +74,7 @@ def run(replay: SequenceReplay, op: tuple[Any, ...]) -> Any:
 def test_every_call_is_accepted_whole_or_refused_unchanged(
     alpha: float, beta: float, program: list[tuple[Any, ...]]
 ) -> None:
-    replay = SequenceReplay(S2, num_lanes=3, lane_capacity=12, obs_shape=(2,), state_shapes=(((3,),),),
+    replay = SequenceReplay(S2, num_lanes=3, lane_capacity=12, obs_shape=(2,), row_state_shapes=(((3,),),),
                             alpha=alpha, beta=beta, seed=0)  # fmt: skip
     for op in program:
         before = fingerprint(replay)

@@ -62,7 +62,7 @@ def spawn_server(
 ) -> tuple[str, Any]:
     """Start a ``server_class`` (:class:`ReplayServer`) actor on this node under a fresh name; returns (name, handle).
 
-    ``server_options`` are the server's keyword arguments (``observation``, ``state_shapes``, ``seed``,
+    ``server_options`` are the server's keyword arguments (``observation``, ``row_state_shapes``, ``seed``,
     ``checkpoint_dir``).
 
     It stays beside the learner because batches are the heaviest traffic, and
@@ -172,7 +172,7 @@ class DistributedLoop:
         self.learner = Learner(config, self.observation, self.num_actions, seed=self.seeds.weights)
         self.replay_dir = None if replay_dir is None else Path(replay_dir).absolute()
         self.server_name, self.server = spawn_server(
-            config, options, observation=self.observation, state_shapes=self.learner.state_shapes,
+            config, options, observation=self.observation, row_state_shapes=self.learner.row_state_shapes,
             seed=self.seeds.replay, checkpoint_dir=None if self.replay_dir is None else str(self.replay_dir),
             server_class=server_class,
         )  # fmt: skip

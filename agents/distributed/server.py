@@ -100,7 +100,7 @@ class ReplayServer:
         options: DistributedConfig,
         *,
         observation: int | ObservationEncoding,
-        state_shapes: tuple[tuple[tuple[int, ...], ...], ...],
+        row_state_shapes: tuple[tuple[tuple[int, ...], ...], ...],
         seed: int = 0,
         checkpoint_dir: str | os.PathLike[str] | None = None,
     ) -> None:
@@ -109,7 +109,7 @@ class ReplayServer:
         self.options = options
         self.num_lanes = options.num_actors * config.num_envs
         self.replay: SequenceReplay = make_replay(
-            config, observation, state_shapes, num_lanes=self.num_lanes, seed=seed
+            config, observation, row_state_shapes, num_lanes=self.num_lanes, seed=seed
         )
         self.limiter = RateLimiter(
             options.samples_per_insert(config),

@@ -83,21 +83,21 @@ def pack_feed(
     )
 
 
-def unpack_feed(feed: UpdateFeed, *, state_shapes: tuple, probes: int, batch_size: int) -> dict[str, Any]:
+def unpack_feed(feed: UpdateFeed, *, row_state_shapes: tuple, probes: int, batch_size: int) -> dict[str, Any]:
     """The named inputs of the update, as tensors, from :func:`pack_feed`'s arrays.
 
-    ``state_shapes``: per stateful layer, its arrays' shapes without the batch (``()`` for no state);
+    ``row_state_shapes``: per stateful layer, its arrays' shapes without the batch (``()`` for no state);
     ``probes``: how many ΔQ probe states follow the start state."""
     prev_reward, reward, discount = tf.unstack(feed.floats)
     prev_action, action = tf.unstack(feed.ints)
     valid_t, learn_mask, has_action = tf.unstack(feed.bools)
     # The states' arrays in pack_feed's order: the start state's, then each probe's, layer by layer.
-    shapes = [shape for entry in state_shapes for shape in entry] * (1 + probes)
+    shapes = [shape for entry in row_state_shapes for shape in entry] * (1 + probes)
     parts = tf.split(feed.states, [int(np.prod(shape)) for shape in shapes], axis=1) if shapes else []
     arrays = iter([tf.reshape(p, (batch_size, *shape)) for p, shape in zip(parts, shapes)])
 
     def one_state() -> tuple:
-        return tuple(tuple(next(arrays) for _ in entry) for entry in state_shapes)
+        return tuple(tuple(next(arrays) for _ in entry) for entry in row_state_shapes)
 
     state = one_state()
     return {

@@ -117,7 +117,7 @@ class Learner:
         # (1.04× the update at the demo's scale, interleaved; benchmarks/README.md).
         self.target.trainable = False
         self.update_target()
-        self.state_shapes = row_state_shapes(self.online)
+        self.row_state_shapes = row_state_shapes(self.online)
         """Per stateful layer and state array, its shape without the batch (what the replay stores)."""
         recurrent = self.network_config.recurrent
         self.offsets = WindowOffsets.of(spec) if recurrent else WindowOffsets()
@@ -200,8 +200,8 @@ class Learner:
         )
 
     def _batch_state(self, name: str, state: Any) -> tuple:
-        """A RecurrentState of the batch: the layers and arrays of ``state_shapes``, each [B, *shape], finite."""
-        shapes = self.state_shapes
+        """A RecurrentState of the batch: the layers and arrays of ``row_state_shapes``, each [B, *shape], finite."""
+        shapes = self.row_state_shapes
         if not isinstance(state, (tuple, list)) or len(state) != len(shapes):
             raise ValueError(f"{name}: expected {len(shapes)} layers of states, got {type(state).__name__}")
         b = self.config.batch_size
@@ -282,7 +282,7 @@ class Learner:
     def _update(self, packed: UpdateFeed) -> dict[str, Any]:
         feed = unpack_feed(
             packed,
-            state_shapes=self.state_shapes if self.network_config.recurrent else (),
+            row_state_shapes=self.row_state_shapes if self.network_config.recurrent else (),
             probes=len(self.offsets.delta_q),
             batch_size=self.config.batch_size,
         )

@@ -100,14 +100,14 @@ def check_overrides(name: str, allow: Collection[str]) -> frozenset[str]:
 def make_replay(
     config: R2D2Config,
     observation: int | ObservationEncoding,
-    state_shapes: tuple[tuple[tuple[int, ...], ...], ...],
+    row_state_shapes: tuple[tuple[tuple[int, ...], ...], ...],
     *,
     num_lanes: int | None = None,
     seed: int = 0,
 ) -> SequenceReplay:
     """A SequenceReplay sized for ``config``: one lane per env row, observations in the stored form of
-    ``observation`` (an encoding, or the size of a float vector), ``state_shapes`` per row (from
-    :func:`agents.r2d2.networks.row_state_shapes` of the network, e.g. ``Learner.state_shapes``)."""
+    ``observation`` (an encoding, or the size of a float vector), states of ``row_state_shapes``
+    (:func:`agents.r2d2.networks.row_state_shapes` of the network, e.g. ``Learner.row_state_shapes``)."""
     if not isinstance(observation, ObservationEncoding):
         observation = ObservationEncoding.vector(check_int("obs_dim", observation, minimum=1))
     lanes = config.num_envs if num_lanes is None else check_int("num_lanes", num_lanes, minimum=1)
@@ -117,7 +117,7 @@ def make_replay(
         lane_capacity=config.replay_capacity // lanes,
         obs_shape=observation.shape,
         obs_dtype=np.dtype(observation.dtype),
-        state_shapes=state_shapes,
+        row_state_shapes=row_state_shapes,
         alpha=config.priority_exponent,
         beta=config.importance_exponent,
         keep_actor_states=config.refresh_states,
@@ -159,7 +159,7 @@ class TrainLoop:
         )
         """What checkpoints record this loop belongs to (:func:`agents.r2d2.checkpoint.run_identity`)."""
         self.learner = Learner(config, encoding, actions.num_actions, seed=self.seeds.weights)
-        self.replay = make_replay(config, encoding, self.learner.state_shapes, seed=self.seeds.replay)
+        self.replay = make_replay(config, encoding, self.learner.row_state_shapes, seed=self.seeds.replay)
         self.actor = Actor(config, env, replay=self.replay, seed=self.seeds.actor)
         self.actor.set_weights(self.learner.get_weights())
         self.credit = 0.0

@@ -27,7 +27,6 @@ __all__ = [
     "build_q_network",
     "check_architecture",
     "network_inputs",
-    "network_state_shapes",
     "row_state_shapes",
 ]
 
@@ -302,18 +301,16 @@ def network_inputs(
     return inputs
 
 
-def row_state_shapes(model: keras.Model) -> tuple[tuple[tuple[int, ...], ...], ...]:
-    """Per stateful layer and state array, its shape without the batch (``burnin.state_shapes``);
-    ``()`` for a feed-forward network. What a replay stores per row."""
+def row_state_shapes(network: keras.Model | NetworkConfig) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """Per stateful layer and state array, its shape without the batch (:func:`burnin.state_shapes` drops
+    it): what a replay stores per row (``SequenceReplay(row_state_shapes=...)``); ``()`` for a feed-forward
+    network. Of a built model, or of the network a :class:`NetworkConfig` describes (built once at batch 1)."""
+    if isinstance(network, NetworkConfig):
+        if not network.recurrent:
+            return ()
+        network = build_q_network(network, batch_size=1, name="row_state_shapes")
     try:
-        shapes = state_shapes(model)
+        shapes = state_shapes(network)
     except ValueError:  # no stateful RNN layer: the feed-forward ablation
         return ()
     return tuple(tuple(shape[1:] for shape in layer) for layer in shapes)
-
-
-def network_state_shapes(config: NetworkConfig) -> tuple[tuple[tuple[int, ...], ...], ...]:
-    """:func:`row_state_shapes` of the network ``config`` describes (built once at batch 1 to read them)."""
-    if not config.recurrent:
-        return ()
-    return row_state_shapes(build_q_network(config, batch_size=1, name="state_shapes"))

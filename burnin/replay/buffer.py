@@ -6,6 +6,7 @@ import copy
 import math
 import os
 import threading
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,7 +55,7 @@ class SequenceReplay:
         lane_capacity: int,
         obs_shape: tuple[int, ...],
         obs_dtype: Any = np.float32,
-        state_shapes: tuple[tuple[tuple[int, ...], ...], ...],
+        row_state_shapes: tuple[tuple[tuple[int, ...], ...], ...] | None = None,
         state_dtype: Any = np.float32,
         alpha: float = 0.9,
         beta: float = 0.6,
@@ -62,14 +63,17 @@ class SequenceReplay:
         keep_actor_states: bool = False,
         seed: int | None = None,
         rng: np.random.Generator | None = None,
+        state_shapes: tuple[tuple[tuple[int, ...], ...], ...] | None = None,
     ) -> None:
+        """The arguments are the fields of :class:`ReplayConfig` (``row_state_shapes`` is required;
+        ``state_shapes`` is its deprecated name), and the seed or generator of the sampling."""
         config = ReplayConfig(
             spec=spec,
             num_lanes=num_lanes,
             lane_capacity=lane_capacity,
             obs_shape=obs_shape,
             obs_dtype=obs_dtype,
-            state_shapes=state_shapes,
+            row_state_shapes=_renamed(row_state_shapes, state_shapes),
             state_dtype=state_dtype,
             alpha=alpha,
             beta=beta,
@@ -132,13 +136,13 @@ class SequenceReplay:
         self._counters, self._spos = arrays["counters"], self._tables.state_pos
         self._obs_flat = arrays["step_observation"].reshape(nl * cap, *config.obs_shape)
         keep, dtype = config.keep_actor_states, config.state_dtype
-        self._states_flat = state_buffers(arrays, "state", nl * spl, config.state_shapes)
+        self._states_flat = state_buffers(arrays, "state", nl * spl, config.row_state_shapes)
         self._actor_states_flat = (
-            state_buffers(arrays, "actor_state", nl * spl, config.state_shapes) if keep else None
+            state_buffers(arrays, "actor_state", nl * spl, config.row_state_shapes) if keep else None
         )
         # The same arrays as [rows, width] views, one tuple for the compiled commits (a zero-width
         # stand-in when nothing is stored, as the commits take one type of tuple).
-        self._state_widths = [math.prod(shape) for layer in config.state_shapes for shape in layer]
+        self._state_widths = [math.prod(shape) for layer in config.row_state_shapes for shape in layer]
         self._states_2d = rows_2d(self._states_flat, dtype)
         self._actor_states_2d = rows_2d(self._actor_states_flat, dtype) if keep else self._states_2d
         self._no_rows = self._rows(tuple((np.empty((0, w), dtype),) for w in self._state_widths), 0)
@@ -244,7 +248,7 @@ class SequenceReplay:
             terminated: bool ``[n]``: the action ended the episode by termination.
             truncated: bool ``[n]``: the action ended the episode by truncation.
             states: the recurrent state before ``observation``, arrays ``[n, *shape]``
-                per layer and array; ``None`` when ``state_shapes=()``.
+                per layer and array; ``None`` when ``row_state_shapes=()``.
         """
         cfg = self._config
         lanes = check_lanes(lanes, self.num_lanes)
@@ -500,7 +504,7 @@ class SequenceReplay:
                     tuple(
                         np.concatenate([trees[i][a][j][r] for i, r in picks])[keep] for j in range(len(layer))
                     )
-                    for a, layer in enumerate(self._config.state_shapes)
+                    for a, layer in enumerate(self._config.row_state_shapes)
                 ),
                 target.size,
             )
@@ -595,3 +599,19 @@ class SequenceReplay:
         new._setup(self._config, rng, arrays, tree, max_priority=float(prio[0]), registry=registry)
         new._prio[:] = prio
         return new
+
+
+def _renamed(row_state_shapes: Any, state_shapes: Any) -> Any:
+    """``row_state_shapes``, or the same given by its deprecated name ``state_shapes``."""
+    if state_shapes is None:
+        if row_state_shapes is None:
+            raise TypeError("SequenceReplay() missing required keyword argument: 'row_state_shapes'")
+        return row_state_shapes
+    if row_state_shapes is not None:
+        raise TypeError("SequenceReplay(): state_shapes is the deprecated name of row_state_shapes, give one")
+    warnings.warn(
+        "SequenceReplay(state_shapes=...) is deprecated, use row_state_shapes=...",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return state_shapes

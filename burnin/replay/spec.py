@@ -94,8 +94,9 @@ class ReplayConfig:
     """Shape of one observation, without batch."""
     obs_dtype: np.dtype
     """Dtype observations are stored in."""
-    state_shapes: tuple[tuple[tuple[int, ...], ...], ...]
-    """Per stateful layer, per state array, its shape without batch; () for a network without state."""
+    row_state_shapes: tuple[tuple[tuple[int, ...], ...], ...]
+    """Per stateful layer, per state array, the shape of one stored row: :func:`burnin.state_shapes` of the
+    network without the batch; () for a network without state."""
     state_dtype: np.dtype
     """Dtype stored states are kept in (floating)."""
     alpha: float
@@ -140,19 +141,19 @@ class ReplayConfig:
         obs_dtype, state_dtype = obs_dtype.newbyteorder("="), state_dtype.newbyteorder("=")
         object.__setattr__(self, "obs_dtype", obs_dtype)
         object.__setattr__(self, "state_dtype", state_dtype)
-        shapes = self.state_shapes
+        shapes = self.row_state_shapes
         if not isinstance(shapes, (tuple, list)) or not all(
             isinstance(layer, (tuple, list)) and len(layer) >= 1 for layer in shapes
         ):
             raise ValueError(
-                "state_shapes: expected a tuple with, per stateful layer, a non-empty tuple of array "
+                "row_state_shapes: expected a tuple with, per stateful layer, a non-empty tuple of array "
                 f"shapes without batch, e.g. (((512,), (512,)),) for one LSTM; got {shapes!r}"
             )
         object.__setattr__(
             self,
-            "state_shapes",
+            "row_state_shapes",
             tuple(
-                tuple(check_shape(f"state_shapes[{i}][{j}]", s) for j, s in enumerate(layer))
+                tuple(check_shape(f"row_state_shapes[{i}][{j}]", s) for j, s in enumerate(layer))
                 for i, layer in enumerate(shapes)
             ),
         )
@@ -166,6 +167,16 @@ class ReplayConfig:
         else:
             check_int("windows_per_lane", self.windows_per_lane, minimum=least)
             object.__setattr__(self, "windows_per_lane", int(self.windows_per_lane))
+
+    @property
+    def state_shapes(self) -> tuple[tuple[tuple[int, ...], ...], ...]:
+        """Deprecated: the old name of :attr:`row_state_shapes` (``burnin.state_shapes`` includes the batch)."""
+        warnings.warn(
+            "ReplayConfig.state_shapes is deprecated, use ReplayConfig.row_state_shapes",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.row_state_shapes
 
     @property
     def state_slots_per_lane(self) -> int:
@@ -190,7 +201,8 @@ class ReplayConfig:
             "lane_capacity": self.lane_capacity,
             "obs_shape": list(self.obs_shape),
             "obs_dtype": self.obs_dtype.str,
-            "state_shapes": [[list(s) for s in layer] for layer in self.state_shapes],
+            # The file's key keeps its first name: the checkpoint format is unchanged.
+            "state_shapes": [[list(s) for s in layer] for layer in self.row_state_shapes],
             "state_dtype": self.state_dtype.str,
             "alpha": self.alpha,
             "beta": self.beta,
@@ -207,7 +219,7 @@ class ReplayConfig:
             lane_capacity=data["lane_capacity"],
             obs_shape=tuple(data["obs_shape"]),
             obs_dtype=np.dtype(data["obs_dtype"]),
-            state_shapes=tuple(tuple(tuple(s) for s in layer) for layer in data["state_shapes"]),
+            row_state_shapes=tuple(tuple(tuple(s) for s in layer) for layer in data["state_shapes"]),
             state_dtype=np.dtype(data["state_dtype"]),
             alpha=data["alpha"],
             beta=data["beta"],
@@ -288,7 +300,7 @@ def array_specs(config: ReplayConfig) -> dict[str, tuple[tuple[int, ...], np.dty
         "counters": ((len(COUNTERS),), i64),
         "tree": ((SumTree.size(num_slots),), np.dtype(np.float64)),
     }
-    for i, layer in enumerate(config.state_shapes):
+    for i, layer in enumerate(config.row_state_shapes):
         for j, shape in enumerate(layer):
             specs[f"state_{i}_{j}"] = ((nl, spl, *shape), config.state_dtype)
             if config.keep_actor_states:
@@ -373,12 +385,14 @@ def cast_states(name: str, states: RecurrentState, dtype: np.dtype, **where: Any
 
 
 def check_state_tree(config: ReplayConfig, name: str, states: Any, batch: int) -> RecurrentState:
-    """``states`` as a RecurrentState of ``batch`` rows shaped like ``config.state_shapes``."""
-    shapes = config.state_shapes
+    """``states`` as a RecurrentState of ``batch`` rows shaped like ``config.row_state_shapes``."""
+    shapes = config.row_state_shapes
     if not shapes:
         if states is None or (isinstance(states, (tuple, list)) and len(states) == 0):
             return ()
-        raise ValueError(f"{name}: the replay keeps no state (state_shapes=()), got {type(states).__name__}")
+        raise ValueError(
+            f"{name}: the replay keeps no state (row_state_shapes=()), got {type(states).__name__}"
+        )
     if not isinstance(states, (tuple, list)) or len(states) != len(shapes):
         got = f"{len(states)} entries" if isinstance(states, (tuple, list)) else type(states).__name__
         raise ValueError(

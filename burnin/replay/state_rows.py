@@ -16,12 +16,12 @@ def as_bits(arr: np.ndarray) -> np.ndarray:
 
 
 def state_buffers(
-    arrays: dict[str, np.ndarray], prefix: str, rows: int, state_shapes: Any
+    arrays: dict[str, np.ndarray], prefix: str, rows: int, row_state_shapes: Any
 ) -> tuple[tuple[np.ndarray, ...], ...]:
     """The stored-state arrays ``{prefix}_{layer}_{i}`` of a buffer, per layer, each with ``rows`` rows."""
     return tuple(
         tuple(arrays[f"{prefix}_{i}_{j}"].reshape(rows, *shape) for j, shape in enumerate(layer))
-        for i, layer in enumerate(state_shapes)
+        for i, layer in enumerate(row_state_shapes)
     )
 
 
