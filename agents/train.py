@@ -52,8 +52,8 @@ __all__ = [
     "parse_args",
     "run_dir",
     "run_eval_only",
-    "train",
     "train_distributed",
+    "train_local",
 ]
 
 RUN_NAMES = {MASKED_CARTPOLE_ID: "masked-cartpole"}
@@ -377,12 +377,12 @@ def _title(args: Args, config) -> str:
     return f"R2D2 on {args.env} ({config.core}{actors}, seed {args.seed})"
 
 
-def train(args: Args, config) -> dict[str, Any]:
+def train_local(args: Args, config) -> dict[str, Any]:
     """Train, evaluate, checkpoint, plot in one process; returns the JSON summary (also in RUN_DIR/NAME/summary.json)."""
-    from agents.experiment import train as train_single
+    from agents.experiment import train
 
     out_dir = run_dir(args, config)
-    return train_single(
+    return train(
         config,
         args.run_options(),
         make_env_factory(args),
@@ -476,7 +476,7 @@ def _main(argv: list[str] | None, prog: str) -> int:
             print(f"{prog}: error: --address: {one_line(err)}", file=sys.stderr)
             return EXIT_USAGE
     else:
-        summary = train(args, config)
+        summary = train_local(args, config)
     return EXIT_INTERRUPTED if summary["stop_reason"] == "interrupted" else 0
 
 

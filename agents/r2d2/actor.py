@@ -28,7 +28,7 @@ __all__ = [
     "check_epsilons",
     "evaluate",
     "max_episode_steps",
-    "rng_from_state",
+    "pcg64_from_state",
 ]
 
 EVAL_MAX_EPISODE_STEPS = 27_000
@@ -283,7 +283,7 @@ class Actor:
             if name not in state:
                 raise ValueError(f"actor.{name}: missing")
             out[name] = check_int(f"actor.{name}", state[name], minimum=0)
-        out["rng"] = rng_from_state("actor.rng", state.get("rng"))
+        out["rng"] = pcg64_from_state("actor.rng", state.get("rng"))
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -321,8 +321,10 @@ def check_epsilons(epsilons: Any, num_envs: int) -> np.ndarray:
     return eps
 
 
-def rng_from_state(name: str, state: Any) -> np.random.Generator:
-    """A PCG64 Generator in ``state`` (a ``bit_generator.state`` dict); ValueError naming ``name`` otherwise."""
+def pcg64_from_state(name: str, state: Any) -> np.random.Generator:
+    """A PCG64 Generator in ``state`` (a ``bit_generator.state`` dict, from a checkpoint); ValueError naming
+    ``name`` otherwise. The actor's generator is always PCG64: any other bit generator is a bad checkpoint
+    (the replay's :func:`burnin.replay.checkpoint.rng_from_state` takes any of numpy's)."""
     if not isinstance(state, dict) or state.get("bit_generator") != "PCG64":
         raise ValueError(f"{name}: expected the state of a PCG64 bit generator, got {state!r:.80}")
     bit_generator = np.random.PCG64()
