@@ -17,7 +17,9 @@ __all__ = [
     "MemoryProbeHook",
     "count_recall_labels",
     "labeller",
+    "least_squares_fit",
     "least_squares_predict",
+    "least_squares_value",
     "probe",
     "repeat_previous_labels",
 ]
@@ -67,17 +69,32 @@ def labeller(env_id: str) -> Callable[[np.ndarray], np.ndarray] | None:
     return None
 
 
-def least_squares_predict(
-    x: np.ndarray, y: np.ndarray, train: np.ndarray, *, classes: int, ridge: float = 1e-2
+def least_squares_fit(
+    x: np.ndarray, targets: np.ndarray, train: np.ndarray, *, ridge: float = 1e-2
 ) -> np.ndarray:
-    """A linear read-out's class for every row of ``x`` ``[N, S]``: ridge least squares from ``x`` (standardised
-    on the training rows, plus a bias) onto one-hot ``y`` ``[N]``, fitted on the rows where ``train`` holds;
-    the class is the argmax. Closed form and deterministic: W = (ZᵀZ + λ·n·I)⁻¹ ZᵀY over the n training rows."""
+    """A linear read-out's output for every row of ``x`` ``[N, S]``: ridge least squares from ``x``
+    (standardised on the training rows, plus a bias) onto ``targets`` ``[N, k]``, fitted on the rows where
+    ``train`` holds. Closed form and deterministic: W = (ZᵀZ + λ·n·I)⁻¹ ZᵀY over the n training rows."""
     mu, sd = x[train].mean(0), x[train].std(0) + 1e-6
     z = np.concatenate([(x - mu) / sd, np.ones((len(x), 1))], axis=1)
     zt = z[train]
-    w = np.linalg.solve(zt.T @ zt + ridge * len(zt) * np.eye(z.shape[1]), zt.T @ np.eye(classes)[y[train]])
-    return (z @ w).argmax(1)
+    w = np.linalg.solve(zt.T @ zt + ridge * len(zt) * np.eye(z.shape[1]), zt.T @ targets[train])
+    return z @ w
+
+
+def least_squares_predict(
+    x: np.ndarray, y: np.ndarray, train: np.ndarray, *, classes: int, ridge: float = 1e-2
+) -> np.ndarray:
+    """The class a linear read-out gives every row: :func:`least_squares_fit` onto one-hot ``y``, argmax."""
+    return least_squares_fit(x, np.eye(classes)[y], train, ridge=ridge).argmax(1)
+
+
+def least_squares_value(
+    x: np.ndarray, y: np.ndarray, train: np.ndarray, *, ridge: float = 1e-2
+) -> np.ndarray:
+    """The integer a linear read-out of the label's *value* gives every row (a count is ordinal: one
+    direction of the state can hold it): :func:`least_squares_fit` onto ``y`` itself, rounded."""
+    return np.rint(least_squares_fit(x, y[:, None].astype(float), train, ridge=ridge)[:, 0]).astype(np.int64)
 
 
 def _episode_labels(recorder: Recorder, where, label_fn, length: int) -> np.ndarray:
@@ -151,10 +168,12 @@ def probe(loop, recorder: Recorder, label_fn, *, batches: int, rng: np.random.Ge
     ``q_right/<start>``, how often the greedy action is the right answer; ``read_out/<start>``, the held-out
     accuracy of a linear read-out of the answer from the core's state after the step
     (:func:`least_squares_predict`, fitted on half the windows, all starts pooled so one read-out serves
-    all three). For the stored and the zero start against the true state: ``delta_q/<start>``, the paper's
-    ΔQ (:func:`burnin.diagnostics.delta_q`, the max over the trained steps), and ``delta_q_spread/<start>``,
-    the same over the spread of the Q-values (:func:`burnin.diagnostics.delta_q_spread`). For the learner's
-    own (stored) start: ``td_abs`` (mean |δ|), and the scales ``q_abs_max``
+    all three); ``read_out_value/<start>``, the same for a read-out of the answer's value
+    (:func:`least_squares_value`: a count is ordinal, so one direction of the state can hold it).
+    For the stored and the zero start against the true state: ``delta_q/<start>``, the paper's ΔQ
+    (:func:`burnin.diagnostics.delta_q`, the max over the trained steps), and ``delta_q_spread/<start>``,
+    the same over the spread of the Q-values (:func:`burnin.diagnostics.delta_q_spread`). For the
+    learner's own (stored) start: ``td_abs`` (mean |δ|), and the scales ``q_abs_max``
     (max_a |Q|), ``q_gap`` (best minus second-best Q), ``target_abs`` (|y|) and ``reward_abs`` (|r| of the
     rewarded steps), all in the learner's units (rewards times ``reward_scale``)."""
     learner = loop.learner
@@ -207,16 +226,18 @@ def _readings(
     train = np.tile(train_rows, len(START_NAMES))[:, None] & keep
     test = keep & ~np.tile(train_rows, len(START_NAMES))[:, None]
     predicted = np.full(yy.shape, -2, np.int64)  # never a label: unfitted steps count as wrong
+    value = np.full(yy.shape, -2, np.int64)
     if train.any() and test.any():
         flat = keep.reshape(-1)
-        predicted.reshape(-1)[flat] = least_squares_predict(
-            x.reshape(-1, x.shape[-1])[flat], yy.reshape(-1)[flat], train.reshape(-1)[flat], classes=classes
-        )
+        xf, yf, tf_ = x.reshape(-1, x.shape[-1])[flat], yy.reshape(-1)[flat], train.reshape(-1)[flat]
+        predicted.reshape(-1)[flat] = least_squares_predict(xf, yf, tf_, classes=classes)
+        value.reshape(-1)[flat] = least_squares_value(xf, yf, tf_)
     for i, name in enumerate(START_NAMES):
         q = np.concatenate(found[name])  # [rows, U, A]
         out[f"q_right/{name}"] = _binned((q.argmax(-1) == y).astype(float), labelled)
         part = slice(i * rows, (i + 1) * rows)
         out[f"read_out/{name}"] = _binned((predicted[part] == yy[part]).astype(float), test[part])
+        out[f"read_out_value/{name}"] = _binned((value[part] == yy[part]).astype(float), test[part])
     q_true = np.concatenate(found["true"])
     for name in ("stored", "zero"):  # the learner's two starts, each against the true state
         q_hat = np.concatenate(found[name])
@@ -268,7 +289,12 @@ class MemoryProbeHook:
         self.seen = len(evals)
 
     def on_end(self, run, summary: dict[str, Any]) -> None:
-        pass
+        # A run that stops at its solving evaluation ends before on_step sees that evaluation: read it here.
+        evals = run.history.evals
+        if self.recorder is not None and evals and "memory_probe" not in evals[-1]:
+            if summary.get("stop_reason") in ("budget", "solved"):
+                self.seen = len(evals) - 1
+                self.on_step(run, None)
 
 
 def at_start(

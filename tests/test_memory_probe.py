@@ -76,6 +76,17 @@ def test_least_squares_read_out_separates_what_is_linear():
     assert np.mean(mp.least_squares_predict(noise, y, train, classes=3)[~train] == y[~train]) < 0.5
 
 
+def test_a_value_read_out_finds_a_count_a_one_hot_read_out_misses():
+    """A count held in one direction of the state: the value read-out recovers it exactly, the one-hot
+    read-out (a linear score per class) cannot place 27 ordered classes on one line."""
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 27, 2000)
+    x = np.stack([y / 26.0, rng.normal(size=2000)], 1)
+    train = np.arange(2000) % 2 == 0
+    assert (mp.least_squares_value(x, y, train)[~train] == y[~train]).all()
+    assert np.mean(mp.least_squares_predict(x, y, train, classes=27)[~train] == y[~train]) < 0.5
+
+
 def _tiny_run(tmp_path, hooks):
     env_id = "popgym-CountRecallEasy-v0"
     config = preset(
@@ -101,7 +112,7 @@ def test_the_probe_reads_and_leaves_the_run_as_it_was(tmp_path):
     reading = probed["history"]["evals"][-1]["memory_probe"]
     assert reading["rows"] > 0
     for name in mp.START_NAMES:
-        for key in (f"q_right/{name}", f"read_out/{name}"):
+        for key in (f"q_right/{name}", f"read_out/{name}", f"read_out_value/{name}"):
             assert len(reading[key]) == mp.BINS
             assert all(0.0 <= v <= 1.0 for v in reading[key] if v == v)
     assert reading["reward_abs"] == pytest.approx(
