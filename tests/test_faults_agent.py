@@ -34,6 +34,7 @@ from test_r2d2 import run_loop, small_config
 from agents.envs import make_vector_env
 from agents.experiment import History, resume_from
 from agents.r2d2 import Actor, Learner, TrainLoop, apex_epsilons, evaluate, make_replay
+from agents.r2d2 import learner as learner_module
 from agents.r2d2.checkpoint import CheckpointError, read_meta, read_replay
 from agents.r2d2.config import R2D2Config
 from burnin.replay import SequenceReplay
@@ -570,7 +571,7 @@ def test_interrupt_at_each_stage_of_update_applies_all_or_nothing(saved, tmp_pat
     learner.update(batch, replay=replay)
     done = state(replay)
     assert done != start
-    targets = [(Learner, "_check_batch"), (Learner, "_feed"), (SequenceReplay, "update_priorities"),
+    targets = [(learner_module, "make_feed"), (SequenceReplay, "update_priorities"),
                (SequenceReplay, "update_states")]  # fmt: skip
     inject = Injector(monkeypatch, targets)
     learner.assign_state(snapshot)
@@ -578,8 +579,8 @@ def test_interrupt_at_each_stage_of_update_applies_all_or_nothing(saved, tmp_pat
     inject.calls.clear()
     learner.update(batch, replay=replay)
     stages = list(inject.calls)
-    assert sorted(stages) == ["Learner._check_batch", "Learner._feed", "SequenceReplay.update_priorities",
-                              "SequenceReplay.update_states"]  # fmt: skip
+    assert sorted(stages) == ["SequenceReplay.update_priorities", "SequenceReplay.update_states",
+                              "agents.r2d2.learner.make_feed"]  # fmt: skip
     update_fn = learner._update_concrete  # the compiled step, traced by the update above
     for at, stage in enumerate(stages):
         if mode == "exception" and stage.startswith("SequenceReplay"):

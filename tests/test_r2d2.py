@@ -13,6 +13,7 @@ import burnin
 from agents.envs import make_vector_env
 from agents.r2d2 import Actor, Learner, R2D2Config, TrainLoop, WindowOffsets, apex_epsilons, make_replay
 from agents.r2d2.actor import EnvError
+from agents.r2d2.feed import make_feed
 from agents.r2d2.networks import row_state_shapes
 
 SMALL = dict(
@@ -158,7 +159,7 @@ def test_the_update_is_traced_once_and_then_called_as_one_concrete_function():
     for _ in range(3):
         batch = replay.sample(config.batch_size, extra_state_offsets=learner.offsets.extra)
         step = learner.update(batch)
-        reference = twin._update_fn(twin._feed(batch))  # the tf.function, called as before
+        reference = twin._update_fn(make_feed(batch, twin.feed_layout))  # the tf.function, called as before
         np.testing.assert_array_equal(step.priorities, reference["priorities"].numpy())
         assert step.loss == float(reference["loss"].numpy())
     assert learner._update_fn.experimental_get_tracing_count() == 1

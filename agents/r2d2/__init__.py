@@ -1,8 +1,8 @@
 """R2D2 on burnin: config, Q-network, learner, actor, the single-process loop and its checkpoints.
 
 Modules: ``config`` (R2D2Config, StateStrategy, presets, WindowOffsets), ``networks``,
-``learner``, ``actor`` (and greedy evaluation), ``loop`` (TrainLoop, the Loop
-protocol), ``checkpoint``.
+``learner``, ``feed`` (the learner's batch), ``actor`` (and greedy evaluation), ``loop``
+(TrainLoop, the Loop protocol), ``checkpoint``.
 """
 
 from agents.r2d2.actor import Actor, EnvError, ReplayWriter, apex_epsilons, evaluate

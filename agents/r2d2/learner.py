@@ -21,7 +21,7 @@ from agents.r2d2.checkpoint import (
     read_learner_arrays,
 )
 from agents.r2d2.config import R2D2Config, StateStrategy, WindowOffsets
-from agents.r2d2.feed import UpdateFeed, check_field, pack_feed, unpack_feed
+from agents.r2d2.feed import Feed, FeedLayout, UpdateFeed, make_feed, unpack_feed
 from agents.r2d2.networks import build_q_network, network_inputs, row_state_shapes
 from agents.spaces import ObservationEncoding
 from burnin._checks import check_bool, check_int, fmt
@@ -133,6 +133,16 @@ class Learner:
         )
         self.target_runner = BurnInRunner(self.target, burn_in=spec.burn_in, allow_stateless=not recurrent)
         self.probe_runner = BurnInRunner(self.online, burn_in=0, allow_stateless=not recurrent)
+        self.feed_layout = FeedLayout(
+            batch_size=b,
+            length=spec.length,
+            num_actions=self.num_actions,
+            observation_shape=self.observation.shape,
+            observation_dtype=np.dtype(self.observation.dtype),
+            row_state_shapes=self.row_state_shapes,
+            offsets=self.offsets,
+        )
+        """What the update expects of a batch (:func:`agents.r2d2.feed.make_feed` checks it)."""
         self.optimizer = keras.optimizers.Adam(
             learning_rate=config.learning_rate,
             epsilon=config.adam_epsilon,
@@ -140,7 +150,7 @@ class Learner:
         )
         self.optimizer.build(self.online.trainable_variables)
         self._update_fn = tf.function(self._update, jit_compile=config.jit_compile, reduce_retracing=False)
-        # Every feed has the same shapes and dtypes (checked in _feed), so after the first trace the
+        # Every feed has the same shapes and dtypes (make_feed checks them), so after the first trace the
         # update calls its one concrete function: that skips tf.function's signature matching,
         # 0.3–0.6 ms of the 17–18 ms of a demo-scale update (measured, interleaved).
         self._update_concrete: Any = None
@@ -174,7 +184,7 @@ class Learner:
         cases nothing was changed. The step and its write-back to ``replay``
         run with Ctrl-C and SIGTERM held until they are done.
         """
-        feed = self._feed(batch)
+        feed = make_feed(batch, self.feed_layout)
         if self._update_concrete is None:
             self._update_concrete = self._update_fn.get_concrete_function(feed)
         with deferred_interrupts():
@@ -199,77 +209,6 @@ class Learner:
             refreshed=refreshed,
         )
 
-    def _batch_state(self, name: str, state: Any) -> tuple:
-        """A RecurrentState of the batch: the layers and arrays of ``row_state_shapes``, each [B, *shape], finite."""
-        shapes = self.row_state_shapes
-        if not isinstance(state, (tuple, list)) or len(state) != len(shapes):
-            raise ValueError(f"{name}: expected {len(shapes)} layers of states, got {type(state).__name__}")
-        b = self.config.batch_size
-        out = []
-        for i, (entry, entry_shapes) in enumerate(zip(state, shapes)):
-            if not isinstance(entry, (tuple, list)) or len(entry) != len(entry_shapes):
-                raise ValueError(f"{name}[{i}]: expected {len(entry_shapes)} state arrays")
-            out.append(
-                tuple(
-                    check_field(f"{name}[{i}][{j}]", a, "f", (b, *shape), dtype=np.float32)
-                    for j, (a, shape) in enumerate(zip(entry, entry_shapes))
-                )
-            )
-        return tuple(out)
-
-    def _check_batch(self, batch: SequenceBatch) -> dict[str, Any]:
-        """Every field of ``batch`` the update reads, checked (shape, dtype, range, finite) and cast."""
-        b, length, a = self.config.batch_size, self.spec.length, self.num_actions
-        bl, f32 = (b, length), np.float32
-        f: dict[str, Any] = {
-            n: check_field(f"batch.{n}", getattr(batch, n), "b", bl)
-            for n in ("valid_t", "learn_mask", "final")
-        }
-        f["observation"] = check_field(
-            "batch.observation",
-            batch.observation,
-            "fiu",
-            (b, length, *self.observation.shape),
-            dtype=np.dtype(self.observation.dtype),
-        )
-        for n in ("action", "prev_action"):
-            f[n] = check_field(f"batch.{n}", getattr(batch, n), "iu", bl, dtype=np.int32, low=0, high=a - 1)
-        for n in ("reward", "prev_reward"):
-            f[n] = check_field(f"batch.{n}", getattr(batch, n), "f", bl, dtype=f32)
-        f["discount"] = check_field("batch.discount", batch.discount, "f", bl, dtype=f32, low=0, high=1)
-        f["weights"] = check_field("batch.weights", batch.weights, "f", (b,), dtype=f32, low=0)
-        check_field("batch.keys", batch.keys, "iu", (b,))
-        if not self.network_config.recurrent:
-            return f
-        f["state"] = self._batch_state("batch.state", batch.state)
-        f["actor_state"] = self._batch_state("batch.actor_state", batch.actor_state)
-        k = len(self.offsets.extra)
-        f["extra_state_mask"] = check_field("batch.extra_state_mask", batch.extra_state_mask, "b", (b, k))
-        extras = batch.extra_actor_states
-        if not isinstance(extras, (tuple, list)) or len(extras) != k:
-            raise ValueError(
-                f"batch.extra_actor_states: expected {k} states (offsets {self.offsets.extra}), got {extras!r:.60}"
-            )
-        f["extra_actor_states"] = tuple(
-            self._batch_state(f"batch.extra_actor_states[{i}]", e) for i, e in enumerate(extras)
-        )
-        return f
-
-    def _feed(self, batch: SequenceBatch) -> UpdateFeed:
-        """The update's inputs from ``batch``, every field checked first (see :meth:`update`)."""
-        f = self._check_batch(batch)
-        extra = self.offsets.extra
-        # ΔQ compares with the actor's own states, even where a refresh replaced them.
-        probe_states, probe_masks = [], []
-        for o in self.offsets.delta_q:
-            if o == 0:
-                probe_states.append(f["actor_state"])
-                probe_masks.append(f["valid_t"][:, 0])
-            else:
-                probe_states.append(f["extra_actor_states"][extra.index(o)])
-                probe_masks.append(f["extra_state_mask"][:, extra.index(o)])
-        return pack_feed(f, probe_states, probe_masks, batch_size=self.config.batch_size)
-
     def model_inputs(self, observation: Any, prev_action: Any, prev_reward: Any) -> list[tf.Tensor]:
         """The network's input list for windows ``[B, T, ...]`` (the order :func:`build_q_network` declares)."""
         return network_inputs(
@@ -280,51 +219,42 @@ class Learner:
         )
 
     def _update(self, packed: UpdateFeed) -> dict[str, Any]:
-        feed = unpack_feed(
-            packed,
-            row_state_shapes=self.row_state_shapes if self.network_config.recurrent else (),
-            probes=len(self.offsets.delta_q),
-            batch_size=self.config.batch_size,
-        )
-        cfg = self.config
-        burn_in, unroll = self.spec.burn_in, self.spec.unroll
-        inputs = self.model_inputs(feed["observation"], feed["prev_action"], feed["prev_reward"])
-        valid_t = feed["valid_t"]
-        recurrent = self.network_config.recurrent
-        stored = feed["state"] if recurrent else None
+        """The compiled update (steps 1-5 of the class docstring) on :func:`make_feed`'s arrays."""
+        feed = unpack_feed(packed, self.feed_layout)
+        cfg, burn_in, unroll = self.config, self.spec.burn_in, self.spec.unroll
+        inputs = self.model_inputs(feed.observation, feed.prev_action, feed.prev_reward)
+        stored = feed.state if self.network_config.recurrent else None
         start = stored if cfg.strategy == StateStrategy.STORED else None
 
         # Target pass first, outside the tape: its activations are never needed for gradients.
-        q_target = tf.stop_gradient(
-            self.target_runner.run(inputs, start, mask=valid_t).outputs
-        )  # [B, U+n, A]
+        q_target = tf.stop_gradient(self.target_runner.run(inputs, start, mask=feed.valid_t).outputs)
         with tf.GradientTape() as tape:
-            out = self.online_runner.run(inputs, start, mask=valid_t)
-            q_online = out.outputs  # [B, U+n, A] (or [B, L, A] with burn_in_gradient)
+            out = self.online_runner.run(inputs, start, mask=feed.valid_t)
+            q_online = out.outputs  # [B, U+n, A] (or [B, L, A] with burn_in_gradient), as q_target
             if self.burn_in_gradient:
                 q_online = q_online[:, burn_in:]
             r_t, pcont_t = rewards_and_continuations(
-                feed["reward"][:, burn_in:],
-                feed["discount"][:, burn_in:],
-                feed["has_action"][:, burn_in:],
+                feed.reward[:, burn_in:],
+                feed.discount[:, burn_in:],
+                feed.has_action[:, burn_in:],
                 gamma=cfg.gamma,
                 reward_scale=cfg.reward_scale,
             )
             loss, extras = r2d2_loss(
                 q_online,
                 q_target,
-                feed["action"][:, burn_in:],
+                feed.action[:, burn_in:],
                 r_t,
                 pcont_t,
-                valid_t[:, burn_in:],
-                feed["learn_mask"][:, burn_in : burn_in + unroll],
-                feed["weights"],
+                feed.valid_t[:, burn_in:],
+                feed.learn_mask[:, burn_in : burn_in + unroll],
+                feed.weights,
                 n=self.spec.n_step,
                 rescale_eps=cfg.value_rescale_eps or None,
                 priority_eta=cfg.priority_eta,
             )
         grads = tape.gradient(loss, self.online.trainable_variables)
-        dq_first, dq_last = self._delta_q(inputs, feed, tf.stop_gradient(q_online), valid_t)
+        dq_first, dq_last = self._delta_q(inputs, feed, tf.stop_gradient(q_online))
         finite = {
             "loss": _all_finite([loss]),
             "priorities": _all_finite([extras.priorities]),
@@ -370,36 +300,30 @@ class Learner:
         tf.cond(applied & (self.optimizer.iterations % period == 0), copy_target, lambda: tf.constant(False))
         return weights_finite, applied
 
-    def _delta_q(self, inputs, feed, q_hat, valid_t) -> tuple[tf.Tensor, tf.Tensor]:
+    def _delta_q(self, inputs: list[tf.Tensor], feed: Feed, q_hat: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """Mean ΔQ over rows at the first trained step and at the last step with a stored state."""
         nan = tf.constant(float("nan"))
         if not self.offsets.delta_q:
             return nan, nan
         burn_in = self.spec.burn_in
-        seq_mask = valid_t[:, burn_in:]  # the j of max_{a,j} q(ĥ_j): every valid unrolled step
+        seq_mask = feed.valid_t[:, burn_in:]  # the j of max_{a,j} q(ĥ_j): every valid unrolled step
         values, avail = [], []
-        for o, state, ok in zip(self.offsets.delta_q, feed["probe_states"], feed["probe_masks"]):
+        for o, state, ok in zip(self.offsets.delta_q, feed.delta_q_states, feed.delta_q_state_mask):
             step_inputs = [x[:, o : o + 1] for x in inputs]
             q_stored = self.probe_runner.run(step_inputs, state).outputs[:, 0]  # [B, A]
             dq = delta_q(q_hat[:, o - burn_in], q_stored, q_hat, seq_mask)  # [B]
-            ok = tf.cast(ok, tf.bool) & valid_t[:, o] & tf.math.is_finite(dq)
+            ok = tf.cast(ok, tf.bool) & feed.valid_t[:, o] & tf.math.is_finite(dq)
             values.append(tf.where(ok, dq, 0.0))
             avail.append(ok)
         values = tf.stack(values, axis=1)  # [B, K]
         avail = tf.stack(avail, axis=1)  # [B, K]
-
-        def masked_mean(v, m):
-            m = tf.cast(m, v.dtype)
-            count = tf.reduce_sum(m)
-            return tf.where(count > 0, tf.reduce_sum(v * m) / tf.maximum(count, 1.0), nan)
-
-        first = masked_mean(values[:, 0], avail[:, 0]) if self.offsets.delta_q[0] == burn_in else nan
+        first = _masked_mean(values[:, 0], avail[:, 0]) if self.offsets.delta_q[0] == burn_in else nan
         # Per row, the largest offset that has a stored state.
         k = tf.shape(avail)[1]
         last_idx = tf.reduce_max(tf.where(avail, tf.range(k)[None, :], -1), axis=1)  # [B]
         has_any = last_idx >= 0
         last_vals = tf.gather(values, tf.maximum(last_idx, 0), axis=1, batch_dims=1)
-        return first, masked_mean(last_vals, has_any)
+        return first, _masked_mean(last_vals, has_any)
 
     # -------------------------------------------------------- checkpoints
 
@@ -549,6 +473,13 @@ def _rejection(finite: dict[str, bool]) -> str:
     return (
         f"update: the batch gives non-finite values in {bad}; nothing was applied (the learner is as it was)"
     )
+
+
+def _masked_mean(v: tf.Tensor, m: tf.Tensor) -> tf.Tensor:
+    """mean(v[m]) over a [B] mask; NaN for an empty one."""
+    m = tf.cast(m, v.dtype)
+    count = tf.reduce_sum(m)
+    return tf.where(count > 0, tf.reduce_sum(v * m) / tf.maximum(count, 1.0), tf.constant(float("nan")))
 
 
 def _numbered(arrays: dict[str, np.ndarray], prefix: str) -> list[np.ndarray]:
