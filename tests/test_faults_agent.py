@@ -33,7 +33,7 @@ from test_r2d2 import run_loop, small_config
 
 from agents.envs import make_vector_env
 from agents.experiment import History, resume_from
-from agents.r2d2 import Actor, Learner, TrainLoop, apex_epsilons, evaluate, make_replay
+from agents.r2d2 import Actor, Learner, TrainLoop, apex_epsilons, evaluate, learner_checkpoint, make_replay
 from agents.r2d2 import learner as learner_module
 from agents.r2d2.checkpoint import CheckpointError, read_meta, read_replay
 from agents.r2d2.config import R2D2Config
@@ -498,8 +498,9 @@ def test_interrupt_at_each_stage_of_save_keeps_the_last_checkpoint(saved, tmp_pa
 
 
 LOAD_STAGES = [
-    (json, "loads"), (zipfile.ZipFile, "open"), (np, "frombuffer"), (Learner, "check_state_dict"),
-    (SequenceReplay, "load"), (Learner, "state_dict"), (Learner, "assign_state"), (keras.Model, "set_weights"),
+    (json, "loads"), (zipfile.ZipFile, "open"), (np, "frombuffer"), (learner_checkpoint, "check_state_dict"),
+    (SequenceReplay, "load"), (learner_checkpoint, "state_dict"), (Learner, "assign_state"),
+    (keras.Model, "set_weights"),
 ]  # fmt: skip
 
 

@@ -2,7 +2,7 @@
 
 Modules: ``config`` (R2D2Config, StateStrategy, presets, WindowOffsets), ``networks``,
 ``learner``, ``feed`` (the learner's batch), ``actor`` (and greedy evaluation), ``loop``
-(TrainLoop, the Loop protocol), ``checkpoint``.
+(TrainLoop, the Loop protocol), ``checkpoint``, ``learner_checkpoint`` (``learner.npz``).
 """
 
 from agents.r2d2.actor import Actor, EnvError, ReplayWriter, apex_epsilons, evaluate

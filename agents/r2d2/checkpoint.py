@@ -1,7 +1,8 @@
 """Checkpoint directories of the agents: their format, the learner's arrays, and the checks on loading.
 
 A checkpoint directory holds ``loop.json`` (the format, the config and what
-the loop needs to resume), ``learner.npz`` (:meth:`Learner.state_dict`) and,
+the loop needs to resume), ``learner.npz`` (:meth:`Learner.state_dict`; what its arrays must
+hold is checked in :mod:`agents.r2d2.learner_checkpoint`) and,
 for a single-process run, ``replay.npz`` (:meth:`SequenceReplay.save`). It is
 written as a whole with :func:`write_checkpoint_dir`.
 
@@ -398,7 +399,7 @@ def read_learner_arrays(
     directory: str | os.PathLike[str], specs: Mapping[str, tuple[tuple[int, ...], np.dtype]]
 ) -> dict[str, np.ndarray]:
     """The arrays of ``learner.npz`` in a checkpoint directory, as :meth:`Learner.array_specs` declares them
-    (see :func:`read_npz`); check their values with :meth:`Learner.check_state_dict`."""
+    (see :func:`read_npz`); :func:`agents.r2d2.learner_checkpoint.check_state_dict` checks their values."""
     return read_npz(Path(directory) / "learner.npz", specs)
 
 

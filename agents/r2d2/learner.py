@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import keras
@@ -13,18 +11,12 @@ import numpy as np
 import tensorflow as tf
 
 from agents.interrupts import deferred_interrupts
-from agents.r2d2.checkpoint import (
-    MAX_COUNTER,
-    CheckpointError,
-    check_same,
-    comparable_config,
-    read_learner_arrays,
-)
+from agents.r2d2 import learner_checkpoint
 from agents.r2d2.config import R2D2Config, StateStrategy, WindowOffsets
 from agents.r2d2.feed import Feed, FeedLayout, UpdateFeed, make_feed, unpack_feed
 from agents.r2d2.networks import build_q_network, network_inputs, row_state_shapes
 from agents.spaces import ObservationEncoding
-from burnin._checks import check_bool, check_int, fmt
+from burnin._checks import check_bool, check_int
 from burnin.diagnostics import delta_q
 from burnin.losses import r2d2_loss, rewards_and_continuations
 from burnin.replay import RecurrentState, SequenceBatch, SequenceReplay
@@ -325,114 +317,24 @@ class Learner:
         last_vals = tf.gather(values, tf.maximum(last_idx, 0), axis=1, batch_dims=1)
         return first, _masked_mean(last_vals, has_any)
 
-    # -------------------------------------------------------- checkpoints
+    # ------------------------------------------------ checkpoints (learner.npz)
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Every array needed to resume exactly: weights, target weights, optimizer slots, counters."""
-        arrays: dict[str, np.ndarray] = {}
-        for i, w in enumerate(self.online.get_weights()):
-            arrays[f"online/{i}"] = w
-        for i, w in enumerate(self.target.get_weights()):
-            arrays[f"target/{i}"] = w
-        for i, v in enumerate(self.optimizer.variables):
-            arrays[f"optimizer/{i}"] = np.asarray(v.numpy())
-        arrays["num_updates"] = np.asarray(self.num_updates, dtype=np.int64)
-        arrays["config"] = np.asarray(json.dumps(self.config.to_json(), sort_keys=True))
-        arrays["sizes"] = np.asarray([self.obs_dim, self.num_actions], dtype=np.int64)
-        return arrays
+        """Every array needed to resume exactly (:func:`agents.r2d2.learner_checkpoint.state_dict`)."""
+        return learner_checkpoint.state_dict(self)
 
     def array_specs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        """Name -> (shape, dtype) of every array of :meth:`state_dict` (``config`` is a string of any length)."""
-        specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
-        for prefix, variables in (
-            ("online", self.online.weights),
-            ("target", self.target.weights),
-            ("optimizer", self.optimizer.variables),
-        ):
-            for i, v in enumerate(variables):
-                specs[f"{prefix}/{i}"] = (tuple(v.shape), np.dtype(v.dtype))
-        specs["num_updates"] = ((), np.dtype(np.int64))
-        specs["config"] = ((), np.dtype("U"))
-        specs["sizes"] = ((2,), np.dtype(np.int64))
-        return specs
+        """Name -> (shape, dtype) of every array of :meth:`state_dict`."""
+        return learner_checkpoint.array_specs(self)
 
     def check_state_dict(self, arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """The arrays of a :meth:`state_dict`, checked as untrusted input; changes nothing.
-
-        ValueError (TypeError for a wrong type) naming the array for: a missing
-        or extra array, a wrong shape or dtype, a non-finite weight or slot, a
-        config or env sizes other than this learner's, an update counter
-        outside [0, 2**53] or other than the optimizer's, a learning rate
-        other than the config's, a negative Adam velocity.
-        """
-        if not isinstance(arrays, Mapping):
-            raise TypeError(f"arrays: expected a mapping of name to array, got {type(arrays).__name__}")
-        specs = self.array_specs()
-        missing, extra = sorted(set(specs) - set(arrays)), sorted(set(arrays) - set(specs))
-        if missing or extra:
-            raise ValueError(f"arrays: missing {missing}, unexpected {extra}")
-        out = {}
-        for name, (shape, dtype) in specs.items():
-            arr = np.asarray(arrays[name])
-            same = arr.dtype.kind == "U" if dtype.kind == "U" else arr.dtype == dtype
-            if not same or arr.shape != shape:
-                raise ValueError(f"array {name!r}: expected {dtype} {shape}, got {arr.dtype} {arr.shape}")
-            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-                bad = ~np.isfinite(arr)
-                raise ValueError(
-                    f"array {name!r}: expected finite values, got {fmt(arr[bad])} at {int(bad.sum())} of {arr.size} entries"
-                )
-            out[name] = arr
-        self._check_saved_config(str(out["config"]))
-        sizes = tuple(int(s) for s in out["sizes"])
-        if sizes != (self.obs_dim, self.num_actions):
-            raise ValueError(
-                f"array 'sizes': env sizes (obs_dim, num_actions) are {sizes} in the checkpoint "
-                f"but {(self.obs_dim, self.num_actions)} here"
-            )
-        self._check_optimizer(out)
-        return out
-
-    def _check_saved_config(self, text: str) -> None:
-        try:
-            saved = json.loads(text)
-            if not isinstance(saved, dict):
-                raise TypeError(f"expected a JSON object, got {type(saved).__name__}")
-            saved = comparable_config(saved)
-        except (ValueError, TypeError, RecursionError) as err:
-            raise ValueError(f"array 'config': not a valid config ({err})") from None
-        check_same(saved, comparable_config(self.config), "config field")
-
-    def _check_optimizer(self, arrays: dict[str, np.ndarray]) -> None:
-        """The counters agree and are in range; the learning rate is the config's; Adam's velocities are >= 0."""
-        num_updates = int(arrays["num_updates"])
-        if not 0 <= num_updates <= MAX_COUNTER:
-            raise ValueError(f"array 'num_updates': expected an int in [0, {MAX_COUNTER}], got {num_updates}")
-        for i, v in enumerate(self.optimizer.variables):
-            value = arrays[f"optimizer/{i}"]
-            if v is self.optimizer.iterations and int(value) != num_updates:
-                raise ValueError(
-                    f"array 'optimizer/{i}': the optimizer's step counter is {int(value)}, "
-                    f"but num_updates is {num_updates}"
-                )
-            if v.name == "learning_rate" and value != np.float32(self.config.learning_rate):
-                raise ValueError(
-                    f"array 'optimizer/{i}': learning rate {float(value)!r}, expected the config's "
-                    f"{self.config.learning_rate!r}"
-                )
-            if v.name.endswith("_velocity") and (value < 0).any():
-                raise ValueError(
-                    f"array 'optimizer/{i}': Adam velocities are >= 0, got {fmt(value[value < 0])}"
-                )
+        """The arrays of a :meth:`state_dict`, checked as untrusted input; changes nothing
+        (:func:`agents.r2d2.learner_checkpoint.check_state_dict` says what is refused)."""
+        return learner_checkpoint.check_state_dict(self, arrays)
 
     def read_checkpoint(self, directory: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-        """``learner.npz`` of a checkpoint directory, read and checked for this learner
-        (:meth:`check_state_dict`); changes nothing. CheckpointError naming the file and the array."""
-        arrays = read_learner_arrays(directory, self.array_specs())
-        try:
-            return self.check_state_dict(arrays)
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"checkpoint {Path(directory) / 'learner.npz'}: {err}") from None
+        """``learner.npz`` of a checkpoint directory, read and checked for this learner; changes nothing."""
+        return learner_checkpoint.read_checkpoint(self, directory)
 
     def load_state_dict(self, arrays: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`: everything is checked first (:meth:`check_state_dict`), then assigned
@@ -441,19 +343,7 @@ class Learner:
 
     def assign_state(self, arrays: dict[str, np.ndarray]) -> None:
         """Assign arrays that :meth:`check_state_dict` returned, all or nothing (Ctrl-C held meanwhile)."""
-        with deferred_interrupts():
-            before = self.state_dict()
-            try:
-                self._set(arrays)
-            except BaseException:
-                self._set(before)
-                raise
-
-    def _set(self, arrays: Mapping[str, np.ndarray]) -> None:
-        self.online.set_weights(_numbered(arrays, "online"))
-        self.target.set_weights(_numbered(arrays, "target"))
-        for var, value in zip(self.optimizer.variables, _numbered(arrays, "optimizer")):
-            var.assign(value)
+        learner_checkpoint.assign_state(self, arrays)
 
 
 def _all_finite(tensors: list[tf.Tensor]) -> tf.Tensor:
@@ -480,11 +370,3 @@ def _masked_mean(v: tf.Tensor, m: tf.Tensor) -> tf.Tensor:
     m = tf.cast(m, v.dtype)
     count = tf.reduce_sum(m)
     return tf.where(count > 0, tf.reduce_sum(v * m) / tf.maximum(count, 1.0), tf.constant(float("nan")))
-
-
-def _numbered(arrays: dict[str, np.ndarray], prefix: str) -> list[np.ndarray]:
-    items = sorted(
-        ((int(k.split("/", 1)[1]), v) for k, v in arrays.items() if k.startswith(prefix + "/")),
-        key=lambda kv: kv[0],
-    )
-    return [v for _, v in items]
