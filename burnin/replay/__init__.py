@@ -1,7 +1,8 @@
 """SequenceReplay: R2D2 windows read by index from steps stored once per lane (specification: docs/replay.md).
 
 Modules: ``spec`` (SequenceSpec, ReplayConfig, SequenceBatch, argument checks),
-``kernels`` (numba bookkeeping), ``buffer`` (SequenceReplay), ``lanes`` (the
+``arrays`` (the arrays a buffer holds), ``kernels`` (numba bookkeeping), ``gather``
+(windows read out), ``state_rows`` (stored states as rows), ``buffer`` (SequenceReplay), ``lanes`` (the
 writer registry), ``checkpoint`` (the file format), ``invariants`` (the production
 checks of a valid buffer), ``listing`` (live keys, fingerprint).
 """

@@ -6,7 +6,6 @@ import copy
 import math
 import os
 import threading
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +13,9 @@ import numpy as np
 
 from burnin._checks import check_generator, check_int, fmt
 from burnin.replay import invariants, kernels, listing
+from burnin.replay.arrays import new_arrays, tables
 from burnin.replay.checkpoint import Checkpoint, encode_json, read_checkpoint, write_checkpoint
+from burnin.replay.gather import gather_windows
 from burnin.replay.lanes import LaneRegistry, check_lanes, registry_problem
 from burnin.replay.spec import (
     COUNTERS,
@@ -22,14 +23,16 @@ from burnin.replay.spec import (
     ReplayConfig,
     SequenceBatch,
     SequenceSpec,
-    array_specs,
     cast_states,
     check_array,
     check_keys,
     check_offsets,
+    check_priorities,
+    check_refresh,
     check_state_tree,
+    renamed_state_shapes,
 )
-from burnin.replay.state_rows import flat_rows, rows_2d, state_buffers
+from burnin.replay.state_rows import flat_rows, refresh_rows, rows_2d, state_buffers
 from burnin.sumtree import SumTree, tree_find
 
 __all__ = ["SequenceReplay"]
@@ -73,7 +76,7 @@ class SequenceReplay:
             lane_capacity=lane_capacity,
             obs_shape=obs_shape,
             obs_dtype=obs_dtype,
-            row_state_shapes=_renamed(row_state_shapes, state_shapes),
+            row_state_shapes=renamed_state_shapes(row_state_shapes, state_shapes),
             state_dtype=state_dtype,
             alpha=alpha,
             beta=beta,
@@ -81,14 +84,8 @@ class SequenceReplay:
             keep_actor_states=keep_actor_states,
         )
         generator = check_generator(seed, rng)
-        specs = array_specs(config)
-        del specs["tree"]
-        arrays = {name: np.zeros(shape, dtype=dtype) for name, (shape, dtype) in specs.items()}
-        arrays["state_pos"][:] = kernels.NO_POS
-        arrays["state_owner"][:] = -1
-        arrays["lanes"][:, kernels.LANE_EVICT_AT] = kernels.NEVER
         tree = SumTree(config.num_lanes * config.windows_per_lane)
-        self._setup(config, generator, arrays, tree, max_priority=1.0, registry={})
+        self._setup(config, generator, new_arrays(config), tree, max_priority=1.0, registry={})
 
     def _setup(
         self,
@@ -116,21 +113,7 @@ class SequenceReplay:
         self._layout = kernels.Layout.of(config, fanout=tree.fanout)
         with np.errstate(over="ignore"):
             self._prio = np.array([max_priority, np.float64(max_priority) ** config.alpha], dtype=np.float64)
-        self._tables = kernels.Tables(
-            lanes=arrays["lanes"],
-            windows=arrays["windows"],
-            alive=arrays["window_alive"],
-            action=arrays["step_action"].reshape(-1),
-            reward=arrays["step_reward"].reshape(-1),
-            flags=arrays["step_flags"].reshape(-1),
-            observation=arrays["step_observation"].reshape(-1),
-            state_pos=arrays["state_pos"].reshape(-1),
-            state_owner=arrays["state_owner"].reshape(-1),
-            tree=tree.nodes,
-            tree_offsets=tree.offsets,
-            counters=arrays["counters"],
-            priority=self._prio,
-        )
+        self._tables = tables(arrays, tree, self._prio)
         # Short names for the tables read outside the kernels.
         self._lt, self._win, self._alive = arrays["lanes"], arrays["windows"], arrays["window_alive"]
         self._counters, self._spos = arrays["counters"], self._tables.state_pos
@@ -362,50 +345,15 @@ class SequenceReplay:
         return SequenceBatch(probabilities=prob, weights=weights, **parts)
 
     def _gather(self, slots: np.ndarray, offsets: np.ndarray) -> dict[str, Any]:
-        """Materialise the live windows in ``slots``: every field of a SequenceBatch but the draw's."""
-        cfg = self._config
-        B, L, K = slots.size, self._spec.length, offsets.size
-        out = kernels.Gathered.allocate(B, L, K, self._obs_size, cfg.obs_dtype)
-        kernels.gather(slots, offsets, self._tables, self._layout, out)
-        srow, spad, xrow, xok = out.state_row, out.state_pad, out.extra_row, out.extra_ok
-        state = self._read_states(srow, spad)
-        extra = tuple(self._read_states(xrow[:, c], ~xok[:, c]) for c in range(K))
-        actor = self._actor_states_flat is not None
-        return {
-            "observation": out.observation.reshape(B, L, *cfg.obs_shape),
-            "action": out.action,
-            "reward": out.reward,
-            "discount": out.discount,
-            "prev_action": out.prev_action,
-            "prev_reward": out.prev_reward,
-            "state": state,
-            "valid_t": out.valid_t,
-            "learn_mask": out.learn_mask,
-            "final": out.final_code >= 1,
-            "terminal": out.final_code == 2,
-            "keys": out.keys,
-            "extra_states": extra,
-            "extra_state_mask": xok,
-            "actor_state": self._read_states(srow, spad, actor=True) if actor else state,
-            "extra_actor_states": (
-                tuple(self._read_states(xrow[:, c], ~xok[:, c], actor=True) for c in range(K))
-                if actor
-                else extra
-            ),
-        }
-
-    def _read_states(self, rows: np.ndarray, zero: np.ndarray, *, actor: bool = False) -> RecurrentState:
-        any_zero = bool(zero.any())
-        out = []
-        for buffers in self._actor_states_flat if actor else self._states_flat:
-            arrays = []
-            for buf in buffers:
-                arr = buf[rows]
-                if any_zero:
-                    arr[zero] = 0
-                arrays.append(arr)
-            out.append(tuple(arrays))
-        return tuple(out)
+        return gather_windows(
+            slots,
+            offsets,
+            tables=self._tables,
+            layout=self._layout,
+            config=self._config,
+            states=self._states_flat,
+            actor_states=self._actor_states_flat,
+        )
 
     def _live(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Slots of ``keys`` and whether each key still names the window in its slot."""
@@ -421,28 +369,10 @@ class SequenceReplay:
         start with, follows the largest priority applied.
         """
         keys = check_keys("keys", keys)
-        pr = np.asarray(priorities)
-        if pr.dtype.kind not in "biuf":
-            raise TypeError(f"priorities: expected real numbers, got dtype {pr.dtype}")
-        if pr.shape != keys.shape:
-            raise ValueError(f"priorities: expected shape {keys.shape} (like keys), got {pr.shape}")
-        pr = pr.astype(np.float64)
-        bad = ~np.isfinite(pr) | (pr < 0)
-        if bad.any():
-            raise ValueError(f"priorities: expected finite values >= 0, got {fmt(pr[bad])}")
         alpha = self._config.alpha
-        with np.errstate(over="ignore", under="ignore"):
-            leaves = pr**alpha
-        # Every window may come to hold the largest leaf (new windows start at the running maximum),
-        # so num_slots times it must stay finite; and a positive priority must stay sampleable.
-        limit = invariants.TOTAL_LIMIT / self._num_slots
-        bad = ~(leaves <= limit) | ((pr > 0) & (leaves <= 0))
-        if bad.any():
-            raise ValueError(
-                f"priorities: expected priority**alpha (alpha={alpha}) > 0 and <= {limit:.4g} (the sum over "
-                f"{self._num_slots} window slots must stay finite), got priorities {fmt(pr[bad])} "
-                f"(priority**alpha {fmt(leaves[bad])})"
-            )
+        pr, leaves = check_priorities(
+            priorities, keys, alpha=alpha, total_limit=invariants.TOTAL_LIMIT, num_slots=self._num_slots
+        )
         with self._lock:
             kernels.commit_priorities(keys, pr, leaves, alpha, self._tables, self._layout)
 
@@ -458,56 +388,22 @@ class SequenceReplay:
         in (offset, row) order wins.
         """
         keys = check_keys("keys", keys)
-        offs = check_offsets(self._spec, "offsets", offsets, minimum=1)
-        if isinstance(states, (str, bytes)) or not isinstance(states, Sequence) or len(states) != offs.size:
-            got = f"{len(states)} entries" if isinstance(states, Sequence) else type(states).__name__
-            raise ValueError(
-                f"states: expected a sequence of {offs.size} RecurrentStates aligned with offsets, got {got}"
-            )
-        dtype = self._config.state_dtype
-        trees = [
-            cast_states(f"states[{i}]", check_state_tree(self._config, f"states[{i}]", s, keys.size), dtype)
-            for i, s in enumerate(states)
-        ]
-        period, spl = self._spec.period, self._spl
+        offs, trees = check_refresh(self._config, offsets, states, keys.size)
         with self._lock:
             slots, live = self._live(keys)
-            lane = slots // self._wpl
-            win = self._win[slots]
-            start, left, right, snum = (
-                win[:, kernels.WIN_START],
-                win[:, kernels.WIN_LEFT],
-                win[:, kernels.WIN_RIGHT],
-                win[:, kernels.WIN_STATE],
+            target, new_states, written = refresh_rows(
+                self._win[slots],
+                live,
+                slots // self._wpl,
+                offs,
+                trees,
+                self._spos,
+                period=self._spec.period,
+                state_slots=self._spl,
             )
-            targets, picks, written = [], [], 0
-            for i, o in enumerate(offs):
-                srow = lane * spl + (snum + o // period) % spl
-                ok = live & (o >= left) & (o < right) & (self._spos[srow] == start + o)
-                if not ok.any():
-                    continue
-                rows = np.flatnonzero(ok)
-                # Last row wins: numpy does not promise an order for repeated fancy writes.
-                target, last = np.unique(srow[rows][::-1], return_index=True)
-                rows = rows[::-1][last]
-                targets.append(target)
-                picks.append((i, rows))
-                written += target.size
             if not written:
                 return 0
-            # Across offsets too the last (offset, row) wins: keep each state row's last write only.
-            every = np.concatenate(targets)
-            target, last = np.unique(every[::-1], return_index=True)
-            keep = every.size - 1 - last
-            new_rows = self._rows(
-                tuple(
-                    tuple(
-                        np.concatenate([trees[i][a][j][r] for i, r in picks])[keep] for j in range(len(layer))
-                    )
-                    for a, layer in enumerate(self._config.row_state_shapes)
-                ),
-                target.size,
-            )
+            new_rows = self._rows(new_states, target.size)
             # Every write in one compiled call: an interrupt finds the refresh either not begun or done.
             kernels.commit_states(self._states_2d, target, new_rows, self._counters, written)
         return written
@@ -599,19 +495,3 @@ class SequenceReplay:
         new._setup(self._config, rng, arrays, tree, max_priority=float(prio[0]), registry=registry)
         new._prio[:] = prio
         return new
-
-
-def _renamed(row_state_shapes: Any, state_shapes: Any) -> Any:
-    """``row_state_shapes``, or the same given by its deprecated name ``state_shapes``."""
-    if state_shapes is None:
-        if row_state_shapes is None:
-            raise TypeError("SequenceReplay() missing required keyword argument: 'row_state_shapes'")
-        return row_state_shapes
-    if row_state_shapes is not None:
-        raise TypeError("SequenceReplay(): state_shapes is the deprecated name of row_state_shapes, give one")
-    warnings.warn(
-        "SequenceReplay(state_shapes=...) is deprecated, use row_state_shapes=...",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    return state_shapes

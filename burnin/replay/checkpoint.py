@@ -19,8 +19,9 @@ import numpy as np
 
 from burnin._checks import check_int
 from burnin._io import atomic_write
+from burnin.replay.arrays import array_specs
 from burnin.replay.lanes import registry_problem
-from burnin.replay.spec import ReplayConfig, array_specs
+from burnin.replay.spec import ReplayConfig
 from burnin.sumtree import SumTree
 
 __all__ = [

@@ -12,7 +12,6 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from burnin._checks import check_bool, check_float, check_int, check_shape, fmt, int_vector, is_int
-from burnin.sumtree import SumTree
 
 __all__ = [
     "LANE_COLUMNS",
@@ -21,13 +20,15 @@ __all__ = [
     "ReplayConfig",
     "SequenceBatch",
     "SequenceSpec",
-    "array_specs",
     "cast_states",
     "check_array",
     "check_finite",
     "check_keys",
     "check_offsets",
+    "check_priorities",
+    "check_refresh",
     "check_state_tree",
+    "renamed_state_shapes",
 ]
 
 # Same alias as burnin.state.RecurrentState; redefined so the replay stays numpy-only.
@@ -280,34 +281,6 @@ class SequenceBatch(NamedTuple):
         return self.valid_t
 
 
-def array_specs(config: ReplayConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Name -> (shape, dtype) of every array a buffer with ``config`` holds (also a checkpoint's contents)."""
-    nl, cap, spl = config.num_lanes, config.lane_capacity, config.state_slots_per_lane
-    num_slots = nl * config.windows_per_lane
-    i64 = np.dtype(np.int64)
-    specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {
-        "step_observation": ((nl, cap, *config.obs_shape), config.obs_dtype),
-        "step_action": ((nl, cap), np.dtype(np.int32)),
-        "step_reward": ((nl, cap), np.dtype(np.float32)),
-        "step_flags": ((nl, cap), np.dtype(np.uint8)),
-        # Lane position of each kept state (NO_POS: empty) and the number of the live
-        # window that has it as its own state (-1: none yet).
-        "state_pos": ((nl, spl), i64),
-        "state_owner": ((nl, spl), i64),
-        "windows": ((num_slots, WINDOW_COLUMNS), i64),
-        "window_alive": ((num_slots,), np.dtype(np.bool_)),
-        "lanes": ((nl, LANE_COLUMNS), i64),
-        "counters": ((len(COUNTERS),), i64),
-        "tree": ((SumTree.size(num_slots),), np.dtype(np.float64)),
-    }
-    for i, layer in enumerate(config.row_state_shapes):
-        for j, shape in enumerate(layer):
-            specs[f"state_{i}_{j}"] = ((nl, spl, *shape), config.state_dtype)
-            if config.keep_actor_states:
-                specs[f"actor_state_{i}_{j}"] = ((nl, spl, *shape), config.state_dtype)
-    return specs
-
-
 # -- argument checks (they read no buffer state) ---------------------------------------------
 
 
@@ -417,6 +390,24 @@ def check_state_tree(config: ReplayConfig, name: str, states: Any, batch: int) -
     return tuple(out)
 
 
+def check_refresh(
+    config: ReplayConfig, offsets: Any, states: Any, batch: int
+) -> tuple[np.ndarray, list[RecurrentState]]:
+    """The arguments of ``update_states``: its ``offsets`` (multiples of ``period`` in ``[period, length)``)
+    and, aligned with them, ``states`` of ``batch`` rows each, cast to the stored dtype (finite as stored)."""
+    offs = check_offsets(config.spec, "offsets", offsets, minimum=1)
+    if isinstance(states, (str, bytes)) or not isinstance(states, Sequence) or len(states) != offs.size:
+        got = f"{len(states)} entries" if isinstance(states, Sequence) else type(states).__name__
+        raise ValueError(
+            f"states: expected a sequence of {offs.size} RecurrentStates aligned with offsets, got {got}"
+        )
+    trees = [
+        cast_states(f"states[{i}]", check_state_tree(config, f"states[{i}]", s, batch), config.state_dtype)
+        for i, s in enumerate(states)
+    ]
+    return offs, trees
+
+
 def check_offsets(spec: SequenceSpec, name: str, offsets: Any, *, minimum: int) -> np.ndarray:
     """Window steps: multiples of ``period`` in ``[minimum, length)``, as int64."""
     if isinstance(offsets, (str, bytes)) or not isinstance(offsets, (Sequence, np.ndarray)):
@@ -433,9 +424,54 @@ def check_offsets(spec: SequenceSpec, name: str, offsets: Any, *, minimum: int) 
     return np.array(out, dtype=np.int64)
 
 
+def check_priorities(
+    priorities: Any, keys: np.ndarray, *, alpha: float, total_limit: float, num_slots: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``priorities`` (one per key) as float64, and their sum-tree leaves ``priority**alpha``: finite and
+    >= 0, a positive one with a positive leaf (it stays sampleable), and no leaf above
+    ``total_limit / num_slots``, since every window may come to hold the largest one (new windows start at
+    the running maximum) and the sum of them all must stay finite."""
+    pr = np.asarray(priorities)
+    if pr.dtype.kind not in "biuf":
+        raise TypeError(f"priorities: expected real numbers, got dtype {pr.dtype}")
+    if pr.shape != keys.shape:
+        raise ValueError(f"priorities: expected shape {keys.shape} (like keys), got {pr.shape}")
+    pr = pr.astype(np.float64)
+    bad = ~np.isfinite(pr) | (pr < 0)
+    if bad.any():
+        raise ValueError(f"priorities: expected finite values >= 0, got {fmt(pr[bad])}")
+    with np.errstate(over="ignore", under="ignore"):
+        leaves = pr**alpha
+    limit = total_limit / num_slots
+    bad = ~(leaves <= limit) | ((pr > 0) & (leaves <= 0))
+    if bad.any():
+        raise ValueError(
+            f"priorities: expected priority**alpha (alpha={alpha}) > 0 and <= {limit:.4g} (the sum over "
+            f"{num_slots} window slots must stay finite), got priorities {fmt(pr[bad])} "
+            f"(priority**alpha {fmt(leaves[bad])})"
+        )
+    return pr, leaves
+
+
 def check_keys(name: str, keys: Any) -> np.ndarray:
     """Window keys: a 1-D int array of values >= 0, as int64."""
     arr = int_vector(name, keys, "window keys")
     if arr.size and arr.min() < 0:
         raise ValueError(f"{name}: expected keys >= 0, got {fmt(arr[arr < 0])}")
     return arr
+
+
+def renamed_state_shapes(row_state_shapes: Any, state_shapes: Any) -> Any:
+    """``SequenceReplay``'s ``row_state_shapes``, or the same given by its deprecated name ``state_shapes``."""
+    if state_shapes is None:
+        if row_state_shapes is None:
+            raise TypeError("SequenceReplay() missing required keyword argument: 'row_state_shapes'")
+        return row_state_shapes
+    if row_state_shapes is not None:
+        raise TypeError("SequenceReplay(): state_shapes is the deprecated name of row_state_shapes, give one")
+    warnings.warn(
+        "SequenceReplay(state_shapes=...) is deprecated, use row_state_shapes=...",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return state_shapes

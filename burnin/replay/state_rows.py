@@ -6,7 +6,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["as_bits", "flat_rows", "rows_2d", "state_buffers"]
+from burnin.replay.kernels import WIN_LEFT, WIN_RIGHT, WIN_START, WIN_STATE
+
+__all__ = ["as_bits", "flat_rows", "refresh_rows", "rows_2d", "state_buffers"]
 
 
 def as_bits(arr: np.ndarray) -> np.ndarray:
@@ -38,3 +40,47 @@ def flat_rows(tree: Any, m: int, widths: list[int], dtype: Any) -> tuple[np.ndar
         for arr, width in zip((a for layer in tree for a in layer), widths)
     )
     return out or (as_bits(np.empty((m, 0), dtype=dtype)),)
+
+
+def refresh_rows(
+    windows: np.ndarray,
+    live: np.ndarray,
+    lanes: np.ndarray,
+    offsets: np.ndarray,
+    trees: list[Any],
+    state_pos: np.ndarray,
+    *,
+    period: int,
+    state_slots: int,
+) -> tuple[np.ndarray, Any, int]:
+    """Where a refresh writes and what: for each offset ``offsets[i]`` and each live window (its table row
+    in ``windows``, in lane ``lanes``) whose state at that window step is stored, the state row, and its
+    new value from ``trees[i]``. A state row named by several (offset, window) pairs takes the last, in
+    (offset, window) order. Returns (state rows [m], the new states [m, *shape] per layer and array, the
+    pairs written after each offset's own repeats are merged; 0 when nothing is)."""
+    start, left, right = windows[:, WIN_START], windows[:, WIN_LEFT], windows[:, WIN_RIGHT]
+    snum = windows[:, WIN_STATE]
+    targets, picks, written = [], [], 0
+    for i, o in enumerate(offsets):
+        srow = lanes * state_slots + (snum + o // period) % state_slots
+        ok = live & (o >= left) & (o < right) & (state_pos[srow] == start + o)
+        if not ok.any():
+            continue
+        rows = np.flatnonzero(ok)
+        # Last row wins: numpy does not promise an order for repeated fancy writes.
+        target, last = np.unique(srow[rows][::-1], return_index=True)
+        rows = rows[::-1][last]
+        targets.append(target)
+        picks.append((i, rows))
+        written += target.size
+    if not written:
+        return np.empty(0, np.int64), (), 0
+    # Across offsets too the last (offset, row) wins: keep each state row's last write only.
+    every = np.concatenate(targets)
+    target, last = np.unique(every[::-1], return_index=True)
+    keep = every.size - 1 - last
+    new_states = tuple(
+        tuple(np.concatenate([trees[i][a][j][r] for i, r in picks])[keep] for j in range(len(layer)))
+        for a, layer in enumerate(trees[0])
+    )
+    return target, new_states, written
