@@ -56,6 +56,9 @@ __all__ = [
     "train_local",
 ]
 
+RAY_TEXT = ("learner_resources", "actor_resources")
+"""Flags of a run on Ray written as Ray resources, ``NAME=AMOUNT,...``."""
+
 RUN_NAMES = {MASKED_CARTPOLE_ID: "masked-cartpole"}
 """Run-name prefixes of ids whose runs were named before the CLI took any env (their ``--resume auto``
 directories keep working); any other id is named after itself."""
@@ -78,6 +81,9 @@ class Args(RunOptions):
         0, "Run N actor processes on Ray (0: everything in this process, Ray not imported)."
     )
     address: str = documented("", "Ray cluster address to join (default: start a local Ray).")
+    learner_resources: str = documented("", "Learner as a Ray actor asking for these resources (GPU=1,...).")
+    actor_resources: str = documented("", "Ray resources each actor worker asks for besides a CPU (a=1,...).")
+    replay_shards: int = documented(1, "Replay servers the workers' lanes are split over (sampled as one).")
     allow_mismatch: str = documented(
         "",
         "With --resume or --eval: accept a checkpoint of another env ('env') or seed ('seed'), "
@@ -88,8 +94,9 @@ class Args(RunOptions):
         check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
         super().__post_init__()
         check_int("actors", self.actors, minimum=0)
-        for name in ("name", "run_dir", "eval", "address", "import_module", "allow_mismatch"):
+        for name in ("name", "run_dir", "eval", "address", "import_module", "allow_mismatch", *RAY_TEXT):
             check_str(name, getattr(self, name))
+        check_int("replay_shards", self.replay_shards, minimum=1)
         self._check_conflicts()
         check_str("env", self.env)
         if not self.env:
@@ -97,8 +104,10 @@ class Args(RunOptions):
         check_choice("preset", self.preset or default_preset(self.env), PRESETS)
         if not self.run_dir:
             raise ValueError("run_dir: expected a directory path, got ''")
-        if self.address and not self.actors:
-            raise ValueError(f"address: {self.address!r} given but actors=0; expected --actors N with it")
+        for name in ("address", *RAY_TEXT, "replay_shards"):  # the flags of a run on Ray, else ignored
+            value = getattr(self, name)
+            if value not in ("", 1) and not self.actors:
+                raise ValueError(f"{name}: {value!r} given but actors=0; expected --actors N with it")
         ensure_registered(self.env_id)
 
     def _check_conflicts(self) -> None:
@@ -236,9 +245,7 @@ def parse_args(argv: list[str] | None = None, *, prog: str = PROG):
         )
     layout = parser.build(check_env, args.env_id, aliases=aliases)
     if args.actors:
-        from agents.distributed import DistributedConfig
-
-        options = parser.build(DistributedConfig, num_actors=args.actors, env_id=args.env_id)
+        options = parser.build(distributed_options, args)
         parser.build(options.check, config, aliases={"num_actors": "actors"})
     elif not args.eval:
         from agents.r2d2.loop import check_replay_fill
@@ -394,17 +401,12 @@ def train_local(args: Args, config) -> dict[str, Any]:
     )
 
 
-class _Report:
-    """A hook that adds the distributed loop's figures (workers, restarts) to the summary."""
+def distributed_options(args: Args) -> Any:
+    """The :class:`agents.distributed.DistributedConfig` of ``--actors N`` and the other flags of a run on Ray."""
+    from agents.distributed import DistributedConfig
 
-    def on_start(self, run) -> None:
-        pass
-
-    def on_step(self, run, stats) -> None:
-        return None
-
-    def on_end(self, run, summary: dict[str, Any]) -> None:
-        summary["distributed"] = run.loop.report()
+    ray_flags = {name: getattr(args, name) for name in (*RAY_TEXT, "replay_shards")}
+    return DistributedConfig.from_flags(args.actors, args.env_id, **ray_flags)
 
 
 def train_distributed(args: Args, config) -> dict[str, Any]:
@@ -416,10 +418,10 @@ def train_distributed(args: Args, config) -> dict[str, Any]:
     """
     import ray
 
-    from agents.distributed import DistributedConfig, init_ray
+    from agents.distributed import init_ray
     from agents.experiment import seed_everything
 
-    options = DistributedConfig(num_actors=args.actors, env_id=args.env_id)
+    options = distributed_options(args)
     options.check(config)
     out_dir = run_dir(args, config)
     seed_everything(args.seed, deterministic=args.deterministic)
@@ -435,7 +437,7 @@ def train_distributed(args: Args, config) -> dict[str, Any]:
 
 
 def _run_distributed(args: Args, config, options, out_dir: Path) -> dict[str, Any]:
-    from agents.distributed import DistributedLoop
+    from agents.distributed import DistributedLoop, SummaryReport
     from agents.experiment import Summary, run, standard_hooks
 
     run_options = args.run_options()
@@ -445,7 +447,7 @@ def _run_distributed(args: Args, config, options, out_dir: Path) -> dict[str, An
         fields = _summary_fields(args, config, out_dir)
         hooks = [
             *standard_hooks(config, run_options, make_env_factory(args), seed=args.seed, out_dir=out_dir),
-            _Report(),
+            SummaryReport(),
             Summary(_title(args, config), solve_return=run_options.solve_return, fields=fields),
         ]
         resume = resume_path(args, out_dir)

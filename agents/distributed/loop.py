@@ -1,9 +1,8 @@
-"""Distributed R2D2 on Ray, behind the Loop protocol: the learner runs in this process; the actor workers
-and the replay server are Ray actors."""
+"""Distributed R2D2 on Ray, behind the Loop protocol: the actor workers and the replay server(s) are Ray
+actors; the learner runs in this process or as a Ray actor of its own."""
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import os
@@ -17,7 +16,9 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from agents.distributed.config import DistributedConfig
-from agents.distributed.server import ReplayServer, SampleReply
+from agents.distributed.learner_host import HostStep, LearnerHost, spawn_learner
+from agents.distributed.remote import RemoteReplay
+from agents.distributed.server import ReplayServer
 from agents.distributed.worker import spawn_workers
 from agents.envs import make_vector_env
 from agents.r2d2.actor import EnvError
@@ -27,6 +28,7 @@ from agents.r2d2.checkpoint import (
     check_identity,
     meta_config,
     meta_field,
+    read_learner_arrays,
     read_meta,
     run_identity,
     write_checkpoint_dir,
@@ -36,11 +38,19 @@ from agents.r2d2.checkpoint import (
 from agents.r2d2.config import R2D2Config
 from agents.r2d2.learner import Learner
 from agents.r2d2.loop import LoopStats, check_overrides
-from agents.seeds import RunSeeds
+from agents.r2d2.networks import row_state_shapes
+from agents.seeds import Purpose, RunSeeds, derive_seed
 from agents.spaces import action_encoding, observation_encoding
 from burnin._checks import check_int, check_str
 
-__all__ = ["DistributedLoop", "RemoteReplay", "spawn_server", "worker_error"]
+__all__ = [
+    "DistributedLoop",
+    "RemoteLearner",
+    "SummaryReport",
+    "spawn_server",
+    "spawn_servers",
+    "worker_error",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +73,12 @@ def spawn_server(
     """Start a ``server_class`` (:class:`ReplayServer`) actor on this node under a fresh name; returns (name, handle).
 
     ``server_options`` are the server's keyword arguments (``observation``, ``row_state_shapes``, ``seed``,
-    ``checkpoint_dir``).
+    ``checkpoint_dir``, ``shard``).
 
-    It stays beside the learner because batches are the heaviest traffic, and
-    it takes ``num_actors + 4`` concurrent calls (each worker's push, the
-    learner's sample, priorities, stats).
+    It stays on the driver's node, which writes the run directory (its
+    checkpoints go there); with the learner in the driver, batches, the
+    heaviest traffic, stay on the node too. It takes ``num_actors + 4``
+    concurrent calls (each worker's push, the learner's sample, priorities, stats).
     """
     name = f"burnin-replay-{uuid.uuid4().hex[:12]}"
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -85,62 +96,61 @@ def spawn_server(
     return name, handle
 
 
-class RemoteReplay:
-    """The replay server as the learner sees it: priority and state writes go out without waiting.
+def spawn_servers(
+    config: R2D2Config,
+    options: DistributedConfig,
+    *,
+    seed: int,
+    checkpoint_dir: Path | None,
+    **server_options: Any,
+) -> list[tuple[str, Any]]:
+    """The ``options.replay_shards`` servers of a run (:func:`spawn_server`); shard ``s`` checkpoints into
+    ``checkpoint_dir/shard-s`` (one server: ``checkpoint_dir`` itself) and samples with its own seed."""
+    shards = options.replay_shards
+    out = []
+    for s in range(shards):
+        directory = None if checkpoint_dir is None else shard_dir(checkpoint_dir, s, shards)
+        out.append(
+            spawn_server(
+                config,
+                options,
+                seed=seed if s == 0 else derive_seed(seed, Purpose.REPLAY, s),
+                checkpoint_dir=None if directory is None else str(directory),
+                shard=s,
+                **server_options,
+            )
+        )
+    return out
 
-    :meth:`Learner.update` calls :meth:`update_priorities` (and
-    :meth:`update_states` with ``refresh_states``) as on a local replay. At most
-    ``max_in_flight`` writes are outstanding; older ones are collected, which also
-    surfaces any error they raised.
-    """
 
-    def __init__(self, server: Any, *, max_in_flight: int = 16) -> None:
-        check_int("max_in_flight", max_in_flight, minimum=1)
-        self.server = server
-        self.max_in_flight = max_in_flight
-        self._in_flight: collections.deque = collections.deque()
-        self._written_states = 0
+def shard_dir(replay_dir: Path, shard: int, num_shards: int) -> Path:
+    """Where shard ``shard`` of ``num_shards`` checkpoints: ``replay_dir`` for one server, else ``shard-<s>`` in it."""
+    return replay_dir if num_shards == 1 else replay_dir / f"shard-{shard}"
 
-    def _track(self, ref: ray.ObjectRef, counts: bool) -> None:
-        self._in_flight.append((ref, counts))
-        while len(self._in_flight) > self.max_in_flight:
-            self._collect(*self._in_flight.popleft())
 
-    def _collect(self, ref: ray.ObjectRef, counts: bool) -> None:
-        result = ray.get(ref)
-        if counts:
-            self._written_states += int(result)
+class RemoteLearner:
+    """A learner running as a Ray actor (:class:`LearnerHost`), as the harness sees one: ``num_updates`` (as of
+    the last step) and :meth:`get_weights` (fetched)."""
 
-    def update_priorities(self, keys: Any, priorities: Any) -> None:
-        self._track(self.server.update_priorities.remote(np.asarray(keys), np.asarray(priorities)), False)
+    def __init__(self, host: Any) -> None:
+        self.host = host
+        self.num_updates = 0
 
-    def update_states(self, keys: Any, offsets: Any, states: Any) -> int:
-        """Send refreshed states; returns the states written by the calls that have finished since the last one."""
-        self._track(self.server.update_states.remote(np.asarray(keys), tuple(offsets), states), True)
-        while self._in_flight and ray.wait([self._in_flight[0][0]], timeout=0)[0]:  # finished ones
-            self._collect(*self._in_flight.popleft())
-        written, self._written_states = self._written_states, 0
-        return written
-
-    def drain(self) -> None:
-        """Wait until every write sent so far has been applied."""
-        while self._in_flight:
-            self._collect(*self._in_flight.popleft())
-
-    def stats(self) -> dict[str, Any]:
-        return ray.get(self.server.stats.remote())
+    def get_weights(self) -> list[np.ndarray]:
+        return ray.get(self.host.get_weights.remote())
 
 
 class DistributedLoop:
-    """Distributed R2D2 behind :class:`agents.r2d2.TrainLoop`'s interface: the learner runs here, the
-    actor workers and the replay server are Ray actors.
+    """Distributed R2D2 behind :class:`agents.r2d2.TrainLoop`'s interface: the actor workers and the replay
+    server(s) are Ray actors; the learner (:class:`LearnerHost`) runs here, or, with
+    ``options.learner_resources``, as a Ray actor wherever those resources are.
 
-    :meth:`iterate` takes the batch prefetched by the previous call, asks the
-    server for the next one (it is sampled while this update runs), updates,
-    sends the priorities back without waiting, and publishes the weights
-    (``ray.put`` once) every ``weights_every`` updates. Workers and server start
-    at the first :meth:`iterate`, so :meth:`load` can restore first. A worker
-    whose process dies is restarted by Ray and its ``run`` is resubmitted here.
+    :meth:`iterate` is one :meth:`LearnerHost.step`: an update on the batch
+    prefetched by the previous call while the next one is drawn, priorities
+    sent back without waiting, the weights published (``ray.put`` once) every
+    ``weights_every`` updates. Workers and servers start at the first
+    :meth:`iterate`, so :meth:`load` can restore first. A worker whose process
+    dies (or whose node does) is restarted by Ray and its ``run`` is resubmitted here.
     """
 
     def __init__(
@@ -169,25 +179,41 @@ class DistributedLoop:
             env_id=options.env_id.rpartition(":")[2], observation=self.observation, actions=actions
         )
         self.seeds = RunSeeds(self.seed)
-        self.learner = Learner(config, self.observation, self.num_actions, seed=self.seeds.weights)
+        local = options.learner_resources is None
+        learner = (
+            Learner(config, self.observation, self.num_actions, seed=self.seeds.weights) if local else None
+        )
+        shapes = (
+            learner.row_state_shapes
+            if local
+            else row_state_shapes(config.network(self.observation, self.num_actions))
+        )
         self.replay_dir = None if replay_dir is None else Path(replay_dir).absolute()
-        self.server_name, self.server = spawn_server(
-            config, options, observation=self.observation, row_state_shapes=self.learner.row_state_shapes,
-            seed=self.seeds.replay, checkpoint_dir=None if self.replay_dir is None else str(self.replay_dir),
-            server_class=server_class,
+        spawned = spawn_servers(
+            config, options, observation=self.observation, row_state_shapes=shapes, seed=self.seeds.replay,
+            checkpoint_dir=self.replay_dir, server_class=server_class,
         )  # fmt: skip
-        self.replay = RemoteReplay(self.server)
+        self.server_names = [name for name, _ in spawned]
+        self.servers = [handle for _, handle in spawned]
+        self.server_name, self.server = spawned[0]
+        host = dict(
+            observation=self.observation, num_actions=self.num_actions, server_names=self.server_names
+        )
+        self.learner: Learner | RemoteLearner
+        if local:
+            self._host: Any = LearnerHost(config, options, seed=self.seed, learner=learner, **host)
+            self.learner = learner
+            self.replay = self._host.replay
+        else:
+            self._host = spawn_learner(config, options, seed=self.seed, **host)
+            self.learner = RemoteLearner(self._host)
+            self.replay = RemoteReplay(self.servers)  # figures and checkpoints; the learner draws its own
         self.workers: list[Any] = []
         self.worker_losses = [0] * options.num_actors  # times a worker's process was lost
-        self.worker_deaths = [
-            0
-        ] * options.num_actors  # ActorDiedError seen (restarts used up at > max_restarts)
+        # ActorDiedError seen (restarts used up at > max_restarts)
+        self.worker_deaths = [0] * options.num_actors
         self._down: dict[int, ray.ObjectRef] = {}  # worker -> stats() probe while Ray restarts it
         self._runs: dict[int, ray.ObjectRef] = {}
-        self._pending: ray.ObjectRef | None = None
-        self._version = 0
-        self._weights_ref: ray.ObjectRef | None = None
-        self._weights_every = options.resolved_weights_every(config)
         self._next_health = 0.0
         self._started = False
         self._closed = False
@@ -195,46 +221,43 @@ class DistributedLoop:
         self.episodes = 0
         self.loaded_from: Path | None = None
 
+    @property
+    def remote_learner(self) -> bool:
+        """Whether the learner runs as a Ray actor (``options.learner_resources``) rather than here."""
+        return isinstance(self.learner, RemoteLearner)
+
+    def _on_host(self, method: str, *args: Any) -> Any:
+        """Call a :class:`LearnerHost` method here, or on the learner actor (waiting for it)."""
+        if self.remote_learner:
+            return ray.get(getattr(self._host, method).remote(*args))
+        return getattr(self._host, method)(*args)
+
     # -- running ----------------------------------------------------------------------------
 
-    def _publish(self) -> None:
-        self._version += 1
-        self._weights_ref = ray.put(self.learner.get_weights())
-        self.server.publish.remote(self._version, [self._weights_ref])
-
-    def _request(self) -> ray.ObjectRef:
-        return self.server.sample.remote(
-            self.config.batch_size, extra_state_offsets=self.learner.offsets.extra
-        )
-
     def start(self) -> None:
-        """Publish the weights, start the workers and ask for the first batch (iterate does this once)."""
+        """Publish the weights, ask for the first batch and start the workers (iterate does this once)."""
         if self._started:
             return
         if self._closed:
             raise RuntimeError("start: this loop was closed")
         self._started = True
-        self._publish()
-        self.workers = spawn_workers(self.config, self.options, self.server_name, seed=self.seed)
+        # A learner actor still starting (TensorFlow, the model) publishes while the workers start theirs.
+        started = self._host.start.remote() if self.remote_learner else self._host.start()
+        self.workers = spawn_workers(self.config, self.options, self.server_names, seed=self.seed)
         self._runs = {i: w.run.remote() for i, w in enumerate(self.workers)}
-        self._pending = self._request()
+        if self.remote_learner:
+            ray.get(started)
 
     def iterate(self) -> LoopStats:
         """One learner update on the prefetched batch, or, when the limiter holds the learner back, none."""
         self.start()
-        reply: SampleReply = ray.get(self._pending)
-        self._pending = self._request()
-        self.env_steps = reply.env_steps
-        self.episodes = reply.episodes_total
-        finished = [(row, ret, length) for _, row, ret, length in reply.episodes]
-        step = None
-        if reply.batch is not None:
-            step = self.learner.update(reply.batch, replay=self.replay)
-            if self.learner.num_updates % self._weights_every == 0:
-                self._publish()
+        out: HostStep = self._on_host("step")
+        self.env_steps, self.episodes = out.env_steps, out.episodes
+        if self.remote_learner:
+            self.learner.num_updates = out.updates
         if time.monotonic() >= self._next_health:
             self.check_workers()
-        return LoopStats(self.env_steps, self.learner.num_updates, self.episodes, finished, step)
+        return LoopStats(self.env_steps, out.updates, self.episodes, out.finished, out.step)
 
     def check_workers(self) -> None:
         """Resubmit ``run()`` to workers that Ray has restarted, and drop those gone for good.
@@ -304,12 +327,14 @@ class DistributedLoop:
 
         ``directory`` holds ``learner.npz`` and ``loop.json`` (with the config, so
         ``--eval`` reads it); ``loop.json`` names the replay directory relative to it.
+        Each replay shard writes its own checkpoint (``replay_dir/shard-<s>``). A
+        learner running as a Ray actor sends its state here to be written.
         """
         if self.replay_dir is None:
             raise ValueError("replay_dir: this loop was built without one, so it cannot checkpoint")
         final = Path(directory).absolute()
-        self.replay.drain()  # priorities already computed belong in the replay checkpoint
-        ray.get(self.server.save.remote())
+        self._on_host("drain")  # priorities already computed belong in the replay checkpoint
+        ray.get([server.save.remote() for server in self.servers])
         meta = {
             "format": CHECKPOINT_FORMAT,
             "kind": "distributed",
@@ -318,11 +343,12 @@ class DistributedLoop:
             "seed": self.seed,
             "identity": self.identity,
             "replay_dir": os.path.relpath(self.replay_dir, final),
+            "replay_shards": self.options.replay_shards,
             "env_steps": self.env_steps,
             "episodes": self.episodes,
             "extra": extra or {},
         }
-        state = self.learner.state_dict()
+        state = self._on_host("state_dict")
 
         def fill(tmp: Path) -> None:
             write_learner(tmp, state)
@@ -357,27 +383,55 @@ class DistributedLoop:
         extra = meta.get("extra", {})
         if not isinstance(extra, dict):
             raise CheckpointError(f"checkpoint {file}: extra: expected a JSON object, got {extra!r:.80}")
-        learner = self.learner.read_checkpoint(path)
-        try:
-            restored = ray.get(self.server.restore.remote(str((path / replay_dir).resolve())))
-        except ray.exceptions.RayTaskError as err:
-            if isinstance(err.cause, CheckpointError):
-                raise CheckpointError(str(err.cause)) from None
-            raise
-        self.learner.assign_state(learner)
-        self.env_steps = restored["env_steps"]
-        self.episodes = restored["episodes"]
+        shards = meta.get("replay_shards", 1)  # checkpoints from before sharding have one server
+        if shards != self.options.replay_shards:
+            raise CheckpointError(
+                f"checkpoint {file}: replay_shards: its replay has {shards!r} shards, this run "
+                f"{self.options.replay_shards}; resume with the same number of replay shards"
+            )
+        learner = self._read_learner(path)
+        restored = []
+        for s, server in enumerate(self.servers):
+            where = shard_dir((path / replay_dir).resolve(), s, len(self.servers))
+            try:
+                restored.append(ray.get(server.restore.remote(str(where))))
+            except ray.exceptions.RayTaskError as err:
+                if isinstance(err.cause, CheckpointError):
+                    raise CheckpointError(str(err.cause)) from None
+                raise
+        if self.remote_learner:
+            self._on_host("assign_staged")
+            self.learner.num_updates = self._on_host("num_updates")
+        else:
+            self.learner.assign_state(learner)
+        self.env_steps = sum(r["env_steps"] for r in restored)
+        self.episodes = sum(r["episodes"] for r in restored)
         self.loaded_from = path
         return extra
 
+    def _read_learner(self, path: Path) -> dict[str, np.ndarray] | None:
+        """The learner's arrays of checkpoint ``path``, read and checked (a remote learner keeps them staged)."""
+        if not self.remote_learner:
+            return self.learner.read_checkpoint(path)
+        # Read here, where the run directory is; checked by the learner actor, which holds the model.
+        arrays = read_learner_arrays(path, self._on_host("array_specs"))
+        try:
+            self._on_host("stage", arrays)
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, (TypeError, ValueError)):
+                raise CheckpointError(f"checkpoint {path / 'learner.npz'}: {err.cause}") from None
+            raise
+        return None
+
     def close(self) -> None:
-        """Stop the workers and the server and kill them (idempotent). Checkpoint first if you need one."""
+        """Stop the workers, the servers and a learner actor, and kill them (idempotent). Checkpoint first if you
+        need one."""
         if self._closed:
             return
         self._closed = True
         try:
-            ray.get(self.server.stop.remote(), timeout=30)
-        except ray.exceptions.RayError as err:
+            ray.get([server.stop.remote() for server in self.servers], timeout=30)
+        except (ray.exceptions.RayError, TimeoutError) as err:
             log.warning("replay server did not stop cleanly: %s", err)
         if self._runs:
             # Workers see 'stopped' at their next push; give them a moment to return.
@@ -386,18 +440,36 @@ class DistributedLoop:
                 num_returns=len(self._runs),
                 timeout=4 * self.options.wait_timeout + 5,
             )
-        for worker in self.workers:
-            ray.kill(worker, no_restart=True)
-        ray.kill(self.server, no_restart=True)
+        for actor in [*self.workers, *self.servers, *([self._host] if self.remote_learner else [])]:
+            ray.kill(actor, no_restart=True)
         self._runs = {}
 
     def report(self) -> dict[str, Any]:
-        """Workers and server figures for the run summary."""
+        """Workers, learner and server figures for the run summary."""
+        try:
+            learner = self._on_host("figures")
+        except ray.exceptions.RayError as err:  # a learner actor that is gone: the summary is still written
+            learner = {"error": f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"}
         return {
             "options": dataclasses.asdict(self.options),
-            "weights_every": self._weights_every,
-            "weights_published": self._version,
+            "weights_every": self.options.resolved_weights_every(self.config),
+            "weights_published": learner.get("weights_published"),
+            "learner": learner,
             "worker_losses": list(self.worker_losses),
             "worker_deaths": list(self.worker_deaths),
             "workers": self.worker_stats(),
         }
+
+
+class SummaryReport:
+    """A run-harness hook that adds a :class:`DistributedLoop`'s figures (:meth:`DistributedLoop.report`:
+    workers, restarts, where the learner ran) to the run summary."""
+
+    def on_start(self, run: Any) -> None:
+        pass
+
+    def on_step(self, run: Any, stats: LoopStats) -> None:
+        return None
+
+    def on_end(self, run: Any, summary: dict[str, Any]) -> None:
+        summary["distributed"] = run.loop.report()

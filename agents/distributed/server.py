@@ -15,9 +15,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from agents.distributed.config import DistributedConfig
+from agents.distributed.server_meta import check_server_meta
 from agents.r2d2.checkpoint import (
     CheckpointError,
-    meta_field,
     read_json,
     read_replay,
     remove_stale_temp_dirs,
@@ -26,7 +26,7 @@ from agents.r2d2.checkpoint import (
 from agents.r2d2.config import R2D2Config
 from agents.r2d2.loop import make_replay
 from agents.spaces import ObservationEncoding
-from burnin._checks import check_float, check_int
+from burnin._checks import check_int
 from burnin._io import atomic_write_text, readable_dir
 from burnin.rate_limiter import RateLimiter
 from burnin.replay import ReplayConfig, SequenceBatch, SequenceReplay
@@ -92,6 +92,10 @@ class ReplayServer:
     With ``checkpoint_dir``, a thread writes ``replay.npz`` and ``server.json``
     (limiter counters, incarnations, owners) there every ``checkpoint_seconds``,
     as one directory swapped in atomically; :meth:`save` does it on request.
+
+    ``shard``: which of ``options.replay_shards`` shards this server is: it holds the
+    lanes of that shard's workers, and its limiter counts windows
+    (:meth:`DistributedConfig.limiter`).
     """
 
     def __init__(
@@ -103,19 +107,22 @@ class ReplayServer:
         row_state_shapes: tuple[tuple[tuple[int, ...], ...], ...],
         seed: int = 0,
         checkpoint_dir: str | os.PathLike[str] | None = None,
+        shard: int = 0,
     ) -> None:
         options.check(config)
+        check_int("shard", shard, minimum=0, maximum=options.replay_shards - 1)
         self.config = config
         self.options = options
-        self.num_lanes = options.num_actors * config.num_envs
+        self.num_lanes = options.shard_lanes(config, shard)
         self.replay: SequenceReplay = make_replay(
-            config, observation, row_state_shapes, num_lanes=self.num_lanes, seed=seed
+            options.shard_config(config, shard),
+            observation,
+            row_state_shapes,
+            num_lanes=self.num_lanes,
+            seed=seed,
         )
-        self.limiter = RateLimiter(
-            options.samples_per_insert(config),
-            min_size_to_sample=config.min_replay_steps,
-            error_buffer=options.resolved_error_buffer(config),
-        )
+        self.limiter: RateLimiter = options.limiter(config, shard)
+        self._per_window = options.replay_shards > 1  # the limiter counts windows, not batches
         self._wait = float(options.wait_timeout)
         self._cond = threading.Condition()
         self._stopped = False
@@ -260,31 +267,40 @@ class ReplayServer:
     def sample(
         self, batch_size: int, *, extra_state_offsets: tuple[int, ...] = (), timeout: float | None = None
     ) -> SampleReply:
-        """One batch once the limiter allows a sample (waits at most ``timeout``, default wait_timeout)."""
+        """One batch once the limiter allows a sample (waits at most ``timeout``, default wait_timeout).
+
+        A shard (see the class) may be asked for 0 windows: it answers at once, with its counters.
+        """
         wait = self._wait if timeout is None else float(timeout)
         start = time.perf_counter()
         deadline = time.monotonic() + wait
+        units = batch_size if self._per_window else 1
         with self._cond:
 
             def ready() -> bool:
-                return self.limiter.can_sample(1) and self.replay.num_sampleable > 0
+                return self.limiter.can_sample(units) and self.replay.num_sampleable > 0
 
-            while not self._stopped and not ready():
+            while batch_size and not self._stopped and not ready():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
             self._sample_blocked_s += time.perf_counter() - start
             batch = None
-            if not self._stopped and ready():
+            if batch_size and not self._stopped and ready():
                 batch = self.replay.sample(batch_size, extra_state_offsets=extra_state_offsets)
-                self.limiter.sample(1)
+                self.limiter.sample(units)
                 self._cond.notify_all()
             episodes = tuple(self._episodes)
             self._episodes.clear()
             return SampleReply(
                 batch, self.limiter.inserts, self.limiter.samples, episodes, self._episodes_total
             )
+
+    def total_priority(self) -> float:
+        """Sum of priority ** alpha over the sampleable windows: a shard's weight in the learner's draws."""
+        with self._cond:
+            return float(self.replay.stats()["total_priority"]) if self.replay.num_sampleable else 0.0
 
     def update_priorities(self, keys: Any, priorities: Any) -> None:
         self.replay.update_priorities(keys, priorities)
@@ -357,7 +373,7 @@ class ReplayServer:
                 f"{replay.config.lane_capacity} steps, but num_actors × num_envs = {self.num_lanes} lanes of "
                 f"{self.replay.config.lane_capacity} (or another layout field) are configured now"
             )
-        state = _check_server_meta(file, meta, sorted(replay.registered_lanes), self.num_lanes)
+        state = check_server_meta(file, meta, sorted(replay.registered_lanes), self.num_lanes)
         with self._cond:
             if self._registered_since_start:
                 raise RuntimeError("restore: writers have already registered with this server")
@@ -437,46 +453,3 @@ class ReplayServer:
         """Every sampleable window, lane by lane, as one batch (for tests and debugging: it can be large)."""
         with self._cond:
             return self.replay.windows(self.replay.live_keys())
-
-
-_OWNER_COUNTERS = ("env_steps", "pushes", "busy", "registrations")
-
-
-def _check_server_meta(file: Path, meta: dict[str, Any], owners: list[str], num_lanes: int) -> dict[str, Any]:
-    """The fields of ``server.json`` checked as untrusted input (counters ints >= 0, one entry per owner the
-    replay registered, a step count per lane); CheckpointError naming the file and the field."""
-    limiter = {
-        name: meta_field(file, meta, f"limiter.{name}", check_int, minimum=0)
-        for name in ("inserts", "samples")
-    }
-    episodes_total = meta_field(file, meta, "episodes_total", check_int, minimum=0)
-    for name in ("incarnations", "owners"):
-        found = meta.get(name)
-        if not isinstance(found, dict) or sorted(found) != owners:
-            raise CheckpointError(
-                f"checkpoint {file}: {name}: expected an entry for each registered owner {owners}, got {found!r:.80}"
-            )
-    incarnations = {o: meta_field(file, meta, f"incarnations.{o}", check_int, minimum=0) for o in owners}
-    stats = {}
-    for o in owners:
-        entry = {k: meta_field(file, meta, f"owners.{o}.{k}", check_int, minimum=0) for k in _OWNER_COUNTERS}
-        entry["insert_blocked_s"] = meta_field(
-            file, meta, f"owners.{o}.insert_blocked_s", check_float, low=0.0
-        )
-        stats[o] = entry
-    lane_steps = meta.get("lane_steps")
-    if not isinstance(lane_steps, list) or len(lane_steps) != num_lanes:
-        raise CheckpointError(
-            f"checkpoint {file}: lane_steps: expected a list of {num_lanes} counts, got {lane_steps!r:.80}"
-        )
-    try:
-        counts = [check_int(f"lane_steps[{i}]", v, minimum=0) for i, v in enumerate(lane_steps)]
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {file}: {err}") from None
-    return {
-        "limiter": limiter,
-        "episodes_total": episodes_total,
-        "incarnations": incarnations,
-        "owners": stats,
-        "lane_steps": np.asarray(counts, dtype=np.int64),
-    }

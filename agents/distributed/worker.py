@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from agents.distributed.config import DistributedConfig
+from agents.distributed.config import DistributedConfig, ray_options
 from agents.distributed.server import PushReply, Registration
 from agents.envs import make_vector_env
 from agents.r2d2.actor import Actor, apex_epsilons
@@ -233,17 +233,26 @@ class ActorWorker:
 
 
 def spawn_workers(
-    config: R2D2Config, options: DistributedConfig, server_name: str, *, seed: int = 0
+    config: R2D2Config, options: DistributedConfig, server_names: str | list[str], *, seed: int = 0
 ) -> list[Any]:
-    """Start ``options.num_actors`` :class:`ActorWorker` actors (restarted by Ray up to ``max_restarts`` times)."""
+    """Start ``options.num_actors`` :class:`ActorWorker` actors (restarted by Ray up to ``max_restarts`` times).
+
+    ``server_names``: the replay server, or one per shard (worker ``i`` writes to
+    shard ``options.shard_of(i)``). Each asks Ray for ``actor_cpus`` and
+    ``actor_resources``: a custom resource that only some nodes have puts the
+    workers there, and as many of them per node as it has units.
+    """
+    names = [server_names] if isinstance(server_names, str) else list(server_names)
+    if len(names) != options.replay_shards:
+        raise ValueError(f"server_names: expected {options.replay_shards} (one per shard), got {len(names)}")
     remote = ray.remote(ActorWorker).options(
-        num_cpus=options.actor_cpus,
         max_restarts=options.max_restarts,
         max_task_retries=0,
         max_concurrency=2,  # stats() answers while run() works
+        **ray_options(options.actor_resources, cpus=options.actor_cpus),
     )
     n = options.num_actors
     return [
-        remote.remote(config, server_name, index=i, num_workers=n, seed=seed, options=options)
+        remote.remote(config, names[options.shard_of(i)], index=i, num_workers=n, seed=seed, options=options)
         for i in range(n)
     ]
