@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -253,6 +254,29 @@ def test_shard_servers_count_windows_and_answer_a_zero_share_at_once():
         ReplayServer(config, options, observation=2, row_state_shapes=STATE_SHAPES, shard=2)
 
 
+# ------------------------------------------------------------- the capacity benchmark, quick
+
+
+def test_replay_capacity_quick(nodes, tmp_path):
+    """The benchmark's machinery on this module's cluster (joining it saves a Ray start in the suite)."""
+    from benchmarks import replay_capacity
+
+    out = tmp_path / "capacity.json"
+    assert replay_capacity.main(["--quick", "--shards", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [(r["shards"], r["actors"]) for r in report["rows"]] == [(2, 1), (2, 2)]
+    frame, state = 84 * 84, 2 * 512 * 4  # uint8 frame; float32 h and c
+    assert report["rows"][0]["payload_bytes_per_push"] == 40 * (frame + state + 4 + 4 + 1 + 1)
+    for row in report["rows"]:
+        assert row["pushes"] > 0 and row["inserts_per_s"] == pytest.approx(40 * row["pushes"] / row["wall_s"])
+        assert row["samples"] > 0 and row["mb_out_per_s"] > 0 and row["push_ms_p50"] > 0
+        assert row["batch_mb"] > 64 * 125 * frame / 1e6  # the 64 × 125 frames at least
+    summary = report["summary"]["2"]
+    assert summary["paper_actors_sustained"] == int(summary["capacity_inserts_per_s"] // 260)
+    assert "| shards | actors K |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
 # -------------------------------------------------------------------------------- the CLI
 
 RAY_FLAG_ERRORS = [
@@ -292,8 +316,6 @@ def test_a_bad_placement_flag_is_one_line_and_exit_2(flags, text, tmp_path, caps
 def test_cli_with_a_learner_actor_and_two_shards_trains_checkpoints_and_resumes(tmp_path):
     """``--learner-resources CPU=1 --replay-shards 2`` on a local Ray: the run directory as with the learner in
     the driver, the replay in one directory per shard, and ``--resume auto`` reloads both."""
-    import json
-
     from test_distributed import SHORT, cli
 
     flags = [*SHORT, "--learner-resources", "CPU=1", "--replay-shards", "2", "--run-dir", str(tmp_path)]
