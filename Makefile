@@ -4,13 +4,15 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
+# The library needs none of these; the agent, POPGym, Ray, the tuner and the test tools do (pyproject.toml).
+EXTRAS := agent,popgym,dist,tune,test,dev
 
 .PHONY: venv demo test test-slow article lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,dist,dev,tune]"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 venv: $(STAMP)

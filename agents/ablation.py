@@ -18,10 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from agents.cli import ArgumentParser, run_script
-from agents.envs import MASKED_CARTPOLE_ID
+from agents.cli import ArgumentParser, run_script, script_imports
 
 PROG = "python -m agents.ablation"
+
+with script_imports(PROG, __name__):  # TensorFlow first, quietly; Ctrl-C meanwhile: one line
+    from agents.envs import MASKED_CARTPOLE_ID
+    from burnin.host import visible_cores
 
 # name -> (description, R2D2Config overrides)
 STRATEGIES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -433,7 +436,7 @@ def parse_overrides(parser: ArgumentParser, items: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """The CLI: 0 when done, 2 for a bad flag (one line on stderr), 130 when interrupted."""
-    return run_script(PROG, lambda: _main(argv))
+    return run_script(PROG, lambda: _main(argv), tf_threads=True)
 
 
 def run_all(
@@ -450,7 +453,7 @@ def run_all(
             done[s, seed] = _completed(_run_one(study, s, seed, str(run_dir), threads=0))
             bar.update()
     else:
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = max(1, visible_cores() // workers)
         ctx = multiprocessing.get_context("spawn")
         with futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             pending = {

@@ -7,11 +7,11 @@ from __future__ import annotations
 import functools
 import sys
 
-from agents.interrupts import quiet_interrupt
+from agents.cli import script_imports
 
 PROG = "python -m agents.cartpole"
 
-with quiet_interrupt(PROG, enabled=__name__ == "__main__"):  # Ctrl-C while TensorFlow loads: one line
+with script_imports(PROG, __name__):  # TensorFlow first, quietly; Ctrl-C meanwhile: one line
     from agents import train
     from agents.envs import MASKED_CARTPOLE_ID, make_vector_env
 

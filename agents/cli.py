@@ -9,11 +9,17 @@ reported the same way, naming the file, and exits 2, as does a run directory
 that another run is using. A run that fails after set-up saves what it can,
 then prints one line naming what failed and exits 1 (:data:`EXIT_FAILED`).
 Ctrl-C or SIGTERM exits 130 (:data:`EXIT_INTERRUPTED`); a training run first
-writes its final checkpoint. A script's ``main`` is ``run_script(PROG, body)``.
+writes its final checkpoint. A script's ``main`` is ``run_script(PROG, body, tf_threads=True)``.
 
-Importing this module imports TensorFlow with its C++ start-up messages
-hidden (TensorFlow 2.21's absl logs ignore ``TF_CPP_MIN_LOG_LEVEL``), so that
-an error really is one line; ``TF_CPP_MIN_LOG_LEVEL=0`` or ``1`` shows them.
+Importing this module does nothing process-wide: it does not import TensorFlow. What a script sets
+for its whole process, it asks for where it starts:
+
+- ``with script_imports(PROG, __name__):`` around a script's imports imports TensorFlow first with
+  its C++ start-up messages hidden (TensorFlow 2.21's absl logs ignore ``TF_CPP_MIN_LOG_LEVEL``), so
+  that an error really is one line (``TF_CPP_MIN_LOG_LEVEL=0`` or ``1`` shows them), and makes
+  Ctrl-C meanwhile one line; imported as a module, it does neither.
+- ``run_script(..., tf_threads=True)`` sets TensorFlow's thread pools (:func:`configure_threads`: one
+  thread per op, one op per visible core) before the body runs.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from agents.interrupts import EXIT_INTERRUPTED, sigterm_as_interrupt
+from agents.interrupts import EXIT_INTERRUPTED, quiet_interrupt, sigterm_as_interrupt
 
 __all__ = [
     "EXIT_FAILED",
@@ -38,6 +44,7 @@ __all__ = [
     "import_tensorflow_quietly",
     "one_line",
     "run_script",
+    "script_imports",
 ]
 
 EXIT_USAGE = 2
@@ -77,27 +84,43 @@ def _stderr_muted() -> Iterator[None]:
         os.close(saved)
 
 
+@contextlib.contextmanager
+def script_imports(prog: str, module: str) -> Iterator[None]:
+    """A script's own imports: ``with script_imports(PROG, __name__):`` around them.
+
+    In the script's processes (``module``, the caller's ``__name__``, is ``'__main__'``, or
+    ``'__mp_main__'`` where a spawned worker process re-imports the script), TensorFlow is imported
+    first, with its C++ start-up logs hidden (:func:`import_tensorflow_quietly`), and a Ctrl-C
+    meanwhile (TensorFlow takes seconds) prints ``PROG: interrupted`` and exits 130. Imported as a
+    module, the block runs as it is: nothing is imported ahead and a KeyboardInterrupt goes through.
+    """
+    script = module in ("__main__", "__mp_main__")
+    with quiet_interrupt(prog, enabled=script):
+        if script:
+            import_tensorflow_quietly()
+        yield
+
+
 def configure_threads(intra: int = 1, inter: int | None = None) -> bool:
     """TensorFlow's thread pools for this process, if it has not run anything yet (else False).
 
+    Process-wide, so only a script's entry point asks for it (``run_script(..., tf_threads=True)``).
     One thread per op and one op per core at once (``inter`` defaults to the cores this process
-    may run on): the
-    learner's ops are small matmuls that split poorly across threads, while its online and
-    target passes run side by side; measured 1.13× the updates/s of TensorFlow's default (a thread
-    pool of every core per op) at the demo's scale, and no slower at the paper's
-    (``benchmarks/README.md``).
+    may run on, :func:`burnin.host.visible_cores`): the learner's ops are small matmuls that split
+    poorly across threads, while its online and target passes run side by side; measured 1.13× the
+    updates/s of TensorFlow's default (a thread pool of every core per op) at the demo's scale, and
+    no slower at the paper's (``benchmarks/README.md``).
     """
     import tensorflow as tf
 
+    from burnin.host import visible_cores
+
     try:
         tf.config.threading.set_intra_op_parallelism_threads(intra)
-        tf.config.threading.set_inter_op_parallelism_threads(inter or len(os.sched_getaffinity(0)))
+        tf.config.threading.set_inter_op_parallelism_threads(inter or visible_cores())
     except RuntimeError:  # the context is running already: its pools stay as they are
         return False
     return True
-
-
-import_tensorflow_quietly()  # before anything imports it (agents.r2d2 does)
 
 
 def one_line(message: object) -> str:
@@ -203,7 +226,7 @@ def consume_onednn_dtype_notice() -> None:
         tf.function(tf.transpose)(tf.zeros((1, 2), tf.bool))
 
 
-def run_script(prog: str, body: Callable[[], int]) -> int:
+def run_script(prog: str, body: Callable[[], int], *, tf_threads: bool = False) -> int:
     """Run a script's ``body`` with SIGTERM as Ctrl-C; returns its exit status.
 
     A :class:`CheckpointError` (a bad checkpoint, or one of another env or
@@ -212,9 +235,11 @@ def run_script(prog: str, body: Callable[[], int]) -> int:
     saving what it could (:class:`agents.experiment.RunFailed`) or an env that
     failed outside a run (:class:`agents.r2d2.EnvError`, e.g. in ``--eval``)
     prints one line and gives :data:`EXIT_FAILED`; Ctrl-C or SIGTERM that
-    ``body`` does not handle gives :data:`EXIT_INTERRUPTED`. TensorFlow's
-    thread pools are set first (:func:`configure_threads`), then its one-time
-    oneDNN notice spent quietly (:func:`consume_onednn_dtype_notice`).
+    ``body`` does not handle gives :data:`EXIT_INTERRUPTED`. With
+    ``tf_threads``, TensorFlow's process-wide thread pools are set first
+    (:func:`configure_threads`; every script of this repository asks for them);
+    then TensorFlow's one-time oneDNN notice is spent quietly
+    (:func:`consume_onednn_dtype_notice`).
     """
     with sigterm_as_interrupt():
         try:
@@ -224,7 +249,8 @@ def run_script(prog: str, body: Callable[[], int]) -> int:
             from agents.r2d2.checkpoint import CheckpointError
             from agents.rundir import RunDirError
 
-            configure_threads()
+            if tf_threads:
+                configure_threads()
             consume_onednn_dtype_notice()
             try:
                 return body()

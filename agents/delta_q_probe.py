@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import numpy as np
-
-from agents.cli import ArgumentParser, run_script
+from agents.cli import ArgumentParser, run_script, script_imports
 
 PROG = "python -m agents.delta_q_probe"
+
+with script_imports(PROG, __name__):  # TensorFlow first, quietly (the probe's functions use it)
+    import numpy as np
 
 START_STRATEGIES = ("zero", "zero_burn_in", "stored", "stored_burn_in")
 """How the probe starts the state before the first trained step t₁ = period of a window:
@@ -115,7 +113,7 @@ def recurrent_checkpoints(run_dir: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """The CLI: 0 when done, 2 for a bad flag or checkpoint (one line on stderr), 130 when interrupted."""
-    return run_script(PROG, lambda: _main(argv))
+    return run_script(PROG, lambda: _main(argv), tf_threads=True)
 
 
 def _main(argv: list[str] | None) -> int:

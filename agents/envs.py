@@ -35,7 +35,10 @@ __all__ = [
 PACKAGES = {"ALE": "ale_py"}
 """Packages that register an id prefix (the part before the first '/' or '-') under another name;
 any other prefix is tried as a module name (``popgym-…`` → ``popgym``)."""
-INSTALL_HINTS = {"ale_py": "pip install -e '.[atari]' (ale-py ships the ROMs; opencv resizes the frames)"}
+INSTALL_HINTS = {
+    "ale_py": "pip install -e '.[atari]' (ale-py ships the ROMs; opencv resizes the frames)",
+    "popgym": "pip install -e '.[popgym]' (POPGym's memory envs)",
+}
 
 MASKED_CARTPOLE_ID = "MaskedCartPole-v1"
 MASKED_CARTPOLE_SOLVED = 475.0

@@ -23,19 +23,16 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from agents.interrupts import quiet_interrupt, sigterm_as_interrupt
+from agents.cli import EXIT_INTERRUPTED, EXIT_USAGE, ArgumentParser, one_line, run_script, script_imports
+from agents.interrupts import sigterm_as_interrupt
 
 PROG = "python -m agents.train"
 
-with quiet_interrupt(PROG, enabled=__name__ == "__main__"):  # Ctrl-C while TensorFlow loads: one line
-    from agents.cli import EXIT_INTERRUPTED, EXIT_USAGE, ArgumentParser, one_line, run_script
+with script_imports(PROG, __name__):  # TensorFlow first, quietly; Ctrl-C meanwhile: one line
     from agents.envs import MASKED_CARTPOLE_ID, ensure_registered, make_vector_env, solve_threshold
     from agents.experiment import RunOptions, resume_path
     from agents.r2d2.checkpoint import MISMATCH_OVERRIDES
@@ -420,12 +417,13 @@ def train_distributed(args: Args, config) -> dict[str, Any]:
 
     from agents.distributed import init_ray
     from agents.experiment import seed_everything
+    from burnin.host import visible_cores
 
     options = distributed_options(args)
     options.check(config)
     out_dir = run_dir(args, config)
     seed_everything(args.seed, deterministic=args.deterministic)
-    local_cpus = max(os.cpu_count() or 1, math.ceil(args.actors * options.actor_cpus))
+    local_cpus = max(visible_cores(), math.ceil(args.actors * options.actor_cpus))
     started = init_ray(args.address, num_cpus=None if args.address else local_cpus)
     # ray.init installs its own SIGTERM handler, which exits without a checkpoint: ours goes back on top.
     with sigterm_as_interrupt():
@@ -486,7 +484,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     """The CLI: 0 when done; 2 for a bad flag, value, env or checkpoint, or a Ray cluster that cannot be joined
     (one line on stderr); 1 for a run that failed after saving what it could; 130 when interrupted (Ctrl-C or
     SIGTERM; a run writes its final checkpoint first)."""
-    return run_script(prog, lambda: _main(argv, prog))
+    return run_script(prog, lambda: _main(argv, prog), tf_threads=True)
 
 
 if __name__ == "__main__":

@@ -31,13 +31,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from agents.interrupts import quiet_interrupt
+from agents.cli import EXIT_FAILED, EXIT_USAGE, ArgumentParser, one_line, run_script, script_imports
 
 PROG = "python -m agents.tune"
 
-with quiet_interrupt(PROG, enabled=__name__ == "__main__"):  # Ctrl-C while TensorFlow loads: one line
+with script_imports(PROG, __name__):  # TensorFlow first, quietly; Ctrl-C meanwhile: one line
     from agents.ablation import parse_overrides
-    from agents.cli import EXIT_FAILED, EXIT_USAGE, ArgumentParser, one_line, run_script
     from agents.envs import make_vector_env, solve_threshold
     from agents.r2d2.config import PRESETS, R2D2Config, preset
 
@@ -364,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print(f"{PROG}: error: needs Optuna: pip install -e '.[tune]'", file=sys.stderr)
         return EXIT_USAGE
-    return run_script(PROG, lambda: _main(argv))
+    return run_script(PROG, lambda: _main(argv), tf_threads=True)
 
 
 if __name__ == "__main__":

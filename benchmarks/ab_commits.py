@@ -24,6 +24,7 @@ LOOP_PROBE = """
 import json, os, sys, time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import agents.cli  # the process set-up every script of that commit gets (thread pools where it has them)
+getattr(agents.cli, "import_tensorflow_quietly", lambda: None)()  # a no-op where importing it did this
 getattr(agents.cli, "configure_threads", lambda: None)()
 from agents.envs import MASKED_CARTPOLE_ID, make_vector_env
 from agents.r2d2 import R2D2Config

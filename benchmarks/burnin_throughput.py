@@ -506,9 +506,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         parser.error(f"--rounds: expected >= 1, got {args.rounds}")
 
-    from agents.cli import configure_threads  # the thread pools every agents script runs with
+    from agents.cli import configure_threads, import_tensorflow_quietly
 
-    configure_threads()
+    import_tensorflow_quietly()
+    configure_threads()  # the thread pools every agents script runs with
     import tensorflow as tf
 
     tf.config.experimental.enable_op_determinism()

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BURNIN_PROBE = """
 import json, statistics, sys
 import agents.cli
+agents.cli.import_tensorflow_quietly()
 agents.cli.configure_threads()
 from benchmarks.burnin_throughput import make_runner_update, scales
 from benchmarks.timing import rates

@@ -147,6 +147,9 @@ def read(run_dir: Path) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     """``agents.train``'s CLI (same flags and exit codes), timed."""
+    from agents.cli import import_tensorflow_quietly
+
+    import_tensorflow_quietly()  # a script, as agents.train run as one: TensorFlow's start-up logs hidden
     from agents import train
 
     with timing():

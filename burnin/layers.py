@@ -6,9 +6,27 @@ import keras
 import tensorflow as tf
 
 from burnin._checks import check_bool, check_int
+from burnin.host import visible_cores
 from burnin.lstm_sequence import lstm_sequence
 
-__all__ = ["HoistedLSTM"]
+__all__ = ["HoistedLSTM", "backward_row_blocks"]
+
+MIN_BLOCK_ROWS = 8
+"""Fewest rows a backward row block gets (the rule this began with on 2 cores: two blocks from an
+even batch of 16 on)."""
+
+
+def backward_row_blocks(batch_size: int | None, cores: int) -> int:
+    """How many row blocks :class:`HoistedLSTM`'s fused backward loop runs as independent loops (the
+    executor runs them on separate cores at once): at most one per core, the most that divide
+    ``batch_size`` evenly with at least :data:`MIN_BLOCK_ROWS` rows each; 1 for an unknown batch. On
+    2 cores: 2 for an even batch of 16 or more, else 1 (measured there; more cores are untimed)."""
+    if batch_size is None:
+        return 1
+    for blocks in range(min(cores, batch_size // MIN_BLOCK_ROWS), 1, -1):
+        if batch_size % blocks == 0:
+            return blocks
+    return 1
 
 
 class HoistedLSTM(keras.layers.LSTM):
@@ -173,9 +191,7 @@ class HoistedLSTM(keras.layers.LSTM):
         )
         bias = tf.cast(tf.convert_to_tensor(cell.bias), c0.dtype) if cell.use_bias else None
         keep = None if mask is None else tf.transpose(tf.cast(mask, tf.bool), [1, 0])
-        batch_size = h0.shape[0]
-        # Two row blocks in the backward loop keep two cores busy; only when they split evenly.
-        blocks = 2 if batch_size is not None and batch_size % 2 == 0 and batch_size >= 16 else 1
+        blocks = backward_row_blocks(h0.shape[0], visible_cores())
         hs, h_last, c_last = lstm_sequence(
             x_proj,
             h0,

@@ -11,10 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from agents.cli import ArgumentParser, run_script
-from studies.memory_probe import count_recall_labels
+from agents.cli import ArgumentParser, run_script, script_imports
 
 PROG = "python -m studies.count_capacity"
+
+with script_imports(PROG, __name__):  # TensorFlow first, quietly; Ctrl-C meanwhile: one line
+    from studies.memory_probe import count_recall_labels
+
 ENV_ID = "popgym-CountRecallEasy-v0"
 EPISODE = 51
 """Steps with an answer in a CountRecallEasy episode (52 cards: the last one is the final observation)."""
@@ -109,7 +112,7 @@ def _main(argv: list[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The CLI: 0 when done, 2 for a bad flag (one line on stderr)."""
-    return run_script(PROG, lambda: _main(argv))
+    return run_script(PROG, lambda: _main(argv), tf_threads=True)
 
 
 if __name__ == "__main__":

@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     """The CLI: 0 when done, 2 for a bad flag (one line on stderr)."""
     from agents.cli import run_script
 
-    return run_script(PROG, lambda: _main(argv))
+    return run_script(PROG, lambda: _main(argv), tf_threads=True)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,15 @@ from typing import Any
 
 import numpy as np
 
-from agents.cli import ArgumentParser, run_script
-from studies import memory_report
-from studies import memory_suite as suite
-from studies.popgym_tasks import TASKS
+from agents.cli import ArgumentParser, run_script, script_imports
 
 PROG = "python -m studies.memory_sensitivity"
+
+with script_imports(PROG, __name__):  # TensorFlow first, quietly; Ctrl-C meanwhile: one line
+    from studies import memory_report
+    from studies import memory_suite as suite
+    from studies.popgym_tasks import TASKS
+
 
 BEFORE = {"adam_epsilon": 1e-3, "gamma": 0.99, "reward_scale": 1.0}
 """The settings before the tuning: the paper's Adam ε, the masked-CartPole γ, the env's own rewards."""
@@ -151,7 +154,7 @@ def _main(argv: list[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The CLI: 0 when done, 2 for a bad flag (one line on stderr), 130 when interrupted."""
-    return run_script(PROG, lambda: _main(argv))
+    return run_script(PROG, lambda: _main(argv), tf_threads=True)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agents.ablation import parse_overrides
-from agents.cli import ArgumentParser, run_script
-from agents.r2d2.config import R2D2Config
-from studies import memory_report as report_
-from studies.popgym_tasks import DEFAULT_TASKS, PRESET, QUICK_CONFIG, QUICK_TASKS, TARGET_TASKS, TASKS, Task
+from agents.cli import ArgumentParser, run_script, script_imports
 
 PROG = "python -m studies.memory_suite"
+
+with script_imports(PROG, __name__):  # TensorFlow first, quietly; Ctrl-C meanwhile: one line
+    from agents.ablation import parse_overrides
+    from agents.r2d2.config import R2D2Config
+    from studies import memory_report as report_
+    from studies.popgym_tasks import (
+        DEFAULT_TASKS,
+        PRESET,
+        QUICK_CONFIG,
+        QUICK_TASKS,
+        TARGET_TASKS,
+        TASKS,
+        Task,
+    )
+
 CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(R2D2Config))
 
 
@@ -184,6 +195,8 @@ def run_jobs(
     ``on_done(job, summary)`` is called as each run finishes (to report results as they come)."""
     from tqdm import tqdm
 
+    from burnin.host import visible_cores
+
     done: dict[tuple[str, int, str], dict[str, Any]] = {}
 
     def finish(job: Job, summary: dict[str, Any]) -> None:
@@ -197,7 +210,7 @@ def run_jobs(
             for job in jobs:
                 finish(job, run_job(job, threads=0, resume=resume))
             return done
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = max(1, visible_cores() // workers)
         ctx = multiprocessing.get_context("spawn")
         with futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             pending = {pool.submit(run_job, job, threads=threads, resume=resume): job for job in jobs}
@@ -428,7 +441,7 @@ def write_report(report: dict[str, dict[str, Any]], out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """The CLI: 0 when done, 2 for a bad flag (one line on stderr), 130 when interrupted."""
-    return run_script(PROG, lambda: _main(argv))
+    return run_script(PROG, lambda: _main(argv), tf_threads=True)
 
 
 if __name__ == "__main__":

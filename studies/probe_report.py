@@ -10,10 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from agents.cli import ArgumentParser, run_script
-from studies.memory_probe import BINS, START_NAMES
+from agents.cli import ArgumentParser, run_script, script_imports
 
 PROG = "python -m studies.probe_report"
+
+with script_imports(PROG, __name__):  # TensorFlow first, quietly; Ctrl-C meanwhile: one line
+    from studies.memory_probe import BINS, START_NAMES
 
 
 def probed_evals(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -134,7 +136,7 @@ def _main(argv: list[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The CLI: 0 when done, 2 for a bad argument (one line on stderr)."""
-    return run_script(PROG, lambda: _main(argv))
+    return run_script(PROG, lambda: _main(argv), tf_threads=True)
 
 
 if __name__ == "__main__":

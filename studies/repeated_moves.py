@@ -10,10 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from agents.cli import ArgumentParser, run_script
-from studies.memory_suite import run_env_id
+from agents.cli import ArgumentParser, run_script, script_imports
 
 PROG = "python -m studies.repeated_moves"
+
+with script_imports(PROG, __name__):  # TensorFlow first, quietly; Ctrl-C meanwhile: one line
+    from studies.memory_suite import run_env_id
 
 
 def repeat_rates(actions: list[np.ndarray], dones: list[np.ndarray]) -> dict[str, float]:
@@ -109,7 +111,7 @@ def _main(argv: list[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The CLI: 0 when done, 2 for a bad argument (one line on stderr)."""
-    return run_script(PROG, lambda: _main(argv))
+    return run_script(PROG, lambda: _main(argv), tf_threads=True)
 
 
 if __name__ == "__main__":

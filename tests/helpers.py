@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import gymnasium as gym
@@ -44,6 +47,13 @@ def assert_states_equal(a, b) -> None:
         assert len(ea) == len(eb)
         for xa, xb in zip(ea, eb):
             np.testing.assert_array_equal(np.asarray(xa), np.asarray(xb))
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    """``python -c code`` in a fresh interpreter started as a user starts one: without the
+    ``TF_CPP_MIN_LOG_LEVEL`` this suite sets (conftest); stdout and stderr captured as text."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
 
 
 def outcome(main, argv: list[str], capsys) -> tuple[int, str, str]:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ast
+import json
+import re
 from pathlib import Path
 
 import pytest
+from helpers import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,3 +107,57 @@ def test_no_import_cycle():
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
+    assert state.keys() == graph.keys() and set(state.values()) == {2}  # every module visited, none open
+
+
+def _imported_by(statement: str) -> dict:
+    """What a fresh interpreter has after ``statement``: the top-level packages it imported, its environment
+    and TensorFlow's thread pools (when TensorFlow was imported)."""
+    code = (
+        "import json, os, sys\n"
+        "before = dict(os.environ)\n"
+        f"{statement}\n"
+        "tops = sorted({m.split('.')[0] for m in sys.modules})\n"
+        "pools = None\n"
+        "if 'tensorflow' in sys.modules:\n"
+        "    import tensorflow as tf\n"
+        "    pools = [tf.config.threading.get_intra_op_parallelism_threads(),\n"
+        "             tf.config.threading.get_inter_op_parallelism_threads()]\n"
+        "env = {k: v for k, v in os.environ.items() if before.get(k) != v}\n"
+        "print(json.dumps({'modules': tops, 'env': env, 'pools': pools}))\n"
+    )
+    run = run_python(code)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+def test_importing_burnin_imports_no_agent_package_and_sets_nothing_process_wide():
+    """Issue 25: the library imports its own dependencies only, and sets no environment variable and no
+    TensorFlow thread pool (a script asks for those: agents.cli.run_script(tf_threads=True))."""
+    seen = _imported_by("import burnin")
+    assert "tensorflow" in seen["modules"] and "burnin" in seen["modules"]
+    assert not {"gymnasium", "ray", "popgym", "agents", "tqdm", "optuna"} & set(seen["modules"])
+    assert seen["env"] == {}
+    assert seen["pools"] == [0, 0]  # TensorFlow's defaults
+
+
+def test_importing_agents_cli_imports_no_tensorflow():
+    seen = _imported_by("import agents.cli")
+    assert not {"tensorflow", "keras", "burnin", "gymnasium"} & set(seen["modules"])
+    assert seen["env"] == {}
+
+
+def test_the_library_depends_on_its_own_packages_only():
+    """``pip install burnin`` brings TensorFlow, Keras, NumPy and Numba; the agent, POPGym, Ray, Atari and
+    the tuner are extras (which ``make venv`` installs)."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=!~\[ ;]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    assert names == {"tensorflow", "keras", "numpy", "numba"}
+    extras = project["optional-dependencies"]
+    assert {"agent", "popgym", "dist", "atari", "tune", "test", "dev"} <= set(extras)
+    assert any(d.startswith("popgym") for d in extras["popgym"])
+    assert any(d.startswith("ray") for d in extras["dist"])
+    makefile = (ROOT / "Makefile").read_text()
+    installed = re.search(r"^EXTRAS := (.+)$", makefile, re.MULTILINE).group(1).split(",")
+    assert {"agent", "popgym", "dist", "tune", "test", "dev"} <= set(installed)

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import CLI_FLAGS as FLAGS
-from helpers import assert_one_line_error, outcome
+from helpers import assert_one_line_error, outcome, run_python
 
-from agents import ablation, cartpole, delta_q_probe
+from agents import ablation, cartpole, cli, delta_q_probe, train
 from agents.r2d2 import TrainLoop
 
 
@@ -276,7 +276,8 @@ def test_a_script_prints_no_onednn_dtype_notice_when_its_graphs_transpose_bools(
     so the learner's masks do not print it mid-run. stderr must stay open for the script's own errors."""
     body = (
         "import sys\n"
-        "from agents.cli import run_script\n"
+        "from agents.cli import import_tensorflow_quietly, run_script\n"
+        "import_tensorflow_quietly()\n"
         "import numpy as np, tensorflow as tf\n"
         "def body():\n"
         "    mask = tf.constant(np.ones((4, 3), bool))\n"
@@ -285,8 +286,36 @@ def test_a_script_prints_no_onednn_dtype_notice_when_its_graphs_transpose_bools(
         "    return 0\n"
         "sys.exit(run_script('probe', body))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    run = subprocess.run([sys.executable, "-c", body], capture_output=True, text=True, timeout=300, env=env)
+    run = run_python(body)
     assert run.returncode == 0, run.stderr
     assert "oneDNN supports" not in run.stderr
     assert "own error line" in run.stderr
+
+
+@pytest.mark.parametrize("asked", [False, True])
+def test_run_script_sets_the_thread_pools_only_when_asked(monkeypatch, asked):
+    """Process-wide TensorFlow settings are the entry point's to ask for (issue 25); every CLI here asks."""
+    calls = []
+    monkeypatch.setattr(cli, "configure_threads", lambda: calls.append("threads"))
+    assert cli.run_script("probe", lambda: 0, tf_threads=asked) == 0
+    assert calls == (["threads"] if asked else [])
+
+
+@pytest.mark.parametrize("script", [train, cartpole, ablation, delta_q_probe], ids=lambda m: m.__name__)
+def test_every_cli_asks_for_the_thread_pools(monkeypatch, script):
+    seen = []
+    for module in (train, ablation, delta_q_probe):  # cartpole.main is train.main with its flags
+        monkeypatch.setattr(module, "run_script", lambda prog, body, **kwargs: seen.append(kwargs) or 0)
+    assert script.main([]) == 0
+    assert seen == [{"tf_threads": True}]
+
+
+@pytest.mark.parametrize(
+    ("module", "script"), [("__main__", True), ("__mp_main__", True), ("agents.x", False)]
+)
+def test_script_imports_import_tensorflow_first_only_in_a_script(monkeypatch, module, script):
+    calls = []
+    monkeypatch.setattr(cli, "import_tensorflow_quietly", lambda: calls.append("tf"))
+    with cli.script_imports("probe", module):
+        calls.append("block")
+    assert calls == (["tf", "block"] if script else ["block"])

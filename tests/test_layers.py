@@ -9,7 +9,7 @@ import tensorflow as tf
 from helpers import assert_states_equal, random_state
 
 import burnin
-from burnin.layers import HoistedLSTM
+from burnin.layers import HoistedLSTM, backward_row_blocks
 
 B, D, U, T = 4, 5, 8, 15
 
@@ -232,3 +232,16 @@ def test_a_frozen_fused_layer_gives_the_same_outputs_and_input_gradients(jit_loo
         results.append([t.numpy() for t in step(x, mask)])
     np.testing.assert_array_equal(results[1][0], results[0][0])
     np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("batch", "cores", "blocks"),
+    [
+        # On 2 cores, the rule this had before it read the cores: 2 for an even batch of 16 or more.
+        (None, 2, 1), (8, 2, 1), (15, 2, 1), (16, 2, 2), (17, 2, 1), (32, 2, 2), (64, 2, 2),
+        # One core keeps one loop; more cores split further, at least 8 rows a block, evenly.
+        (64, 1, 1), (64, 4, 4), (64, 3, 2), (48, 8, 6), (24, 8, 3), (64, 64, 8), (7, 16, 1),
+    ],
+)  # fmt: skip
+def test_backward_row_blocks_follow_the_visible_cores(batch, cores, blocks):
+    assert backward_row_blocks(batch, cores) == blocks
