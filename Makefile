@@ -23,8 +23,9 @@ demo: $(STAMP)
 article: $(STAMP)
 	$(BIN)/python -m agents.article
 
+# --durations=15: the slowest tests close the report (the suite should stay under ~10 minutes).
 test: $(STAMP)
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest --durations=15 $(ARGS)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow $(ARGS)

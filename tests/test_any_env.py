@@ -6,9 +6,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import subprocess
-import sys
 
 import gymnasium as gym
+import helpers
 import numpy as np
 import popgym  # noqa: F401  (registers the popgym-… ids)
 import pytest
@@ -204,13 +204,7 @@ def test_ids_registered_on_import():
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "agents.train", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return helpers.cli(*args, timeout=timeout, module="agents.train")
 
 
 def test_train_cli_on_popgym_writes_everything_and_evaluates(tmp_path, capsys):

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import pytest
+from helpers import cli
 
 from agents.cartpole import parse_args
 
@@ -16,17 +15,6 @@ SHORT = [
     "--num-envs", "4", "--batch-size", "8", "--core-units", "16", "--head-units", "16", "--torso-units", "16",
     "--burn-in", "4", "--unroll", "8", "--period", "4", "--replay-capacity", "2000", "--progress", "false",
 ]  # fmt: skip
-
-
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python -m agents.cartpole ARGS`` in a subprocess, output captured."""
-    return subprocess.run(
-        [sys.executable, "-m", "agents.cartpole", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def test_demo_cli_writes_summary_plot_and_checkpoint(tmp_path):

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from test_r2d2 import run_loop, small_config
+from helpers import run_loop, small_config
 
 from agents import delta_q_probe
 

@@ -12,14 +12,14 @@ import time
 
 import numpy as np
 import pytest
+from helpers import SMALL as R2D2_SMALL
+from helpers import cli as cartpole_cli
+from helpers import listening_sockets, off_loopback
 
 ray = pytest.importorskip("ray")
 
 import recording_server  # noqa: E402
 from recording_server import RecordingServer  # noqa: E402
-from test_cartpole import cli as cartpole_cli  # noqa: E402
-from test_distributed_cluster import listening_sockets, off_loopback  # noqa: E402
-from test_r2d2 import SMALL as R2D2_SMALL  # noqa: E402
 
 from agents.distributed import (  # noqa: E402
     DistributedConfig,
@@ -29,7 +29,6 @@ from agents.distributed import (  # noqa: E402
 )
 from agents.envs import MASKED_CARTPOLE_ID  # noqa: E402
 from agents.r2d2 import R2D2Config  # noqa: E402
-from burnin.rate_limiter import RateLimiter  # noqa: E402
 from burnin.replay import SequenceReplay  # noqa: E402
 
 # Ray's workers cannot import the tests: ship the recording server's module by value.
@@ -118,42 +117,6 @@ def assert_no_window_spans(batch, fault) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------- without Ray
-
-
-def test_rate_limiter_follows_reverb_sample_to_insert_ratio():
-    lim = RateLimiter(0.25, min_size_to_sample=100, error_buffer=5.0)
-    assert (lim.min_diff, lim.max_diff) == (20.0, 30.0)  # offset 0.25 · 100 = 25, ± 5
-    assert lim.can_insert(100) and not lim.can_sample()
-    lim.insert(100)
-    assert lim.can_insert(20) and not lim.can_insert(21)  # (100 + 20) · 0.25 − 0 = 30 = max_diff
-    for _ in range(5):
-        assert lim.can_sample()
-        lim.sample()
-    assert not lim.can_sample()  # 25 − 5 − 1 < 20: the learner waits for inserts
-    lim.insert(4)
-    assert lim.can_sample()
-    assert lim.measured_samples_per_insert == pytest.approx(5 / 4)
-    restored = RateLimiter(0.25, min_size_to_sample=100, error_buffer=5.0)
-    restored.load_state_dict(lim.state_dict())
-    assert (restored.inserts, restored.samples) == (104, 5)
-
-    unlimited = RateLimiter(None, min_size_to_sample=10)
-    assert unlimited.can_insert(10**9) and not unlimited.can_sample()
-    unlimited.insert(10)
-    assert unlimited.can_sample(10**9)
-
-
-def test_rate_limiter_rejects_settings_that_can_block_both_sides():
-    with pytest.raises(ValueError, match=r"^error_buffer: expected >= max\(1, samples_per_insert\)"):
-        RateLimiter(0.25, min_size_to_sample=100, error_buffer=0.5)
-    with pytest.raises(
-        ValueError, match="^error_buffer: 5.0 updates is too small for inserts of 64 env steps"
-    ):
-        RateLimiter(0.25, min_size_to_sample=100, error_buffer=5.0).check_insert_size(64)
-    with pytest.raises(ValueError, match="^samples_per_insert: expected a finite number > 0"):
-        RateLimiter(0.0, min_size_to_sample=1)
-    with pytest.raises(TypeError, match="^min_size_to_sample: expected an int"):
-        RateLimiter(1.0, min_size_to_sample=1.5)
 
 
 @pytest.mark.parametrize(
@@ -546,7 +509,9 @@ def test_server_checkpoint_round_trips_exactly(tmp_path):
 
 def test_restore_into_another_layout_names_the_cause(tmp_path):
     config = small_config()
-    ReplayServer(config, small_options(), observation=2, row_state_shapes=STATE_SHAPES).save(tmp_path / "ckpt")
+    ReplayServer(config, small_options(), observation=2, row_state_shapes=STATE_SHAPES).save(
+        tmp_path / "ckpt"
+    )
     other = ReplayServer(config, small_options(num_actors=1), observation=2, row_state_shapes=STATE_SHAPES)
     with pytest.raises(ValueError, match="^directory: the replay in .* num_actors × num_envs = 4 lanes"):
         other.restore(tmp_path / "ckpt")

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import secrets
 import select
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 
 import pytest
+from helpers import listening_sockets, off_loopback
 
 ray = pytest.importorskip("ray")
 if not hasattr(ray.exceptions, "AuthenticationError"):
@@ -34,38 +33,6 @@ sys.stdin.read()
 cluster.shutdown()
 """
 DRIVER = "import sys, ray; ray.init(address=sys.argv[1]); print(sum(n['Alive'] for n in ray.nodes()))"
-
-
-def listening_sockets(pid: int) -> dict[int, tuple[str, list[str]]]:
-    """pid -> (name, ["host:port", ...]) for ``pid`` and its descendants: listening TCP and bound UDP sockets."""
-    import psutil  # Ray's own copy, on the path once ray is imported
-
-    root = psutil.Process(pid)
-    found = {}
-    for proc in [root, *root.children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            listening = [
-                f"{c.laddr.ip}:{c.laddr.port}"
-                for c in proc.net_connections("inet")
-                if c.status == psutil.CONN_LISTEN or (c.type == socket.SOCK_DGRAM and not c.raddr)
-            ]
-            found[proc.pid] = (proc.name(), listening)
-    return found
-
-
-def off_loopback(found: dict[int, tuple[str, list[str]]]) -> dict[int, tuple[str, list[str]]]:
-    """The entries of :func:`listening_sockets` with the sockets they have outside 127.0.0.0/8 and ::1."""
-    out = {}
-    for pid, (name, addresses) in found.items():
-        outside = [a for a in addresses if not is_loopback(a.rpartition(":")[0])]
-        if outside:
-            out[pid] = (name, outside)
-    return out
-
-
-def is_loopback(host: str) -> bool:
-    address = ipaddress.ip_address(host)
-    return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # ::ffff:127.0.0.1 too
 
 
 @contextlib.contextmanager

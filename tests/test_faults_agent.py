@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import keras
 import numpy as np
 import pytest
-from test_r2d2 import run_loop, small_config
+from helpers import run_loop, small_config
 
 from agents.envs import make_vector_env
 from agents.experiment import History, resume_from

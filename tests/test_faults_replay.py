@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dis
-import hashlib
 import io
 import json
 import os
@@ -43,9 +42,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_replay import S2, play, replay_for, state_of
-from test_replay_api import assert_same, snapshot
-from test_replay_io import busy_replay
+from helpers import S2, assert_same, busy_replay, fingerprint, play, replay_for, snapshot, state_of
 
 import burnin
 from burnin.replay import SequenceReplay
@@ -57,19 +54,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------------------------------------
 # Fingerprints and copies, built from the buffer's arrays by the test itself.
 # ---------------------------------------------------------------------------------------------
-
-
-def fingerprint(replay: SequenceReplay) -> str:
-    """SHA-256 of every array, the sum-tree, the running maximum, the registry and the RNG state."""
-    h = hashlib.sha256()
-    for name, value in sorted(snapshot(replay).items()):
-        h.update(name.encode())
-        if isinstance(value, np.ndarray):
-            h.update(f"{value.dtype.str}{value.shape}".encode())
-            h.update(np.ascontiguousarray(value).tobytes())
-        else:
-            h.update(json.dumps(value, sort_keys=True, default=lambda a: np.asarray(a).tolist()).encode())
-    return h.hexdigest()
 
 
 def clone(replay: SequenceReplay) -> SequenceReplay:
@@ -1018,7 +1002,7 @@ import sys, json
 sys.path[:0] = [{str(ROOT / "tests")!r}, {str(ROOT)!r}]
 import numpy as np
 from pathlib import Path
-from test_replay_io import busy_replay, rewrite
+from helpers import busy_replay, rewrite
 from burnin.replay import SequenceReplay
 good = Path({str(tmp_path / "good.npz")!r})
 busy_replay().save(good)
@@ -1151,7 +1135,7 @@ def test_a_killed_save_leaves_a_temp_that_the_next_save_removes(tmp_path: Path) 
 import os, sys, signal
 sys.path[:0] = [{str(ROOT / "tests")!r}, {str(ROOT)!r}]
 import numpy as np
-from test_replay_io import busy_replay
+from helpers import busy_replay
 replay = busy_replay()
 real, calls = np.lib.format.write_array, [0]
 def dying(*args, **kwargs):

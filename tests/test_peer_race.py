@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import outcome
 
 from agents import train
 from agents.r2d2.config import preset
 from benchmarks import peer_race, race_report, time_split
-from tests.helpers import outcome
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER_PYTHON = os.environ.get("BURNIN_PEER_PYTHON", "/work/peer-venv/bin/python")

@@ -8,6 +8,7 @@ import os
 import gymnasium
 import numpy as np
 import pytest
+from helpers import run_loop, small_config
 
 import burnin
 from agents.envs import make_vector_env
@@ -15,28 +16,6 @@ from agents.r2d2 import Actor, Learner, R2D2Config, TrainLoop, WindowOffsets, ap
 from agents.r2d2.actor import EnvError
 from agents.r2d2.feed import make_feed
 from agents.r2d2.networks import row_state_shapes
-
-SMALL = dict(
-    torso_units=(16,),
-    core_units=16,
-    head_units=16,
-    burn_in=4,
-    unroll=8,
-    period=4,
-    n_step=2,
-    batch_size=8,
-    replay_capacity=4 * 500,
-    min_replay_steps=100,
-    env_steps_per_update=4.0,
-    num_envs=4,
-    actor_update_period=5,
-    target_update_period=10,
-    learning_rate=1e-3,
-)
-
-
-def small_config(**overrides) -> R2D2Config:
-    return R2D2Config(**{**SMALL, **overrides})
 
 
 @pytest.mark.parametrize(
@@ -192,17 +171,6 @@ def test_zero_strategy_has_nonzero_delta_q():
     learner, _, replay, _ = filled(config, 150)
     dq = [learner.step(replay).delta_q_first for _ in range(3)]
     assert np.nanmax(dq) > 1e-3  # zero start vs the actor's stored state
-
-
-def run_loop(config: R2D2Config, iterations: int, seed: int = 0):
-    env = make_vector_env(config.num_envs, seed=seed)
-    loop = TrainLoop(config, env, seed=seed)
-    losses = []
-    for _ in range(iterations):
-        stats = loop.iterate()
-        if stats.learner is not None:
-            losses.append(stats.learner.loss)
-    return loop, losses
 
 
 def test_same_seed_same_run():

@@ -7,71 +7,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import S2, STATE_SHAPES, play, replay_for, state_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from burnin.replay import SequenceReplay, SequenceSpec
 
-# ---------------------------------------------------------------------------------------------
-# Step streams in a compact notation.
-#
-# A stream is a list of add calls; each call is a string of tokens "LANE:ID" with an optional
-# suffix: T = the action terminated the episode, t = truncated, F = this is the final
-# observation (its action and reward are passed as 99 / -99 and must be ignored). Every step
-# carries observation [ID], action ID, reward 10·ID and a state whose arrays are filled with
-# ID, so the expected windows below can be written with step ids alone. "close:LANE" calls
-# close_lanes, "keys" remembers the live keys, "stale" sends priority 5 for the remembered keys.
-# ---------------------------------------------------------------------------------------------
-
-STATE_SHAPES = (((2,), (3,)),)
-
-
-def replay_for(spec: SequenceSpec, *, lanes: int = 1, capacity: int = 64, **kwargs: Any) -> SequenceReplay:
-    kwargs.setdefault("row_state_shapes", STATE_SHAPES)
-    if "rng" not in kwargs:
-        kwargs.setdefault("seed", 0)
-    return SequenceReplay(spec, num_lanes=lanes, lane_capacity=capacity, obs_shape=(1,), **kwargs)
-
-
-def state_of(ids: np.ndarray) -> tuple[tuple[np.ndarray, ...], ...]:
-    ids = np.asarray(ids, dtype=np.float32)
-    return ((np.repeat(ids[:, None], 2, axis=1), np.repeat(ids[:, None], 3, axis=1) + 0.5),)
-
-
-def play(replay: SequenceReplay, stream: list[str]) -> dict[str, Any]:
-    """Run a stream; return the sampleable count after each call and what the stream remembered."""
-    counts, memo = [], {}
-    for call in stream:
-        if call.startswith("close:"):
-            replay.close_lanes(np.array([int(x) for x in call[6:].split(",")]))
-        elif call == "keys":
-            memo["keys"] = replay.live_keys()
-        elif call == "stale":
-            keys = memo["keys"]
-            replay.update_priorities(keys, np.full(keys.size, 5.0))
-        else:
-            lanes, ids, term, trunc, final = [], [], [], [], []
-            for token in call.split():
-                lane, rest = token.split(":")
-                flag = rest[-1] if rest[-1] in "TtF" else ""
-                lanes.append(int(lane))
-                ids.append(int(rest.rstrip("TtF")))
-                term.append(flag == "T")
-                trunc.append(flag == "t")
-                final.append(flag == "F")
-            ids_arr, final_arr = np.array(ids), np.array(final)
-            replay.add(
-                np.array(lanes),
-                observation=ids_arr[:, None].astype(np.float32),
-                action=np.where(final_arr, 99, ids_arr),
-                reward=np.where(final_arr, -99.0, 10.0 * ids_arr),
-                terminated=np.array(term),
-                truncated=np.array(trunc),
-                states=state_of(ids_arr),
-            )
-        replay.check_invariants()
-        counts.append(replay.num_sampleable)
-    return {"counts": counts, **memo}
+# Step streams in a compact notation: see helpers.play.
 
 
 def final_ids_by_lane(stream: list[str]) -> dict[int, set[int]]:
@@ -135,8 +77,6 @@ class Case:
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     stats: dict[str, int] = dataclasses.field(default_factory=dict)
 
-
-S2 = SequenceSpec(burn_in=1, unroll=2, period=2, n_step=1)  # L = 4
 
 # fmt: off
 CASES = [

@@ -7,30 +7,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_replay import S2, STATE_SHAPES, play, replay_for, state_of
+from helpers import S2, STATE_SHAPES, assert_same, play, replay_for, snapshot, state_of
 
 from burnin.replay import ReplayConfig, SequenceReplay, SequenceSpec
-
-
-def snapshot(replay: SequenceReplay) -> dict[str, Any]:
-    """Everything that defines the buffer's contents, as copies."""
-    out: dict[str, Any] = {name: arr.copy() for name, arr in replay._arrays.items()}
-    out["tree"] = replay._tree.state()
-    out["max_priority"] = replay._max_priority
-    out["registry"] = {k: v.tolist() for k, v in replay.registered_lanes.items()}
-    out["rng"] = replay._rng.bit_generator.state
-    return out
-
-
-def assert_same(a: dict[str, Any], b: dict[str, Any], *, except_names: tuple[str, ...] = ()) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        if name in except_names:
-            continue
-        if isinstance(a[name], np.ndarray):
-            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-        else:
-            assert a[name] == b[name], name
 
 
 def long_episode(replay: SequenceReplay, lane: int, first: int, count: int) -> None:
@@ -399,7 +378,13 @@ def test_nan_in_a_state_row_that_is_not_kept_is_accepted() -> None:
     replay = replay_for(S2, lanes=2)
     play(replay, ["0:1 1:11"])  # next: episode step 1 of both lanes, where (1 + burn_in) % 2 == 0: kept
     play(replay, ["0:2 1:12"])  # next: step 2, not kept
+    before = snapshot(replay)
     replay.add([0, 1], **good_add(states=NAN_STATE))
+    assert replay.stats()["steps_added"] == 6  # both steps stored
+    after = snapshot(replay)
+    for name in ("state_0_0", "state_0_1"):  # and no state row with them: nothing NaN was kept
+        np.testing.assert_array_equal(after[name], before[name])
+    replay.check_invariants()
 
 
 def test_sample_from_an_empty_buffer() -> None:

@@ -13,8 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_replay import S2, play, replay_for, state_of
-from test_replay_api import assert_same, snapshot
+from helpers import S2, assert_same, busy_replay, play, replay_for, rewrite, snapshot, state_of
 
 from burnin.replay import FORMAT_VERSION, SequenceBatch, SequenceReplay
 
@@ -32,21 +31,6 @@ def assert_nested_equal(x: Any, y: Any, name: str) -> None:
 def assert_batches_equal(a: SequenceBatch, b: SequenceBatch) -> None:
     for name, x, y in zip(a._fields, a, b):
         assert_nested_equal(x, y, name)
-
-
-def busy_replay(**kwargs: Any) -> SequenceReplay:
-    """Three lanes with finished, open and evicted episodes, updated priorities and refreshed states."""
-    replay = replay_for(S2, lanes=3, capacity=12, seed=5, **kwargs)
-    # Lane 0: one long episode that wraps the ring; lane 1: episodes of 6 steps and a final
-    # observation (step 6 terminates, step 7 is the final observation).
-    suffix = {6: "T", 0: "F"}
-    play(replay, [f"0:{i} 1:{100 + i}{suffix.get(i % 7, '')}" for i in range(1, 40)])
-    remote = replay.register_lanes("remote", 1)  # lane 2, left with an open episode
-    play(replay, [f"{remote[0]}:{300 + i}" for i in range(5)])
-    batch = replay.sample(8)
-    replay.update_priorities(batch.keys, np.linspace(0.5, 3.0, 8))
-    replay.update_states(batch.keys, [2], (state_of(np.arange(8) + 900),))
-    return replay
 
 
 def test_round_trip_is_exact(tmp_path: Path) -> None:
@@ -106,16 +90,6 @@ def corrupt_copies(path: Path, tmp_path: Path) -> dict[str, Path]:
     out["npy"] = tmp_path / "single.npy"
     np.save(out["npy"], np.zeros(3))
     return out
-
-
-def rewrite(path: Path, dest: Path, change) -> Path:
-    """Copy a checkpoint with one entry changed (a well-formed file with bad contents)."""
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {name: data[name] for name in data.files}
-    change(arrays)
-    with open(dest, "wb") as f:
-        np.savez(f, **arrays)
-    return dest
 
 
 def test_corrupt_files_give_clear_errors(tmp_path: Path) -> None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from helpers import fingerprint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_faults_replay import fingerprint
 
 from burnin.replay import SequenceReplay, SequenceSpec
 

@@ -6,8 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import assert_states_equal, lstm_model, random_state
-from test_state import nested_model, stacked_model
+from helpers import assert_states_equal, lstm_model, nested_model, random_state, stacked_model
 
 import burnin
 from agents.r2d2.networks import NetworkConfig, build_q_network

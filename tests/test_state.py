@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import assert_states_equal, lstm_model, random_state
+from helpers import assert_states_equal, lstm_model, nested_model, random_state, stacked_model
 
 import burnin
 
@@ -26,30 +26,6 @@ def gru_model(batch: int = 4) -> keras.Model:
     inputs = keras.Input(batch_shape=(batch, None, 3))
     x = keras.layers.GRU(5, stateful=True, return_sequences=True, name="gru")(inputs)
     return keras.Model(inputs, keras.layers.Dense(2)(x), name="gru_model")
-
-
-def stacked_model(batch: int = 4) -> keras.Model:
-    keras.utils.set_random_seed(2)
-    inputs = keras.Input(batch_shape=(batch, None, 3))
-    x = keras.layers.LSTM(6, stateful=True, return_sequences=True, name="lstm_a")(inputs)
-    x = keras.layers.GRU(4, stateful=True, return_sequences=True, name="gru_b")(x)
-    x = keras.layers.LSTM(3, stateful=True, return_sequences=True, name="lstm_c")(x)
-    return keras.Model(inputs, x, name="stacked")
-
-
-def nested_model(batch: int = 4) -> keras.Model:
-    keras.utils.set_random_seed(3)
-    inner_in = keras.Input(batch_shape=(batch, None, 3))
-    inner = keras.Model(
-        inner_in,
-        keras.layers.GRU(5, stateful=True, return_sequences=True, name="inner_gru")(inner_in),
-        name="inner",
-    )
-    inputs = keras.Input(batch_shape=(batch, None, 3))
-    x = keras.layers.LSTM(3, stateful=True, return_sequences=True, name="outer_lstm")(inputs)
-    x = inner(x)
-    x = keras.layers.LSTM(2, stateful=True, return_sequences=True, name="last_lstm")(x)
-    return keras.Model(inputs, x, name="nested")
 
 
 MODELS = {"lstm": lstm_model, "gru": gru_model, "stacked": stacked_model, "nested": nested_model}

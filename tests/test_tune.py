@@ -7,6 +7,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+from helpers import outcome
 
 pytest.importorskip("optuna")
 
@@ -15,7 +16,6 @@ import optuna
 from agents import train, tune
 from agents.envs import MASKED_CARTPOLE_ID
 from agents.r2d2.config import preset
-from tests.helpers import outcome
 
 
 def _summary(evals, *, env_steps=1000, wall=50.0):

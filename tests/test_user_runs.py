@@ -19,7 +19,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gymnasium import spaces
-from helpers import CLI_FLAGS, FaultyEnv, assert_one_line_error, fault_env_id, outcome, within
+from helpers import (
+    CLI_FLAGS,
+    FaultyEnv,
+    assert_one_line_error,
+    fault_env_id,
+    outcome,
+    run_loop,
+    small_config,
+    within,
+)
 
 from agents import cartpole, train
 from agents.envs import MASKED_CARTPOLE_ID, ensure_registered, make_vector_env
@@ -160,7 +169,6 @@ def test_a_loop_stopped_between_its_updates_saves_a_checkpoint_that_resumes(
 ):
     """Ctrl-C or a failed update among the several an iterate owes: the final checkpoint keeps every update
     done or still owed, and loads (it held credit > 1 that its own load refused, so the run was lost)."""
-    from test_r2d2 import run_loop, small_config
 
     config = small_config(env_steps_per_update=1.0)  # 4 envs: 4 updates an iterate
     loop, _ = run_loop(config, 30)  # past min_replay_steps
