@@ -243,7 +243,10 @@ def run_script(prog: str, body: Callable[[], int], *, tf_threads: bool = False) 
     """
     with sigterm_as_interrupt():
         try:
-            # After TensorFlow's quiet import; inside the try, so that Ctrl-C here is one line too.
+            # After TensorFlow's quiet import (here too, for a script without script_imports, e.g. a
+            # benchmark whose own imports are TensorFlow-free); inside the try, so that Ctrl-C here is
+            # one line too.
+            import_tensorflow_quietly()
             from agents.experiment import RunFailed
             from agents.r2d2.actor import EnvError
             from agents.r2d2.checkpoint import CheckpointError

@@ -292,6 +292,24 @@ def test_a_script_prints_no_onednn_dtype_notice_when_its_graphs_transpose_bools(
     assert "own error line" in run.stderr
 
 
+def test_a_script_without_script_imports_prints_no_tensorflow_start_up_logs():
+    """A benchmark whose own imports are TensorFlow-free reaches TensorFlow first through run_script's
+    imports; they used to print TensorFlow's C++ start-up lines (oneDNN, cuda drivers, CPU features)
+    above every --help. run_script imports it quietly first."""
+    body = (
+        "import sys\n"
+        "from agents.cli import run_script\n"
+        "def body():\n"
+        "    import tensorflow as tf\n"
+        "    tf.constant(1.0) + 1.0\n"
+        "    return 0\n"
+        "sys.exit(run_script('probe', body))\n"
+    )
+    run = run_python(body)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == ""
+
+
 @pytest.mark.parametrize("asked", [False, True])
 def test_run_script_sets_the_thread_pools_only_when_asked(monkeypatch, asked):
     """Process-wide TensorFlow settings are the entry point's to ask for (issue 25); every CLI here asks."""
