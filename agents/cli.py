@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -43,6 +45,7 @@ __all__ = [
     "consume_onednn_dtype_notice",
     "import_tensorflow_quietly",
     "one_line",
+    "parse_overrides",
     "run_script",
     "script_imports",
 ]
@@ -200,6 +203,30 @@ class ArgumentParser(argparse.ArgumentParser):
                 f"{self.flag(dest) or dest}: expected a checkpoint directory, got {str(path)!r}: {err}"
             )
         return found
+
+
+def parse_overrides(parser: ArgumentParser, items: list[str]) -> dict[str, Any]:
+    """``FIELD=VALUE`` items (``--set``) as a dict of JSON values; FIELD must be an R2D2Config or RunOptions
+    field, else :meth:`ArgumentParser.error` (one line). Here, not in a script, since the train-side scripts
+    (``agents.tune``) and the studies all take ``--set``."""
+    from agents.experiment import RunOptions
+    from agents.r2d2 import R2D2Config
+
+    known = {f.name for f in dataclasses.fields(R2D2Config)} | {
+        f.name for f in dataclasses.fields(RunOptions)
+    }
+    extra: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            parser.error(f"--set: expected FIELD=VALUE with FIELD an R2D2Config or run option, got {item!r}")
+        try:
+            extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parser.error(f"--set: expected a JSON value for {key}, got {value!r}")
+        if isinstance(extra[key], list):  # JSON has no tuples; the config's sequences are tuples
+            extra[key] = tuple(extra[key])
+    return extra
 
 
 def _is_float(text: str) -> bool:

@@ -72,7 +72,7 @@ class RunSeeds:
 
     @property
     def probe(self) -> int:
-        """The seed of the windows a diagnostic probe draws (e.g. :class:`agents.episode_probe.SecondReadingHook`)."""
+        """The seed of the windows a diagnostic probe draws (e.g. :class:`studies.episode_probe.SecondReadingHook`)."""
         return derive_seed(self.seed, Purpose.PROBE)
 
     @property

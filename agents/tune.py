@@ -31,12 +31,19 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from agents.cli import EXIT_FAILED, EXIT_USAGE, ArgumentParser, one_line, run_script, script_imports
+from agents.cli import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    ArgumentParser,
+    one_line,
+    parse_overrides,
+    run_script,
+    script_imports,
+)
 
 PROG = "python -m agents.tune"
 
 with script_imports(PROG, __name__):  # TensorFlow first, quietly; Ctrl-C meanwhile: one line
-    from agents.ablation import parse_overrides
     from agents.envs import make_vector_env, solve_threshold
     from agents.r2d2.config import PRESETS, R2D2Config, preset
 

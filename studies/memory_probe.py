@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from agents.episode_probe import Recorder, pad_rows, true_states
 from burnin import BurnInRunner
 from burnin.diagnostics import delta_q, delta_q_spread
 from burnin.losses import r2d2_loss, rewards_and_continuations
+from studies.episode_probe import Recorder, pad_rows, true_states
 
 __all__ = [
     "START_NAMES",
@@ -263,7 +263,7 @@ class MemoryProbeHook:
     evaluation's entry of the history under ``memory_probe``.
 
     Put it after the :class:`agents.experiment.Evaluation` hook. It records the actor's steps
-    (:class:`agents.episode_probe.Recorder`), so it needs a single-process loop with a recurrent network;
+    (:class:`studies.episode_probe.Recorder`), so it needs a single-process loop with a recurrent network;
     on any other loop it does nothing. It draws windows with its own generator and leaves the training's
     random streams alone, so a run with it is the run without it (tested).
     """
@@ -321,8 +321,7 @@ def _main(argv: list[str] | None) -> int:
     import json
     import sys
 
-    from agents.ablation import parse_overrides
-    from agents.cli import ArgumentParser
+    from agents.cli import ArgumentParser, parse_overrides
 
     parser = ArgumentParser(
         prog=PROG, description="The memory probe on an untrained network (the Q scale at the start)."

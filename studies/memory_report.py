@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.ablation import steps_text
+from studies.ablation import steps_text
 from studies.popgym_tasks import PRESET, SOLVED, task_order
 
 __all__ = [

@@ -16,12 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agents.cli import ArgumentParser, run_script, script_imports
+from agents.cli import ArgumentParser, parse_overrides, run_script, script_imports
 
 PROG = "python -m studies.memory_suite"
 
 with script_imports(PROG, __name__):  # TensorFlow first, quietly; Ctrl-C meanwhile: one line
-    from agents.ablation import parse_overrides
     from agents.r2d2.config import R2D2Config
     from studies import memory_report as report_
     from studies.popgym_tasks import (

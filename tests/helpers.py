@@ -76,10 +76,12 @@ def outcome(main, argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 def assert_one_line_error(err: str, prog: str, *texts: str) -> None:
-    """``err`` is one error line (after any progress bar lines of the work done before it)."""
+    """``err`` is one error line (after any progress bar lines of the work done before it) of the script
+    ``prog``: a module name, ``agents.`` unless it names its package (``studies.ablation``)."""
     lines = [line for line in err.strip().splitlines() if "it/s]" not in line]
     assert len(lines) == 1, err
-    assert lines[0].startswith(f"python -m agents.{prog}: error: "), err
+    module = prog if "." in prog else f"agents.{prog}"
+    assert lines[0].startswith(f"python -m {module}: error: "), err
     for text in texts:
         assert text in lines[0], (text, err)
     assert "Traceback" not in err

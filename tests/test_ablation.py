@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from agents import ablation
+from studies import ablation
 
 
 def summary(evals, learner, wall=10.0, updates=100):
@@ -55,14 +55,19 @@ def test_aggregate_and_markdown():
     assert row["delta_q_first"]["mean"] == pytest.approx(0.2)
     assert row["delta_q_first"]["std"] == pytest.approx(0.1)
     assert row["steps_to_solve"] == [40_000, None]
-    meta = {"env_steps": 1000, "seeds": [0, 1], "command": "python -m agents.ablation", "solve_return": 475.0}
+    meta = {
+        "env_steps": 1000,
+        "seeds": [0, 1],
+        "command": "python -m studies.ablation",
+        "solve_return": 475.0,
+    }
     md = ablation.markdown(table, meta)
     assert (
         "| stored state + burn-in | 0.2 ± 0.1 | 0.3 ± 0.1 | 2 ± 1 | 3 ± 1 | 450 ± 50 | 500 ± 0 | 250 ± 50 | 40k, — |"
         in md
     )
     assert "| steps to 475 |" in md
-    assert "python -m agents.ablation" in md
+    assert "python -m studies.ablation" in md
 
 
 def test_all_nan_is_reported_as_missing():

@@ -18,16 +18,9 @@ LAYERS = (
     ("agents.seeds", "agents.envs", "agents.spaces", "agents.interrupts", "agents.rundir"),
     ("agents.r2d2",),
     ("agents.distributed",),
-    ("agents.experiment", "agents.hooks", "agents.history", "agents.cli", "agents.episode_probe"),
+    ("agents.experiment", "agents.hooks", "agents.history", "agents.cli"),
     ("agents.train",),
-    (
-        "agents.cartpole",
-        "agents.ablation",
-        "agents.delta_q_probe",
-        "agents.article",
-        "agents.stored_start",
-        "agents.tune",
-    ),
+    ("agents.cartpole", "agents.article", "agents.tune"),
     ("studies",),
 )
 

@@ -18,8 +18,9 @@ import pytest
 from helpers import CLI_FLAGS as FLAGS
 from helpers import assert_one_line_error, outcome, run_python
 
-from agents import ablation, cartpole, cli, delta_q_probe, train
+from agents import cartpole, cli, train
 from agents.r2d2 import TrainLoop
+from studies import ablation, delta_q_probe
 
 
 @pytest.fixture(scope="module")
@@ -254,20 +255,20 @@ def test_ablation_bad_flag_is_one_line_and_exit_2(argv, message, capsys, tmp_pat
             "--out", str(tmp_path / "out")]  # fmt: skip
     code, _, err = outcome(ablation.main, [*base, *argv], capsys)
     assert code == 2
-    assert_one_line_error(err, "ablation", message)
+    assert_one_line_error(err, "studies.ablation", message)
     assert not (tmp_path / "runs").exists()
 
 
 def test_delta_q_probe_bad_run_dir_or_checkpoint_is_one_line(checkpoint, tmp_path, capsys):
     code, _, err = outcome(delta_q_probe.main, ["--run-dir", str(tmp_path / "none")], capsys)
     assert code == 2
-    assert_one_line_error(err, "delta_q_probe", "--run-dir: expected a directory of runs")
+    assert_one_line_error(err, "studies.delta_q_probe", "--run-dir: expected a directory of runs")
     runs = tmp_path / "runs"
     bad = corrupted(checkpoint, runs, "truncated-learner")
     argv = ["--run-dir", str(runs), "--batches", "1", "--out", str(tmp_path / "out")]
     code, _, err = outcome(delta_q_probe.main, argv, capsys)
     assert code == 2
-    assert_one_line_error(err, "delta_q_probe", str(bad / "learner.npz"), "truncated or corrupt")
+    assert_one_line_error(err, "studies.delta_q_probe", str(bad / "learner.npz"), "truncated or corrupt")
 
 
 def test_a_script_prints_no_onednn_dtype_notice_when_its_graphs_transpose_bools():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import run_loop, small_config
 
-from agents import delta_q_probe
+from studies import delta_q_probe
 
 
 @pytest.fixture(scope="module")

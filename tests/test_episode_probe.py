@@ -8,9 +8,9 @@ import pytest
 pytest.importorskip("popgym")
 
 from agents.envs import make_vector_env
-from agents.episode_probe import Recorder, second_reading, true_states
 from agents.r2d2 import TrainLoop
 from agents.r2d2.config import preset
+from studies.episode_probe import Recorder, second_reading, true_states
 
 TINY = dict(
     torso_units=(16,), core_units=16, head_units=16, batch_size=8, num_envs=4, replay_capacity=4 * 400,

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("popgym")
 
-from agents import stored_start
+from studies import stored_start
 
 
 def test_stored_burn_in_reproduces_the_actor_on_repeat_first_episodes():

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from agents.cli import ArgumentParser, run_script, script_imports
+from agents.cli import ArgumentParser, parse_overrides, run_script, script_imports
 
-PROG = "python -m agents.ablation"
+PROG = "python -m studies.ablation"
 
 with script_imports(PROG, __name__):  # TensorFlow first, quietly; Ctrl-C meanwhile: one line
     from agents.envs import MASKED_CARTPOLE_ID
@@ -122,9 +122,9 @@ def _run_one(study: Study, strategy: str, seed: int, out_dir: str, *, threads: i
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
     from agents.envs import make_vector_env
-    from agents.episode_probe import SecondReadingHook
     from agents.experiment import train
     from agents.seeds import RunSeeds
+    from studies.episode_probe import SecondReadingHook
 
     config, options = run_settings(strategy, study)
     name = f"{strategy}-s{seed}"
@@ -412,28 +412,6 @@ def _outputs(args: argparse.Namespace) -> None:
         args.run_dir = args.out.parent / "runs" if args.quick else Path("runs") / name
 
 
-def parse_overrides(parser: ArgumentParser, items: list[str]) -> dict[str, Any]:
-    """``FIELD=VALUE`` items as a dict of JSON values; FIELD must be an R2D2Config or RunOptions field."""
-    from agents.experiment import RunOptions
-    from agents.r2d2 import R2D2Config
-
-    known = {f.name for f in dataclasses.fields(R2D2Config)} | {
-        f.name for f in dataclasses.fields(RunOptions)
-    }
-    extra: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in known:
-            parser.error(f"--set: expected FIELD=VALUE with FIELD an R2D2Config or run option, got {item!r}")
-        try:
-            extra[key] = json.loads(value)
-        except json.JSONDecodeError:
-            parser.error(f"--set: expected a JSON value for {key}, got {value!r}")
-        if isinstance(extra[key], list):  # JSON has no tuples; the config's sequences are tuples
-            extra[key] = tuple(extra[key])
-    return extra
-
-
 def main(argv: list[str] | None = None) -> int:
     """The CLI: 0 when done, 2 for a bad flag (one line on stderr), 130 when interrupted."""
     return run_script(PROG, lambda: _main(argv), tf_threads=True)
@@ -503,7 +481,7 @@ def _main(argv: list[str] | None) -> int:
         "seeds": args.seeds,
         "workers": args.workers,
         "wall_time_s": time.perf_counter() - start,
-        "command": "python -m agents.ablation " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": f"{PROG} " + " ".join(argv if argv is not None else sys.argv[1:]),
         "overrides": {s: STRATEGIES[s][1] for s in args.strategies},
         "extra": study.extra,
     }

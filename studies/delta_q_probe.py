@@ -9,7 +9,7 @@ from typing import Any
 
 from agents.cli import ArgumentParser, run_script, script_imports
 
-PROG = "python -m agents.delta_q_probe"
+PROG = "python -m studies.delta_q_probe"
 
 with script_imports(PROG, __name__):  # TensorFlow first, quietly (the probe's functions use it)
     import numpy as np
@@ -162,7 +162,7 @@ def _main(argv: list[str] | None) -> int:
             cells.append(f"{first.mean():.3g} ± {first.std():.2g} / {last.mean():.3g} ± {last.std():.2g}")
         table[t] = row
         lines.append(f"| {t} ({len(seeds)} seeds) | " + " | ".join(cells) + " |")
-    command = "python -m agents.delta_q_probe " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = f"{PROG} " + " ".join(argv if argv is not None else sys.argv[1:])
     lines += ["", f"Command: `{command.strip()}`"]
     md = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-from agents.episode_probe import Recorder, true_states
+from studies.episode_probe import Recorder, true_states
 
 ENV_ID = "popgym-RepeatFirstEasy-v0"
 EVAL_EPISODES = 32
@@ -312,7 +312,7 @@ def _job(args: tuple) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agents.stored_start", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m studies.stored_start", description=__doc__)
     parser.add_argument("--variants", nargs="+", default=["stored", "zero"], choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--env-steps", type=int, default=60_000, help="env steps per run")
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             futures.as_completed([pool.submit(_job, j) for j in jobs]), total=len(jobs), desc="runs"
         ):
             f.result()
-    command = "python -m agents.stored_start " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m studies.stored_start " + " ".join(argv if argv is not None else sys.argv[1:])
     print(report(args.run_dir, args.out, command.strip()))
     return 0
 
