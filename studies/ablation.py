@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as futures
 import dataclasses
 import functools
 import json
-import multiprocessing
-import os
 import re
 import sys
 import tempfile
@@ -24,7 +21,7 @@ PROG = "python -m studies.ablation"
 
 with script_imports(PROG, __name__):  # TensorFlow first, quietly; Ctrl-C meanwhile: one line
     from agents.envs import MASKED_CARTPOLE_ID
-    from burnin.host import visible_cores
+    from studies import sweep
 
 # name -> (description, R2D2Config overrides)
 STRATEGIES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -113,22 +110,45 @@ def run_settings(strategy: str, study: Study) -> tuple[Any, Any]:
     return config, options
 
 
-def _run_one(study: Study, strategy: str, seed: int, out_dir: str, *, threads: int) -> dict:
-    """One training run (in a worker process, or here with ``threads=0``); returns its summary (also on disk)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if threads:
-        import tensorflow as tf
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Job:
+    """One run of the study: a strategy and a seed, in ``run_dir/STRATEGY-sSEED``."""
 
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    study: Study
+    strategy: str
+    seed: int
+    run_dir: str
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.strategy, self.seed
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.run_dir) / sweep.run_name(self.strategy, self.seed)
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What the run in :attr:`out_dir` was trained for (its ``job.json``): env, strategy, seed, config and
+        run options (not ``probe_batches``: the probe reads windows with its own RNG, the training is the same)."""
+        config, options = run_settings(self.strategy, self.study)
+        return sweep.json_form({
+            "env": self.study.env, "strategy": self.strategy, "seed": self.seed, "config": config.to_json(),
+            "options": dataclasses.asdict(options),
+        })  # fmt: skip
+
+
+def run_job(job: Job) -> dict[str, Any]:
+    """One training run from scratch (here, or in a sweep's worker); returns its summary (also on disk)."""
     from agents.envs import make_vector_env
     from agents.experiment import train
     from agents.seeds import RunSeeds
     from studies.episode_probe import SecondReadingHook
 
+    study, strategy, seed = job.study, job.strategy, job.seed
     config, options = run_settings(strategy, study)
-    name = f"{strategy}-s{seed}"
-    run_args = {"seed": seed, "name": name, "run_dir": out_dir, **dataclasses.asdict(options)}
+    name = job.out_dir.name
+    run_args = {"seed": seed, "name": name, "run_dir": job.run_dir, **dataclasses.asdict(options)}
     probe = study.probe_batches and config.core != "dense"
     hooks = [SecondReadingHook(batches=study.probe_batches, seed=RunSeeds(seed).probe)] if probe else []
     return train(
@@ -136,7 +156,7 @@ def _run_one(study: Study, strategy: str, seed: int, out_dir: str, *, threads: i
         options,
         functools.partial(make_vector_env, env_id=study.env),
         seed=seed,
-        out_dir=Path(out_dir) / name,
+        out_dir=sweep.claim(job, fresh=True),
         title=f"R2D2 on {study.env} ({STRATEGIES[strategy][0]}, seed {seed})",
         fields={"name": name, "seed": seed, "env": study.env, "preset": study.preset,
                 "config": config.to_json(), "args": run_args},
@@ -144,24 +164,22 @@ def _run_one(study: Study, strategy: str, seed: int, out_dir: str, *, threads: i
     )  # fmt: skip
 
 
-def finished_summary(strategy: str, seed: int, study: Study, run_dir: Path) -> dict | None:
-    """A finished run's summary from disk, if it ran this env, strategy, seed, config and run options; else None."""
-    path = run_dir / f"{strategy}-s{seed}" / "summary.json"
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    config, options = run_settings(strategy, study)
-    as_json = lambda x: json.loads(json.dumps(x))  # tuples become lists, as on disk
+def finished(job: Job) -> dict[str, Any] | None:
+    """A finished run's summary from disk, if it ran this env, strategy, seed, config and run options to its
+    budget; else None. RunDirError if its directory is another job's (:func:`studies.sweep.check_identity`)."""
+    state, summary = sweep.run_state(job, accept=functools.partial(_ran_as_asked, job))
+    return summary if state == sweep.FINISHED else None
+
+
+def _ran_as_asked(job: Job, summary: dict[str, Any]) -> bool:
+    config, options = run_settings(job.strategy, job.study)
     args = summary.get("args", {})
     same = (
-        summary.get("config") == as_json(config.to_json())
-        and all(args.get(k) == v for k, v in as_json(dataclasses.asdict(options)).items())
-        and summary.get("env", MASKED_CARTPOLE_ID) == study.env  # runs from before --env: masked CartPole
+        summary.get("config") == sweep.json_form(config.to_json())
+        and all(args.get(k) == v for k, v in sweep.json_form(dataclasses.asdict(options)).items())
+        and summary.get("env", MASKED_CARTPOLE_ID) == job.study.env  # runs from before --env: masked CartPole
     )
-    if same and summary.get("stop_reason") == "budget" and summary.get("seed") == seed:
-        return summary
-    return None
+    return same and summary.get("stop_reason") == "budget" and summary.get("seed") == job.seed
 
 
 def run_metrics(summary: dict[str, Any], *, solve_return: float | None = 475.0) -> dict[str, Any]:
@@ -215,13 +233,8 @@ def aggregate(per_run: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[s
     for strategy, runs in per_run.items():
         row: dict[str, Any] = {"description": STRATEGIES[strategy][0], "seeds": sorted(runs)}
         for key in STAT_KEYS:
-            values = np.array([r.get(key, np.nan) for r in runs.values()], dtype=float)
-            finite = values[np.isfinite(values)]
-            row[key] = {
-                "mean": float(finite.mean()) if finite.size else None,
-                "std": float(finite.std()) if finite.size else None,
-                "values": [None if not np.isfinite(v) else float(v) for v in values],
-            }
+            stats = sweep.over_seeds(r.get(key, np.nan) for r in runs.values())
+            row[key] = {"mean": stats["mean"], "std": stats["std"], "values": stats["values"]}
         row["steps_to_solve"] = [runs[s]["steps_to_solve"] for s in sorted(runs)]
         table[strategy] = row
     return table
@@ -417,56 +430,18 @@ def main(argv: list[str] | None = None) -> int:
     return run_script(PROG, lambda: _main(argv), tf_threads=True)
 
 
-def run_all(
-    study: Study, jobs: list[tuple[str, int]], run_dir: Path, *, workers: int
-) -> dict[tuple[str, int], dict]:
-    """Every (strategy, seed) job's summary: here one after another with one worker, else in ``workers``
-    spawned processes (TensorFlow does not survive fork) with the cores split between them."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(jobs), desc="ablation runs")
-    done: dict[tuple[str, int], dict] = {}
-    if workers == 1:
-        for s, seed in jobs:
-            done[s, seed] = _completed(_run_one(study, s, seed, str(run_dir), threads=0))
-            bar.update()
-    else:
-        threads = max(1, visible_cores() // workers)
-        ctx = multiprocessing.get_context("spawn")
-        with futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            pending = {
-                pool.submit(_run_one, study, s, seed, str(run_dir), threads=threads): (s, seed)
-                for s, seed in jobs
-            }
-            for fut in futures.as_completed(pending):
-                done[pending[fut]] = _completed(fut.result())
-                bar.update()
-    bar.close()
-    return done
-
-
-def _completed(summary: dict[str, Any]) -> dict[str, Any]:
-    """``summary``, unless its run was interrupted: then the study stops too (exit 130) rather than report a
-    partial run as finished."""
-    if summary["stop_reason"] == "interrupted":
-        raise KeyboardInterrupt
-    return summary
-
-
 def _main(argv: list[str] | None) -> int:
     args, study = parse_args(argv)
-    jobs = [(s, seed) for seed in args.seeds for s in args.strategies]
-    summaries: dict[str, dict[int, dict[str, Any]]] = {s: {} for s in args.strategies}
-    if args.resume:
-        for s, seed in list(jobs):
-            found = finished_summary(s, seed, study, args.run_dir)
-            if found is not None:
-                summaries[s][seed] = found
-                jobs.remove((s, seed))
-        print(f"resume: {sum(map(len, summaries.values()))} finished runs reused, {len(jobs)} to run")
+    jobs = [
+        Job(study=study, strategy=s, seed=seed, run_dir=str(args.run_dir))
+        for s, seed in sweep.grid(args.strategies, args.seeds, seed_major=True)
+    ]
     start = time.perf_counter()
-    for (s, seed), summary in run_all(study, jobs, args.run_dir, workers=args.workers).items():
-        summaries[s][seed] = summary
+    found = sweep.run_sweep(
+        run_job, jobs, finished=finished, workers=args.workers, resume=args.resume, desc="ablation runs"
+    )
+    # per strategy, its seeds in ascending order: the table's per-seed values line up with its "seeds"
+    summaries = {s: {seed: found[s, seed] for seed in sorted(args.seeds)} for s in args.strategies}
     metrics = {
         s: {seed: run_metrics(summ, solve_return=study.solve_return) for seed, summ in runs.items()}
         for s, runs in summaries.items()

@@ -14,6 +14,8 @@ PROG = "python -m studies.delta_q_probe"
 with script_imports(PROG, __name__):  # TensorFlow first, quietly (the probe's functions use it)
     import numpy as np
 
+    from studies import sweep
+
 START_STRATEGIES = ("zero", "zero_burn_in", "stored", "stored_burn_in")
 """How the probe starts the state before the first trained step t₁ = period of a window:
 
@@ -139,7 +141,7 @@ def _main(argv: list[str] | None) -> int:
     runs: dict[str, Any] = {}
     for ckpt in tqdm(checkpoints, desc="checkpoints"):
         runs[ckpt.parent.name] = probe(ckpt, batches=args.batches)
-    trained = sorted({name.rsplit("-s", 1)[0] for name in runs})
+    trained = sorted({sweep.split_run_name(name)[0] for name in runs})
     table: dict[str, Any] = {}
     lines = [
         f"ΔQ on each trained network and its own replay, {args.batches} batches per checkpoint; "
@@ -149,7 +151,7 @@ def _main(argv: list[str] | None) -> int:
         "| --- |" + " --- |" * len(START_STRATEGIES),
     ]
     for t in trained:
-        seeds = [v for name, v in runs.items() if name.rsplit("-s", 1)[0] == t]
+        seeds = [v for name, v in runs.items() if sweep.split_run_name(name)[0] == t]
         row = {}
         cells = []
         for s in START_STRATEGIES:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from studies import sweep
 from studies.ablation import steps_text
 from studies.popgym_tasks import PRESET, SOLVED, task_order
 
@@ -55,8 +56,9 @@ def random_return(env_id: str, *, episodes: int, seed: int) -> dict[str, Any]:
 
 
 def stat(values: list[float]) -> dict[str, Any]:
-    """Per-seed values with their mean and (population) std."""
-    return {"values": values, "mean": float(np.mean(values)), "std": float(np.std(values))}
+    """Per-seed values (finite: a curve's returns) with their mean and (population) std over seeds."""
+    stats = sweep.over_seeds(values)
+    return {"values": values, "mean": stats["mean"], "std": stats["std"]}
 
 
 def seed_metrics(

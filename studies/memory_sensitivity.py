@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from agents.cli import ArgumentParser, run_script, script_imports
 PROG = "python -m studies.memory_sensitivity"
 
 with script_imports(PROG, __name__):  # TensorFlow first, quietly; Ctrl-C meanwhile: one line
-    from studies import memory_report
+    from studies import memory_report, sweep
     from studies import memory_suite as suite
     from studies.popgym_tasks import TASKS
 
@@ -53,16 +54,15 @@ VARIANTS = variants()
 def jobs(args: argparse.Namespace) -> list[tuple[str, suite.Job]]:
     """(label, job) per variant and seed; each variant in its own run directory."""
     out = []
-    for i, (name, label, overrides) in enumerate(VARIANTS):
-        for seed in args.seeds:
-            job = suite.Job(
-                task=TASKS[name], seed=seed, env_steps=args.env_steps, eval_every=args.eval_every,
-                eval_episodes=args.eval_episodes, overrides={**TASKS[name].overrides, **overrides},
-                run_dir=str(args.run_dir / f"v{i}"),
-                stop_when_solved=True,
-                probe=True,  # the memory probe where the task has labels: the Q scale against the reward scale
-            )  # fmt: skip
-            out.append((label, job))
+    for (i, (name, label, overrides)), seed in sweep.grid(enumerate(VARIANTS), args.seeds):
+        job = suite.Job(
+            task=TASKS[name], seed=seed, env_steps=args.env_steps, eval_every=args.eval_every,
+            eval_episodes=args.eval_episodes, overrides={**TASKS[name].overrides, **overrides},
+            run_dir=str(args.run_dir / f"v{i}"),
+            stop_when_solved=True,
+            probe=True,  # the memory probe where the task has labels: the Q scale against the reward scale
+        )  # fmt: skip
+        out.append((label, job))
     return out
 
 
@@ -124,11 +124,14 @@ def _main(argv: list[str] | None) -> int:
     if min(args.seeds) < 0:
         parser.error(f"--seeds: expected ints >= 0, got {args.seeds}")
     labelled = jobs(args)
-    summaries = {j.key: x for _, j in labelled if args.resume and (x := suite.finished(j)) is not None}
-    if args.resume:
-        print(f"resume: {len(summaries)} finished runs reused, {len(labelled) - len(summaries)} to run")
-    todo = [j for _, j in labelled if j.key not in summaries]
-    summaries.update(suite.run_jobs(todo, workers=args.workers, resume=args.resume, desc="sensitivity runs"))
+    summaries = sweep.run_sweep(
+        functools.partial(suite.run_job, resume=args.resume),
+        [job for _, job in labelled],
+        finished=suite.finished,
+        workers=args.workers,
+        resume=args.resume,
+        desc="sensitivity runs",
+    )
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for label, job in labelled:
         m = memory_report.seed_metrics(summaries[job.key]["history"]["evals"], threshold=job.task.threshold)

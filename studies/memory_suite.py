@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as futures
 import dataclasses
 import functools
 import json
-import multiprocessing
-import os
-import shutil
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +18,7 @@ PROG = "python -m studies.memory_suite"
 with script_imports(PROG, __name__):  # TensorFlow first, quietly; Ctrl-C meanwhile: one line
     from agents.r2d2.config import R2D2Config
     from studies import memory_report as report_
+    from studies import sweep
     from studies.popgym_tasks import (
         DEFAULT_TASKS,
         PRESET,
@@ -60,16 +56,16 @@ class Job:
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.run_dir) / f"{self.task.name}-s{self.seed}"
+        return Path(self.run_dir) / sweep.run_name(self.task.name, self.seed)
 
     @property
     def identity(self) -> dict[str, Any]:
         """What a checkpoint in :attr:`out_dir` must have been trained for to be resumed by this job (whether
         it stops at its solve may differ: a run stopped there can go on to its budget)."""
-        return json.loads(json.dumps({
+        return sweep.json_form({
             "env": self.task.env_id, "seed": self.seed, "env_steps": self.env_steps,
             "eval_every": self.eval_every, "eval_episodes": self.eval_episodes, "overrides": self.overrides,
-        }))  # fmt: skip
+        })  # fmt: skip
 
     def settings(self) -> tuple[Any, Any]:
         """(R2D2Config, RunOptions) of the run; a checkpoint every tenth of the budget (for ``--resume``: a killed run loses at most that)."""
@@ -88,27 +84,32 @@ class Job:
         return preset(PRESET, **self.overrides), options
 
 
-JOB_FILE = "job.json"
+JOB_FILE = sweep.JOB_FILE
 """In each run's directory: the :attr:`Job.identity` its checkpoints belong to."""
 
 
 def run_env_id(out_dir: Path) -> str:
     """The env id a run directory (``TASK-sSEED``) was trained on: its :data:`JOB_FILE`'s, else the name's."""
-    identity = _read_json(out_dir / JOB_FILE)
+    identity = sweep.read_json(out_dir / JOB_FILE)
     if isinstance(identity, dict) and isinstance(identity.get("env"), str):
         return identity["env"]
-    return f"popgym-{out_dir.name.rsplit('-s', 1)[0]}-v0"
+    return f"popgym-{sweep.split_run_name(out_dir.name)[0]}-v0"
 
 
 def finished(job: Job) -> dict[str, Any] | None:
-    """The summary on disk of ``job`` if that run finished its budget with the same config; else None."""
-    summary = _read_json(job.out_dir / "summary.json")
-    if not isinstance(summary, dict):
-        return None
+    """The summary on disk of ``job`` if that run finished its budget with the same config; else None.
+    :class:`agents.rundir.RunDirError` if its directory is another job's (:func:`studies.sweep.check_identity`)."""
+    state, summary = sweep.run_state(job, accept=functools.partial(_ended_as_asked, job))
+    return summary if state == sweep.FINISHED else None
+
+
+def _ended_as_asked(job: Job, summary: dict[str, Any]) -> bool:
+    """Whether ``summary`` is of a run of ``job``'s env, seed, config and schedule that ran to its budget (or,
+    for a job that stops when solved, to its solve)."""
     config, options = job.settings()
     args = summary.get("args", {})
     same = (
-        summary.get("config") == json.loads(json.dumps(config.to_json()))
+        summary.get("config") == sweep.json_form(config.to_json())
         and summary.get("env") == job.task.env_id
         and summary.get("seed") == job.seed
         and all(
@@ -116,38 +117,20 @@ def finished(job: Job) -> dict[str, Any] | None:
         )
     )
     ends = ("budget", "solved") if job.stop_when_solved else ("budget",)
-    return summary if same and summary.get("stop_reason") in ends else None
+    return same and summary.get("stop_reason") in ends
 
 
-def run_job(job: Job, *, threads: int, resume: bool) -> dict[str, Any]:
-    """Train ``job`` (in a worker process with ``threads`` TensorFlow threads, or here with 0); a killed run
-    resumes from its last checkpoint with ``resume`` (and starts over if that checkpoint is of another config)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if threads:
-        import tensorflow as tf
-
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
+def run_job(job: Job, *, resume: bool) -> dict[str, Any]:
+    """Train ``job`` (here, or in a sweep's worker); with ``resume`` a killed run goes on from its last
+    checkpoint, if its job file vouches for it (and starts over if that checkpoint cannot be resumed)."""
     from agents.r2d2.checkpoint import CheckpointError
 
-    checkpoint = job.out_dir / "checkpoint"
-    if resume and (checkpoint / "loop.json").is_file():
-        if _read_json(job.out_dir / JOB_FILE) != job.identity:  # e.g. a longer budget's curve is not ours
-            print(f"{job.out_dir.name}: starting over (its checkpoint is of another budget or settings)")
-        else:
-            try:
-                return _train(job, resume=str(checkpoint))
-            except CheckpointError as err:
-                print(f"{job.out_dir.name}: starting over ({err})")
+    if resume and sweep.resumable(job):
+        try:
+            return _train(job, resume=str(job.out_dir / sweep.CHECKPOINT))
+        except CheckpointError as err:
+            print(f"{job.out_dir.name}: starting over ({err})")
     return _train(job, resume="")
-
-
-def _read_json(path: Path) -> Any:
-    """The JSON in ``path``, or None if it cannot be read or parsed (UTF-8 errors included: ValueErrors)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 PROBE_BATCHES = 8
@@ -161,11 +144,7 @@ def _train(job: Job, *, resume: str) -> dict[str, Any]:
 
     config, options = job.settings()
     options = dataclasses.replace(options, resume=resume)
-    if not resume:  # starting over: a stale checkpoint must not outlive the job file that vouches for it
-        for stale in ("checkpoint", ".checkpoint.previous"):
-            shutil.rmtree(job.out_dir / stale, ignore_errors=True)
-    job.out_dir.mkdir(parents=True, exist_ok=True)
-    (job.out_dir / JOB_FILE).write_text(json.dumps(job.identity))
+    sweep.claim(job, fresh=not resume)
     run_args = {"seed": job.seed, **dataclasses.asdict(options)}
     label_fn = labeller(job.task.env_id) if job.probe else None
     hooks = [MemoryProbeHook(label_fn, batches=PROBE_BATCHES, seed=job.seed)] if label_fn else []
@@ -179,51 +158,6 @@ def _train(job: Job, *, resume: str) -> dict[str, Any]:
         fields={"env": job.task.env_id, "seed": job.seed, "config": config.to_json(), "args": run_args},
         hooks=hooks,
     )
-
-
-def run_jobs(
-    jobs: list[Job],
-    *,
-    workers: int,
-    resume: bool,
-    desc: str = "memory suite runs",
-    on_done: Callable[[Job, dict[str, Any]], None] | None = None,
-) -> dict[tuple[str, int, str], dict[str, Any]]:
-    """Every job's summary, with a progress bar over runs: here one after another with one worker, else in
-    ``workers`` spawned processes (TensorFlow does not survive fork), the cores split between them.
-    ``on_done(job, summary)`` is called as each run finishes (to report results as they come)."""
-    from tqdm import tqdm
-
-    from burnin.host import visible_cores
-
-    done: dict[tuple[str, int, str], dict[str, Any]] = {}
-
-    def finish(job: Job, summary: dict[str, Any]) -> None:
-        done[job.key] = completed(summary)
-        if on_done is not None:
-            on_done(job, done[job.key])
-        bar.update()
-
-    with tqdm(total=len(jobs), desc=desc, unit="run") as bar:
-        if workers == 1:
-            for job in jobs:
-                finish(job, run_job(job, threads=0, resume=resume))
-            return done
-        threads = max(1, visible_cores() // workers)
-        ctx = multiprocessing.get_context("spawn")
-        with futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            pending = {pool.submit(run_job, job, threads=threads, resume=resume): job for job in jobs}
-            for fut in futures.as_completed(pending):
-                finish(pending[fut], fut.result())
-    return done
-
-
-def completed(summary: dict[str, Any]) -> dict[str, Any]:
-    """``summary``, unless its run was interrupted (Ctrl-C, SIGTERM): then the suite stops too (exit 130),
-    with the run's final checkpoint written for ``--resume``, rather than report a partial curve."""
-    if summary["stop_reason"] == "interrupted":
-        raise KeyboardInterrupt
-    return summary
 
 
 def task_entry(
@@ -400,11 +334,9 @@ def random_returns(names: list[str], previous: dict[str, Any], *, episodes: int)
 def _main(argv: list[str] | None) -> int:
     args, jobs = parse_args(argv)
     flat = [j for runs in jobs.values() for j in runs]
-    summaries = {j.key: s for j in flat if args.resume and (s := finished(j)) is not None}
-    if args.resume:
-        print(f"resume: {len(summaries)} finished runs reused, {len(flat) - len(summaries)} to run")
+    summaries, todo = sweep.plan(flat, finished=finished, resume=args.resume)
     json_path = args.out / "memory_suite.json"
-    previous = _read_json(json_path)
+    previous = sweep.read_json(json_path)
     report = previous if isinstance(previous, dict) else {}
     randoms = random_returns(args.tasks, report, episodes=args.random_episodes)
     command = " ".join([PROG, *(argv if argv is not None else sys.argv[1:])])
@@ -421,8 +353,13 @@ def _main(argv: list[str] | None) -> int:
 
     for name in args.tasks:  # tasks whose runs had all finished before (--resume)
         report_task(name)
-    run_jobs([j for j in flat if j.key not in summaries], workers=args.workers, resume=args.resume,
-             on_done=on_done)  # fmt: skip
+    sweep.run_jobs(
+        functools.partial(run_job, resume=args.resume),
+        todo,
+        workers=args.workers,
+        desc="memory suite runs",
+        on_done=on_done,
+    )
     print(write_report(report, args.out))
     print(f"outputs: {args.out}/memory_suite.{{md,json,png}}")
     return 0

@@ -1,22 +1,23 @@
-"""Why the stored start state loses to the zero start on POPGym's RepeatFirstEasy: training runs that probe the start state."""
+"""Why the stored start state loses to the zero start on POPGym's RepeatFirstEasy: training runs that probe the start state (``python -m studies.stored_start``)."""
 
 from __future__ import annotations
 
-import argparse
-import concurrent.futures as futures
+import dataclasses
 import json
-import multiprocessing
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import numpy as np
 
-from studies.episode_probe import Recorder, true_states
+from agents.cli import ArgumentParser, run_script, script_imports
+
+PROG = "python -m studies.stored_start"
+
+with script_imports(PROG, __name__):  # TensorFlow first, quietly; Ctrl-C meanwhile: one line
+    from studies import sweep
+    from studies.episode_probe import Recorder, true_states
 
 ENV_ID = "popgym-RepeatFirstEasy-v0"
 EVAL_EPISODES = 32
@@ -180,11 +181,9 @@ def check(seed: int = 0, *, actor_steps: int = 300, quick: bool = False) -> dict
 def run(
     variant: str, seed: int, env_steps: int, out_dir: Path, *, eval_every: int, quick: bool = False
 ) -> dict:
-    """One training run of ``variant``: a greedy evaluation (32 episodes) and a probe every ``eval_every`` env steps."""
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    """One training run of ``variant``: a greedy evaluation (32 episodes) and a probe every ``eval_every`` env
+    steps; its summary in ``out_dir/VARIANT-sSEED.json``. One thread per op, as the sweep's workers on two cores
+    and the script's own pools (:func:`agents.cli.configure_threads`) give it."""
     from agents.r2d2 import Actor, R2D2Config, TrainLoop, evaluate
     from agents.seeds import RunSeeds
 
@@ -214,18 +213,61 @@ def run(
         "final_probe": probe(loop, rec, batches=4 if quick else 40),  # more rows for the linear probe
     }  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{variant}-s{seed}.json").write_text(json.dumps(summary, indent=1))
+    (out_dir / f"{sweep.run_name(variant, seed)}.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Job:
+    """One run of the study: a variant and a seed. Its run is one file, ``run_dir/VARIANT-sSEED.json``, found
+    by its name (the study keeps no job file: ``identity`` None)."""
+
+    variant: str
+    seed: int
+    env_steps: int
+    eval_every: int
+    run_dir: str
+    quick: bool = False
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.variant, self.seed
+
+    @property
+    def identity(self) -> None:
+        return None
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.run_dir)
+
+    @property
+    def path(self) -> Path:
+        return self.out_dir / f"{sweep.run_name(self.variant, self.seed)}.json"
+
+
+def run_job(job: Job) -> dict:
+    """:func:`run` of ``job`` (here, or in a sweep's worker)."""
+    return run(job.variant, job.seed, job.env_steps, job.out_dir, eval_every=job.eval_every, quick=job.quick)
+
+
+def finished(job: Job) -> dict | None:
+    """The run's JSON if it is on disk (whole: a run killed while writing it runs again); else None."""
+    summary = sweep.read_json(job.path)
+    return summary if isinstance(summary, dict) else None
+
+
 def _mean_std(values: list[float]) -> str:
-    v = np.array([x for x in values if np.isfinite(x)])
-    return "n/a" if v.size == 0 else f"{v.mean():.2f} ± {v.std():.2f}" if v.size > 1 else f"{v[0]:.2f}"
+    stats = sweep.over_seeds(values)
+    n = sum(v is not None for v in stats["values"])
+    if n == 0:
+        return "n/a"
+    return f"{stats['mean']:.2f} ± {stats['std']:.2f}" if n > 1 else f"{stats['mean']:.2f}"
 
 
 def report(run_dir: Path, out: Path, command: str) -> str:
     """Table (markdown), JSON and plot of every finished run under ``run_dir``."""
-    runs = [json.loads(p.read_text()) for p in sorted(run_dir.glob("*-s*.json"))]
+    runs = [json.loads(p.read_text()) for p in sweep.find_runs(run_dir, suffix=".json")]
     if not runs:
         raise ValueError(f"--run-dir: no finished run under {run_dir}")
     names = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
@@ -306,13 +348,13 @@ def _plot(runs: list[dict], names: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def _job(args: tuple) -> dict:
-    variant, seed, env_steps, out_dir, eval_every, quick = args
-    return run(variant, seed, env_steps, Path(out_dir), eval_every=eval_every, quick=quick)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m studies.stored_start", description=__doc__)
+    """The CLI: 0 when done, 2 for a bad flag (one line on stderr), 130 when interrupted."""
+    return run_script(PROG, lambda: _main(argv), tf_threads=True)
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--variants", nargs="+", default=["stored", "zero"], choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--env-steps", type=int, default=60_000, help="env steps per run")
@@ -331,22 +373,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="a tiny network and budget (CI)")
     args = parser.parse_args(argv)
-    for flag in ("env_steps", "eval_every", "workers"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')}: expected an int >= 1, got {getattr(args, flag)}")
+    parser.require_at_least(args, dict.fromkeys(("env_steps", "eval_every", "workers"), 1))
     if args.check:
         print(json.dumps(check(args.seeds[0], quick=args.quick), indent=1))
         return 0
-    jobs = [(v, s, args.env_steps, str(args.run_dir), args.eval_every, args.quick)
-            for s in args.seeds for v in args.variants if not (args.run_dir / f"{v}-s{s}.json").exists()]  # fmt: skip
-    from tqdm import tqdm
-
-    with futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for f in tqdm(
-            futures.as_completed([pool.submit(_job, j) for j in jobs]), total=len(jobs), desc="runs"
-        ):
-            f.result()
-    command = "python -m studies.stored_start " + " ".join(argv if argv is not None else sys.argv[1:])
+    jobs = [
+        Job(variant=v, seed=s, env_steps=args.env_steps, eval_every=args.eval_every, run_dir=str(args.run_dir),
+            quick=args.quick)
+        for v, s in sweep.grid(args.variants, args.seeds, seed_major=True)
+    ]  # fmt: skip
+    # A run on disk is always reused (the study has no --resume): its file names its variant and seed.
+    sweep.run_sweep(run_job, jobs, finished=finished, workers=args.workers, resume=True, desc="runs")
+    command = f"{PROG} " + " ".join(argv if argv is not None else sys.argv[1:])
     print(report(args.run_dir, args.out, command.strip()))
     return 0
 

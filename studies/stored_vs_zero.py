@@ -16,6 +16,7 @@ from agents.cli import ArgumentParser, run_script, script_imports
 PROG = "python -m studies.stored_vs_zero"
 
 with script_imports(PROG, __name__):  # TensorFlow first, quietly; Ctrl-C meanwhile: one line
+    from studies import sweep
     from studies.memory_report import format_steps, seed_metrics
 
 STRATEGIES = ("stored", "zero")
@@ -54,8 +55,8 @@ def run_row(summary: dict[str, Any], *, threshold: float, strategy: str) -> dict
 
 
 def _mean_std(values: list[float]) -> str:
-    v = np.array([x for x in values if x is not None and np.isfinite(x)], float)
-    return "—" if not v.size else f"{v.mean():.2f} ± {v.std():.2f}"
+    stats = sweep.over_seeds(values)
+    return "—" if stats["mean"] is None else f"{stats['mean']:.2f} ± {stats['std']:.2f}"
 
 
 def markdown(table: dict[str, dict[str, list[dict[str, Any]]]], *, budgets: dict[str, int]) -> str:
@@ -123,10 +124,9 @@ def collect(run_dirs: dict[str, Path], tasks: list[str]) -> tuple[dict, dict[str
     budgets: dict[str, int] = {}
     for strategy, root in run_dirs.items():
         for task in tasks:
-            for run in sorted(root.glob(f"{task}-s*")):
-                try:
-                    summary = json.loads((run / "summary.json").read_text())
-                except (OSError, ValueError):
+            for run in sweep.find_runs(root, task):
+                summary = sweep.read_json(run / sweep.SUMMARY_FILE)
+                if not isinstance(summary, dict):
                     continue  # unfinished
                 if summary.get("config", {}).get("state_strategy") != strategy:
                     raise ValueError(

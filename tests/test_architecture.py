@@ -21,6 +21,7 @@ LAYERS = (
     ("agents.experiment", "agents.hooks", "agents.history", "agents.cli"),
     ("agents.train",),
     ("agents.cartpole", "agents.article", "agents.tune"),
+    ("studies.sweep", "studies.episode_probe", "studies.popgym_tasks"),  # what the studies build on
     ("studies",),
 )
 

@@ -20,7 +20,7 @@ from helpers import assert_one_line_error, outcome, run_python
 
 from agents import cartpole, cli, train
 from agents.r2d2 import TrainLoop
-from studies import ablation, delta_q_probe
+from studies import ablation, delta_q_probe, stored_start
 
 
 @pytest.fixture(scope="module")
@@ -320,10 +320,13 @@ def test_run_script_sets_the_thread_pools_only_when_asked(monkeypatch, asked):
     assert calls == (["threads"] if asked else [])
 
 
-@pytest.mark.parametrize("script", [train, cartpole, ablation, delta_q_probe], ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+    "script", [train, cartpole, ablation, delta_q_probe, stored_start], ids=lambda m: m.__name__
+)
 def test_every_cli_asks_for_the_thread_pools(monkeypatch, script):
     seen = []
-    for module in (train, ablation, delta_q_probe):  # cartpole.main is train.main with its flags
+    # cartpole.main is train.main with its flags
+    for module in (train, ablation, delta_q_probe, stored_start):
         monkeypatch.setattr(module, "run_script", lambda prog, body, **kwargs: seen.append(kwargs) or 0)
     assert script.main([]) == 0
     assert seen == [{"tf_threads": True}]

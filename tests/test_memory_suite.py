@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("popgym")
 
 from agents.envs import ensure_registered
-from studies import memory_report
+from studies import memory_report, sweep
 from studies import memory_suite as suite
 
 ISSUE_TASKS = (
@@ -163,22 +163,49 @@ def test_resume_skips_finished_runs_and_resumes_a_killed_one_from_its_checkpoint
     assert "resume: 2 finished runs reused, 0 to run" in capsys.readouterr().out
 
 
-def test_resume_starts_over_from_a_checkpoint_of_another_budget(quick, tmp_path, capsys):
-    """A killed run's checkpoint is resumed only by the job it was trained for: one of the 1000-step budget
-    under a 500-step one would end at once, with the longer run's curve reported as the shorter one's."""
+def test_resume_refuses_the_run_directory_of_another_budget(quick, tmp_path, capsys):
+    """A killed run's checkpoint is resumed only by the job it was trained for, and another job never
+    overwrites it: under a 500-step budget the 1000-step run's directory is refused, one line naming it and
+    what differs, exit 2, before anything trains (its curve would pass for the shorter run's)."""
     runs = tmp_path / "runs"
-    shutil.copytree(quick / "runs" / "RepeatFirstEasy-s0", runs / "RepeatFirstEasy-s0")
-    (runs / "RepeatFirstEasy-s0" / "summary.json").unlink()  # killed after its last checkpoint
+    out_dir = runs / "RepeatFirstEasy-s0"
+    shutil.copytree(quick / "runs" / "RepeatFirstEasy-s0", out_dir)
+    (out_dir / "summary.json").unlink()  # killed after its last checkpoint
     argv = ["--quick", "--tasks", "RepeatFirstEasy", "--out", str(tmp_path), "--run-dir", str(runs)]
-    capsys.readouterr()
-    assert suite.main([*argv, "--env-steps", "500", "--eval-every", "250", "--resume"]) == 0
-    assert "RepeatFirstEasy-s0: starting over (its checkpoint is of another budget or settings)" in (
-        capsys.readouterr().out
+    for resume in (["--resume"], []):
+        capsys.readouterr()
+        assert suite.main([*argv, "--env-steps", "500", "--eval-every", "250", *resume]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(
+            f"{suite.PROG}: error: run directory {out_dir}: its job.json records another job: "
+        )
+        assert "env_steps 1000 there, 500 here; eval_every 500 there, 250 here" in err and "\n" not in err
+    assert json.loads((out_dir / suite.JOB_FILE).read_text())["env_steps"] == 1000
+    assert (out_dir / "checkpoint" / "loop.json").is_file() and not (tmp_path / "memory_suite.json").exists()
+
+
+def test_a_run_directory_of_the_suite_before_the_sweep_runner_is_still_its_jobs(tmp_path):
+    """The job file the suite wrote before studies.sweep (runs/pair_stored/CountRecallEasy-s0/job.json, as
+    it is on disk): the same job, resumable from its checkpoint, finished once its summary is there."""
+    recorded = (
+        '{"env": "popgym-CountRecallEasy-v0", "seed": 0, "env_steps": 200000, "eval_every": 10000, '
+        '"eval_episodes": 32, "overrides": {"gamma": 0.0}}'
     )
-    entry = json.loads((tmp_path / "memory_suite.json").read_text())["RepeatFirstEasy"]
-    assert [s // 250 for s, _ in entry["curves"]["0"]] == [1, 2] and entry["budget"] == 500
-    job_file = json.loads((runs / "RepeatFirstEasy-s0" / suite.JOB_FILE).read_text())
-    assert job_file["env_steps"] == 500 and job_file["eval_every"] == 250
+    argv = ["--tasks", "CountRecallEasy", "--seeds", "0", "--env-steps", "200000", "--eval-every", "10000"]
+    _, jobs = suite.parse_args([*argv, "--run-dir", str(tmp_path), "--out", str(tmp_path / "out")])
+    job = jobs["CountRecallEasy"][0]
+    assert job.out_dir == tmp_path / "CountRecallEasy-s0"
+    (job.out_dir / "checkpoint").mkdir(parents=True)
+    (job.out_dir / "checkpoint" / "loop.json").write_text("{}")
+    (job.out_dir / suite.JOB_FILE).write_text(recorded)
+    assert sweep.resumable(job) and suite.finished(job) is None
+    assert suite.run_env_id(job.out_dir) == "popgym-CountRecallEasy-v0"
+    config, options = job.settings()
+    args = {k: getattr(options, k) for k in ("total_env_steps", "eval_every", "eval_episodes")}
+    summary = {"config": config.to_json(), "env": job.task.env_id, "seed": 0, "args": args,
+               "stop_reason": "budget"}  # fmt: skip
+    (job.out_dir / "summary.json").write_text(json.dumps(summary))
+    assert suite.finished(job) == json.loads(json.dumps(summary))
 
 
 @pytest.mark.parametrize(
