@@ -31,8 +31,8 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check burnin agents benchmarks tests
-	$(BIN)/ruff format --check burnin agents benchmarks tests
+	$(BIN)/ruff check burnin agents studies benchmarks tests
+	$(BIN)/ruff format --check burnin agents studies benchmarks tests
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.burnin_throughput $(ARGS)

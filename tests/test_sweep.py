@@ -1,6 +1,4 @@
-"""studies.sweep, the studies' one sweep runner: run names, jobs × seeds, what a run directory holds (finished,
-resumable, new, another job's), the plan of a resumed sweep, the runs in this process and in a pool, and the
-statistics over seeds, by hand."""
+"""studies.sweep: run names, jobs × seeds, what a run directory holds, the resume plan, runs here and in a pool, seed statistics."""
 
 from __future__ import annotations
 
