@@ -203,7 +203,12 @@ class Stream:
     """A pre-generated actor stream for LANES lanes: episodes of mean length 400, with final observations."""
 
     def __init__(
-        self, obs_shape: tuple[int, ...], row_state_shapes: Any, steps: int, seed: int, obs_dtype: str = "float32"
+        self,
+        obs_shape: tuple[int, ...],
+        row_state_shapes: Any,
+        steps: int,
+        seed: int,
+        obs_dtype: str = "float32",
     ) -> None:
         rng = np.random.default_rng(seed)
         if np.dtype(obs_dtype).kind == "f":
