@@ -105,7 +105,10 @@ def rewards_and_continuations(
     Returns:
         ``(r_t, pcont_t)``, each ``[B, T]``: the inputs of :func:`n_step_returns`.
     """
-    r_t = tf.where(has_action_t, reward_scale * reward_t, 0.0)
+    # No multiply at scale 1: the graph then stays the one before reward_scale existed (its rewrites
+    # changed the masked-CartPole demo's run, though x · 1 is exact).
+    scaled = reward_t if reward_scale == 1.0 else reward_scale * reward_t
+    r_t = tf.where(has_action_t, scaled, 0.0)
     pcont_t = tf.where(has_action_t, gamma * discount_t, 1.0)
     return r_t, pcont_t
 

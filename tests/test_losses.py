@@ -267,3 +267,20 @@ def test_delta_q_is_zero_for_equal_states(call):
     q = np.random.default_rng(1).standard_normal((4, 3)) + 5
     seq = np.random.default_rng(2).standard_normal((4, 6, 3)) + 5
     np.testing.assert_array_equal(call(delta_q, q, q, seq, np.ones((4, 6), bool)), np.zeros(4))
+
+
+def test_rewards_at_scale_one_add_no_multiply_to_the_graph():
+    """At reward_scale 1 the targets' graph is the one from before the scale existed: a multiply by 1,
+    exact as it is, let TensorFlow's graph rewrites change the masked-CartPole demo's run (seed 0 solved
+    at 90,001 env steps instead of 85,010)."""
+
+    def muls(scale: float) -> int:
+        fn = tf.function(
+            lambda r, d, a: losses.rewards_and_continuations(r, d, a, gamma=0.9, reward_scale=scale)
+        )
+        spec = tf.TensorSpec([2, 3], tf.float32)
+        graph = fn.get_concrete_function(spec, spec, tf.TensorSpec([2, 3], tf.bool)).graph
+        return sum(op.type == "Mul" for op in graph.get_operations())
+
+    assert muls(1.0) == 1  # γ · discount only
+    assert muls(50.0) == 2
