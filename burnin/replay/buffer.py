@@ -117,7 +117,6 @@ class SequenceReplay:
         # Short names for the tables read outside the kernels.
         self._lt, self._win, self._alive = arrays["lanes"], arrays["windows"], arrays["window_alive"]
         self._counters, self._spos = arrays["counters"], self._tables.state_pos
-        self._obs_flat = arrays["step_observation"].reshape(nl * cap, *config.obs_shape)
         keep, dtype = config.keep_actor_states, config.state_dtype
         self._states_flat = state_buffers(arrays, "state", nl * spl, config.row_state_shapes)
         self._actor_states_flat = (
