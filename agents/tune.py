@@ -4,9 +4,13 @@ Each trial is one training run (the harness of :mod:`agents.experiment`, evaluat
 evaluates) with a config drawn from :data:`SEARCH_SPACE` on top of the preset and ``--set``. It stops at
 the env's bar (``--solve-return``, else the env spec's ``reward_threshold``) or at ``--budget`` env steps.
 Its objective, minimised, is the env steps (``--objective wall``: seconds) to its first evaluation at the
-bar; an unsolved trial scores what it used × (2 − its progress towards the bar), so it ranks after every
-solved one and closer ones first. Optuna's TPE sampler (seeded by ``--seed``) proposes; its median pruner
-stops a trial whose evaluations fall below the median of earlier trials' at the same evaluation.
+bar; an unsolved run scores what it used × (2 − its progress towards the bar), so it ranks after every
+solved one and closer ones first. With ``--seeds N`` a trial is N runs (seeds ``--seed``, ``--seed`` + 1,
+…) scored by their median: a preset should hold on seeds it was not drawn for. Optuna's TPE sampler
+(seeded by ``--seed``) proposes; its median pruner stops a trial whose evaluations fall below the median of
+earlier trials' at the same evaluation; under ``--objective wall`` a run stops once it has taken twice the
+best trial's score (it cannot win from there), and any run at ``--time-cap`` seconds. A new study's first
+trial is the preset itself (its values of the searched fields that are on the grid).
 
 The study lives in SQLite (``RUN_DIR/tune/STUDY/study.db``, or ``--storage URL``): the same command run
 again resumes it up to ``--trials`` finished trials; another env, budget, bar, preset, pins or objective
@@ -26,8 +30,10 @@ import functools
 import json
 import re
 import shutil
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +56,14 @@ with script_imports(PROG, __name__):  # TensorFlow first, quietly; Ctrl-C meanwh
 __all__ = ["PROG", "SEARCH_SPACE", "draw", "main", "score", "train_flags"]
 
 SEARCH_SPACE: dict[str, tuple[Any, ...]] = {
-    "env_steps_per_update": (1.0, 2.0, 4.0, 8.0, 16.0),  # the replay ratio
+    "env_steps_per_update": (1.0, 2.0, 4.0, 8.0, 16.0, 32.0),  # the replay ratio
     "min_replay_steps": (500, 1_000, 2_000, 5_000),  # the learning start
     "learning_rate": (1e-4, 3e-4, 1e-3, 3e-3),
     "batch_size": (16, 32, 64),
     "unroll": (10, 20, 40),
     "burn_in": (0, 10, 20),
     "core_units": (32, 64, 128, 256),
+    "head_units": (32, 64, 128),
     "target_update_period": (100, 200, 400, 1_000),
     "n_step": (1, 3, 5),
     "gamma": (0.9, 0.95, 0.99, 0.997),
@@ -88,6 +95,8 @@ class Search:
     eval_every: int
     eval_episodes: int
     seed: int
+    seeds: int = 1
+    time_cap_s: float | None = None
 
     def identity(self) -> dict[str, Any]:
         """The study's record of it (JSON), checked when a study is resumed."""
@@ -125,58 +134,99 @@ def score(summary: dict[str, Any], *, bar: float, objective: str) -> float:
 
 class PruneOnEvaluations:
     """A harness hook: reports each evaluation (its negated mean return, lower is better like the objective)
-    to the trial and stops the run ('pruned') when Optuna's pruner says so."""
+    to the trial, at step ``offset`` + its index, and stops the run ('pruned') when Optuna's pruner says so;
+    with ``time_cap_s``, it stops the run ('over time') once its wall time passes the cap."""
 
-    def __init__(self, trial: Any) -> None:
-        self.trial = trial
+    def __init__(self, trial: Any, *, offset: int = 0, time_cap_s: float | None = None) -> None:
+        self.trial, self.offset, self.time_cap_s = trial, offset, time_cap_s
 
     def on_start(self, run: Any) -> None:
         self.seen = len(run.history.evals)
 
     def on_step(self, run: Any, stats: Any) -> str | None:
+        if self.time_cap_s is not None and run.wall_before + time.perf_counter() - run.start > self.time_cap_s:
+            return "over time"
         evals = run.history.evals
         if len(evals) == self.seen:
             return None
         self.seen = len(evals)
-        self.trial.report(-evals[-1]["mean_return"], step=len(evals) - 1)
+        self.trial.report(-evals[-1]["mean_return"], step=self.offset + len(evals) - 1)
         return "pruned" if self.trial.should_prune() else None
 
     def on_end(self, run: Any, summary: dict[str, Any]) -> None:
         pass
 
 
-def run_trial(trial: Any, search: Search, study_dir: Path) -> float:
-    """Optuna's objective: one training run of the trial's config."""
+def time_cap(study: Any, search: Search) -> float | None:
+    """A run's time cap: ``search.time_cap_s``, and under the wall objective twice the best finished trial's
+    score if less (a run that long scores more than that trial whatever it reaches); None for neither."""
     import optuna
 
-    from agents.experiment import RunOptions, train
+    done = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    caps = [search.time_cap_s] if search.time_cap_s is not None else []
+    if search.objective == "wall" and done:
+        caps.append(2.0 * min(done))
+    return min(caps, default=None)
+
+
+def preset_trial(search: Search) -> dict[str, Any]:
+    """The preset's own values of the searched fields that are on the grid: enqueued as a new study's
+    first trial, so the search shows what it gained over the preset."""
+    base = preset(search.preset, **search.pins)
+    return {f: getattr(base, f) for f in search.fields if getattr(base, f) in SEARCH_SPACE[f]}
+
+
+def run_trial(trial: Any, search: Search, study_dir: Path) -> float:
+    """Optuna's objective: the median score of the trial's config over ``search.seeds`` runs (seeds
+    ``search.seed``, ``search.seed`` + 1, …), each in ``trial-N/seed-S``."""
+    import optuna
 
     try:
         config = draw(trial, search)
     except ValueError as err:  # a drawn combination the config refuses: no run, never drawn as a best
         raise optuna.TrialPruned(f"invalid config: {one_line(err)}") from None
-    out_dir = study_dir / f"trial-{trial.number}"
-    shutil.rmtree(out_dir, ignore_errors=True)  # a trial number is new in its study: anything there is stale
+    trial_dir = study_dir / f"trial-{trial.number}"
+    shutil.rmtree(trial_dir, ignore_errors=True)  # a trial number is new in its study: anything there is stale
+    cap, evals_per_run = time_cap(trial.study, search), search.budget // search.eval_every + 1
+    scores, solved, steps = [], [], []
+    for k in range(search.seeds):
+        seed = search.seed + k
+        out_dir = trial_dir / f"seed-{seed}" if search.seeds > 1 else trial_dir
+        hook = PruneOnEvaluations(trial, offset=k * evals_per_run, time_cap_s=cap)
+        summary = train_once(config, search, seed=seed, out_dir=out_dir, hook=hook, number=trial.number)
+        if summary["stop_reason"] == "interrupted":
+            raise KeyboardInterrupt
+        if summary["stop_reason"] == "pruned":
+            raise optuna.TrialPruned()
+        scores.append(score(summary, bar=search.bar, objective=search.objective))
+        solved.append(summary["stop_reason"] == "solved")
+        steps.append(summary["env_steps"])
+    trial.set_user_attr("solved", all(solved))
+    trial.set_user_attr("env_steps", steps[0] if search.seeds == 1 else steps)
+    trial.set_user_attr("scores", scores)
+    return float(statistics.median(scores))
+
+
+def train_once(
+    config: R2D2Config, search: Search, *, seed: int, out_dir: Path, hook: PruneOnEvaluations, number: int
+) -> dict[str, Any]:
+    """One training run of a trial, its log in ``out_dir/log.txt`` and its checkpoint removed after."""
+    from agents.experiment import RunOptions, train
+
     out_dir.mkdir(parents=True)
     options = RunOptions(
         total_env_steps=search.budget, eval_every=search.eval_every, eval_episodes=search.eval_episodes,
         solve_return=search.bar, checkpoint_every=0, progress=False,
     )  # fmt: skip
-    fields = {"env": search.env, "seed": search.seed, "config": config.to_json(), "trial": trial.number}
+    fields = {"env": search.env, "seed": seed, "config": config.to_json(), "trial": number}
     with open(out_dir / "log.txt", "w") as log, contextlib.redirect_stdout(log):  # the console keeps the bar
         summary = train(
-            config, options, functools.partial(make_vector_env, env_id=search.env), seed=search.seed,
-            out_dir=out_dir, title=f"tune trial {trial.number} on {search.env}", fields=fields,
-            hooks=[PruneOnEvaluations(trial)],
+            config, options, functools.partial(make_vector_env, env_id=search.env), seed=seed,
+            out_dir=out_dir, title=f"tune trial {number} on {search.env} (seed {seed})", fields=fields,
+            hooks=[hook],
         )  # fmt: skip
     shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)  # the search needs only the summary
-    if summary["stop_reason"] == "interrupted":
-        raise KeyboardInterrupt
-    if summary["stop_reason"] == "pruned":
-        raise optuna.TrialPruned()
-    trial.set_user_attr("solved", summary["stop_reason"] == "solved")
-    trial.set_user_attr("env_steps", summary["env_steps"])
-    return score(summary, bar=search.bar, objective=search.objective)
+    return summary
 
 
 def train_flags(config: R2D2Config, preset_name: str) -> list[str]:
@@ -209,7 +259,13 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--eval-every", type=int, default=None, help="env steps between evaluations [5000]")
     parser.add_argument("--eval-episodes", type=int, default=None, help="episodes per evaluation [20]")
     parser.add_argument("--pruner", choices=("median", "none"), default="median")
-    parser.add_argument("--seed", type=int, default=0, help="the sampler's and every run's seed [0]")
+    parser.add_argument(
+        "--time-cap", type=float, default=None, metavar="S", help="stop any run after S seconds [none]"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the sampler's seed and the first run's [0]")
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="runs per trial, seeds SEED, SEED+1, …; scored by their median [1]"
+    )
     parser.add_argument("--study-name", default="", help="[ENV-PRESET-OBJECTIVE]")
     parser.add_argument("--run-dir", type=Path, default=None, help="[runs; --quick: a temp dir]")
     parser.add_argument(
@@ -234,10 +290,13 @@ def parse_args(parser: ArgumentParser, argv: list[str] | None) -> tuple[argparse
     for name, value in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, QUICK[name] if args.quick else value)
-    minimums = {"trials": 1, "budget": 1, "eval_every": 1, "eval_episodes": 1, "seed": 0}
+    minimums = {"trials": 1, "budget": 1, "eval_every": 1, "eval_episodes": 1, "seed": 0, "seeds": 1}
     parser.require_at_least(args, minimums)
-    if args.seed > MAX_SEED:
-        parser.error(f"--seed: expected an int <= {MAX_SEED}, got {args.seed}")
+    if args.time_cap is not None and not args.time_cap > 0:
+        parser.error(f"--time-cap: expected seconds > 0, got {args.time_cap}")
+    if args.seed + args.seeds - 1 > MAX_SEED:
+        last = f" (--seeds {args.seeds}: its last run's seed must be <= {MAX_SEED})" if args.seeds > 1 else ""
+        parser.error(f"--seed: expected an int <= {MAX_SEED - args.seeds + 1}{last}, got {args.seed}")
     parser.build(check_env, args.env, aliases={"env_id": "env"})
     name = parser.build(check_choice, "preset", args.preset or default_preset(args.env), PRESETS)
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in parse_overrides(parser, args.set).items()}
@@ -260,6 +319,7 @@ def parse_args(parser: ArgumentParser, argv: list[str] | None) -> tuple[argparse
     search = Search(
         env=args.env, preset=name, pins=pins, fields=fields, budget=args.budget, bar=bar,
         objective=args.objective, eval_every=args.eval_every, eval_episodes=args.eval_episodes, seed=args.seed,
+        seeds=args.seeds, time_cap_s=args.time_cap,
     )  # fmt: skip
     args.study_name = args.study_name or re.sub(r"[^\w.-]+", "-", f"{args.env}-{name}-{args.objective}")
     if args.run_dir is None:
@@ -289,6 +349,8 @@ def open_study(parser: ArgumentParser, args: argparse.Namespace, search: Search)
     recorded = study.user_attrs.get("search")
     if recorded is None:
         study.set_user_attr("search", search.identity())
+        if preset_trial(search):
+            study.enqueue_trial(preset_trial(search))
     elif recorded != search.identity():
         differ = sorted(k for k in recorded if recorded[k] != search.identity().get(k))
         parser.error(

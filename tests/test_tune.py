@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -73,6 +74,9 @@ def test_a_drawn_config_the_replay_cannot_fill_is_refused():
         (["--trials", "0"], "--trials: expected an int >= 1, got 0"),
         (["--budget", "0"], "--budget: expected an int >= 1, got 0"),
         (["--seed", str(2**32)], "--seed: expected an int <= 4294967295"),
+        (["--seed", str(2**32 - 1), "--seeds", "2"], "--seed: expected an int <= 4294967294 (--seeds 2"),
+        (["--seeds", "0"], "--seeds: expected an int >= 1, got 0"),
+        (["--time-cap", "0"], "--time-cap: expected seconds > 0, got 0.0"),
         (["--set", "bogus=1"], "--set: expected FIELD=VALUE with FIELD an R2D2Config or run option"),
         (["--set", "total_env_steps=5"], "--set: total_env_steps: run options are flags here"),
         (["--set", "batch_size=0"], "--set: batch_size: expected an int >= 1, got 0"),
@@ -149,3 +153,50 @@ def test_the_pruning_hook_reports_each_evaluation_once_and_stops_the_run_when_to
     assert hook.on_step(run, None) is None and len(trial.reports) == 1  # the same one is not reported again
     run.history.evals.append({"mean_return": 12.0})
     assert hook.on_step(run, None) == "pruned" and trial.reports[-1] == (-12.0, 1)
+
+
+def test_the_pruning_hook_stops_a_run_past_its_time_cap_and_offsets_its_reports():
+    trial = _Trial(prune_after=99)
+    run = SimpleNamespace(history=SimpleNamespace(evals=[]), wall_before=0.0, start=time.perf_counter())
+    hook = tune.PruneOnEvaluations(trial, offset=7, time_cap_s=3600.0)
+    hook.on_start(run)
+    run.history.evals.append({"mean_return": 5.0})
+    assert hook.on_step(run, None) is None and trial.reports == [(-5.0, 7)]  # the second seed's first
+    run.wall_before = 3601.0  # resumed past the cap
+    assert hook.on_step(run, None) == "over time"
+
+
+@pytest.mark.parametrize(
+    "objective, values, cap, expected",
+    [
+        ("wall", [], None, None),
+        ("wall", [40.0, 30.0, None], None, 60.0),  # twice the best finished trial
+        ("steps", [40.0], None, None),  # env steps are no time
+        ("wall", [40.0], 50.0, 50.0),  # --time-cap below twice the best
+        ("wall", [20.0], 50.0, 40.0),
+        ("steps", [], 50.0, 50.0),
+    ],
+)
+def test_the_time_cap_is_the_flag_or_twice_the_best_trial_under_the_wall_objective(objective, values, cap, expected):
+    complete, pruned = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
+    trials = [SimpleNamespace(value=v, state=complete if v is not None else pruned) for v in values]
+    search = _search(objective=objective, time_cap_s=cap)
+    assert tune.time_cap(SimpleNamespace(trials=trials), search) == expected
+
+
+def test_a_new_study_first_tries_the_preset_itself():
+    search = _search(fields=("env_steps_per_update", "core_units", "learning_rate"), pins={"core_units": 100})
+    assert tune.preset_trial(search) == {"env_steps_per_update": 8.0, "learning_rate": 1e-3}  # 100: off grid
+
+
+def test_a_trial_of_two_seeds_runs_each_in_its_own_dir_and_scores_their_median(capsys, tmp_path):
+    argv = ["--env", MASKED_CARTPOLE_ID, "--quick", "--trials", "1", "--seeds", "2", "--seed", "5"]
+    code, out, err = outcome(tune.main, [*argv, "--run-dir", str(tmp_path), "--pruner", "none"], capsys)
+    assert code == 0, err
+    study_dir = tmp_path / "tune" / "MaskedCartPole-v1-masked-cartpole-steps"
+    runs = sorted(p.parent.name for p in study_dir.glob("trial-0/seed-*/summary.json"))
+    assert runs == ["seed-5", "seed-6"]
+    seeds = [json.loads((study_dir / "trial-0" / r / "summary.json").read_text())["seed"] for r in runs]
+    assert seeds == [5, 6]
+    trial = optuna.load_study(study_name=study_dir.name, storage=f"sqlite:///{study_dir / 'study.db'}").trials[0]
+    assert trial.value == pytest.approx(sum(trial.user_attrs["scores"]) / 2) and len(trial.user_attrs["scores"]) == 2
