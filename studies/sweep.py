@@ -250,10 +250,24 @@ def run_jobs(
         with futures.ProcessPoolExecutor(
             max_workers=workers, mp_context=ctx, initializer=worker_setup, initargs=(threads,)
         ) as pool:
-            pending = {pool.submit(run, job): job for job in jobs}
-            for fut in futures.as_completed(pending):
-                finish(pending[fut], fut.result())
+            gather(pool, run, jobs, finish)
     return done
+
+
+def gather(
+    pool: futures.Executor, run: Callable[[J], Any], jobs: Sequence[J], finish: Callable[[J, Any], None]
+) -> None:
+    """Submit every job to ``pool`` and ``finish`` each as it completes. On any exception (Ctrl-C, a run
+    that was interrupted) the jobs not yet started are cancelled before it propagates: leaving the pool
+    waits only for the runs under way (which Ctrl-C interrupts too), not for every queued one."""
+    pending = {pool.submit(run, job): job for job in jobs}
+    try:
+        for fut in futures.as_completed(pending):
+            finish(pending[fut], fut.result())
+    except BaseException:
+        for fut in pending:
+            fut.cancel()
+        raise
 
 
 def run_sweep(

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +217,24 @@ def test_an_interrupted_run_stops_the_sweep(tmp_path):
             lambda j: summaries[j.seed], jobs, workers=1, desc="t", on_done=lambda j, s: done.append(j.seed)
         )
     assert done == [0]  # reported as it finished; the interrupted one is not, and nothing after it runs
+
+
+def test_an_interrupted_run_in_a_pool_cancels_the_jobs_not_yet_started(tmp_path):
+    """Leaving the pool after Ctrl-C must not run every queued job first (it did: the pool's exit waits)."""
+    from concurrent import futures
+
+    started, done = [], []
+    jobs = [Job(run_dir=str(tmp_path), seed=s) for s in range(10)]
+
+    def run(job: Job) -> dict[str, Any]:
+        started.append(job.seed)
+        if job.seed > 0:
+            time.sleep(0.2)  # long enough that the main thread cancels the rest while this one runs
+        return {"stop_reason": "interrupted" if job.seed == 0 else "budget"}
+
+    with pytest.raises(KeyboardInterrupt), futures.ThreadPoolExecutor(max_workers=1) as pool:
+        sweep.gather(pool, run, jobs, lambda j, s: done.append(sweep.completed(s)))
+    assert started in ([0], [0, 1]) and done == []
 
 
 def test_a_pool_runs_each_job_in_a_spawned_worker_with_its_share_of_the_cores(tmp_path):
