@@ -101,6 +101,8 @@ def race_tasks() -> dict[str, RaceTask]:
     return out
 
 
+STATE = "peer_race.json"
+"""The race's record in its run directory, written after every task and seed; ``--resume`` reads it."""
 QUICK_TASKS = ("MaskedCartPole", "RepeatFirstEasy")
 QUICK_BURNIN = (
     "--min-replay-steps", "100", "--num-envs", "4", "--batch-size", "8", "--core-units", "16",
@@ -213,14 +215,34 @@ def race_peer(task: RaceTask, seed: int, options: RaceOptions) -> dict[str, Any]
     cmd = [options.peer_python, "-m", "benchmarks.recurrent_ppo_peer", *argv]
     code, seconds, last, err = run_process(cmd, options.run_dir / "logs" / f"peer-{task.name}-s{seed}.log")
     if code != 0:
-        return {"process_s": seconds, "error": f"exit {code}: {err}"}
-    return {**json.loads(last), "process_s": seconds}
+        return {"process_s": seconds, "error": f"exit {code}: {err}", "argv": argv}
+    return {**json.loads(last), "process_s": seconds, "argv": argv}
+
+
+def expected_config(task: RaceTask, seed: int, options: RaceOptions) -> dict[str, Any]:
+    """The R2D2Config (as JSON) burnin's run of ``task`` under ``seed`` would train with today."""
+    from agents.train import parse_args
+
+    _, config = parse_args([*task.burnin_flags, *burnin_argv(task, seed, options)])
+    return json.loads(json.dumps(config.to_json()))
+
+
+def reusable(row: dict[str, Any] | None, task: RaceTask, seed: int, options: RaceOptions) -> bool:
+    """Whether a resumed race's ``row`` stands as it is: both sides finished without an error, burnin with
+    the config it would train with today and the peer with the same flags."""
+    if row is None or any("error" in row.get(side, {"error": None}) for side in ("burnin", "peer")):
+        return False
+    return row["burnin"].get("config") == expected_config(task, seed, options) and row["peer"].get(
+        "argv"
+    ) == peer_argv(task, seed, options)
 
 
 def write_outputs(report: dict[str, Any], paths: dict[str, Path], tasks: dict[str, RaceTask]) -> None:
-    """The JSON, the markdown table and the plot of the race so far."""
+    """The JSON (also as ``RUN_DIR/peer_race.json``, which ``--resume`` reads), the markdown table and the
+    plot of the race so far."""
     report["medians"] = race_report.summarise(report["runs"], {n: t.bar for n, t in tasks.items()})
-    paths["json"].write_text(json.dumps(report, indent=1) + "\n")
+    for path in {paths["json"], paths["state"]}:
+        path.write_text(json.dumps(report, indent=1) + "\n")
     paths["markdown"].write_text(race_report.markdown(report))
     race_report.plot(report, paths["plot"])
 
@@ -269,6 +291,9 @@ def _parse(argv: list[str] | None, tasks: dict[str, RaceTask]) -> Any:
     for name in ("json", "markdown", "plot"):
         parser.add_argument(f"--{name}", type=Path, default=None, help=f"[RUN_DIR/peer_race.{name[:4]}]")
     parser.add_argument("--quick", action="store_true", help="CI: 2 tasks, 1 seed, 400 env steps, tiny nets")
+    parser.add_argument(
+        "--resume", action="store_true", help="go on with the race in --run-dir: its finished runs stand"
+    )
     args = parser.parse_args(argv)
     minimums = {
         "seeds": 1,
@@ -283,10 +308,28 @@ def _parse(argv: list[str] | None, tasks: dict[str, RaceTask]) -> Any:
         args.tasks = args.tasks or list(QUICK_TASKS)
         args.budget, args.eval_every = QUICK["budget"], QUICK["eval_every"]
         args.eval_episodes, args.seeds = QUICK["eval_episodes"], QUICK["seeds"]
-    if args.run_dir is not None and args.run_dir.exists():
+    args.previous = None
+    if args.resume:
+        state = args.run_dir / STATE if args.run_dir is not None else None
+        if state is None or not state.is_file():
+            parser.error(
+                f"--resume: needs the --run-dir of an earlier race (with its {STATE}), got {args.run_dir}"
+            )
+        try:
+            args.previous = json.loads(state.read_text())
+            args.previous["runs"], args.previous["protocol"], args.previous["budgets"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            parser.error(
+                f"--resume: {str(state)!r} is not a race's record ({type(err).__name__}: {one_line(err)})"
+            )
+        differ = differences(args.previous, args, tasks)
+        if differ:
+            parser.error(f"--resume: the race in {str(args.run_dir)!r} ran with another {', '.join(differ)}")
+    elif args.run_dir is not None and args.run_dir.exists():
         if not args.run_dir.is_dir() or any(args.run_dir.iterdir()):
             parser.error(
-                f"--run-dir: {str(args.run_dir)!r} holds an earlier race (or is a file); give another"
+                f"--run-dir: {str(args.run_dir)!r} holds an earlier race (or is a file); give another, or "
+                "--resume it"
             )
     versions, why = peer_versions(args.peer_python)
     if versions is None:
@@ -317,13 +360,20 @@ def _main(argv: list[str] | None) -> int:
         "markdown": args.markdown or args.run_dir / "peer_race.md",
         "plot": args.plot or args.run_dir / "peer_race.png",
     }
+    paths["state"] = args.run_dir / STATE
     command = " ".join([PROG, *(sys.argv[1:] if argv is None else argv)])
     report = race_header(command, options, chosen, args.peer_packages)
+    before = resumed_rows(args.previous, report) if args.previous is not None else {}
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     failed = []
     with tqdm(total=2 * len(chosen) * len(seeds), desc="peer race", unit="run") as bar:
         for name, task in chosen.items():
             for seed in seeds:
+                if reusable(before.get((name, seed)), task, seed, options):
+                    report["runs"].append(before[name, seed])
+                    write_outputs(report, paths, chosen)
+                    bar.update(2)
+                    continue
                 row: dict[str, Any] = {"task": name, "seed": seed}
                 for side, race in (("burnin", race_burnin), ("peer", race_peer)):
                     row[side] = race(task, seed, options)
@@ -341,6 +391,25 @@ def _main(argv: list[str] | None) -> int:
         )
         return 1
     return 0
+
+
+def resumed_rows(previous: dict[str, Any], report: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    """The earlier race's runs by (task, seed); ``report`` keeps the earlier commands and dates in
+    ``sessions``."""
+    earlier = previous.get("sessions") or [{"command": previous.get("command"), "date": previous.get("date")}]
+    report["sessions"] = [*earlier, {"command": report["command"], "date": report["date"]}]
+    return {(r["task"], r["seed"]): r for r in previous["runs"]}
+
+
+def differences(previous: dict[str, Any], args: Any, tasks: dict[str, RaceTask]) -> list[str]:
+    """What of the protocol and the budgets differs between an earlier race and this command."""
+    protocol = {k: getattr(args, k) for k in ("eval_every", "eval_episodes", "peer_threads", "quick")}
+    out = [k.replace("_", "-") for k, v in protocol.items() if previous["protocol"].get(k) != v]
+    for name in args.tasks or tasks:
+        budget = args.budget or tasks[name].budget
+        if previous["budgets"].get(name, budget) != budget:
+            out.append(f"budget of {name} ({previous['budgets'][name]}, now {budget})")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -185,3 +185,50 @@ def test_quick_race_end_to_end(capsys, tmp_path):
     peer = report["runs"][1]["peer"]
     assert peer["settings"]["gamma"] == 0.0 and "CartPoleNoVel-v1" in peer["source"]
     assert (tmp_path / "peer_race.md").read_text() in out and (tmp_path / "peer_race.png").is_file()
+
+
+def test_resume_keeps_the_finished_runs_and_reruns_the_failed_and_the_changed(capsys, tmp_path, monkeypatch):
+    """A race spans sessions: --resume reruns a row only if a side failed, burnin would now train with
+    another config, or the peer would get other flags; another protocol is refused in one line."""
+    calls = []
+
+    def fake(side):
+        def race(task, seed, options):
+            calls.append((side, task.name, seed))
+            out = {"argv": peer_race.peer_argv(task, seed, options)} if side == "peer" else {}
+            if side == "burnin":
+                out["config"] = peer_race.expected_config(task, seed, options)
+            return {**out, "solved_at_env_steps": 100, "wall_to_bar_s": 1.0, "env_steps": 100, "wall_s": 1.0}
+
+        return race
+
+    monkeypatch.setattr(peer_race, "peer_versions", lambda python: ({"torch": "x"}, ""))
+    monkeypatch.setattr(peer_race, "race_burnin", fake("burnin"))
+    monkeypatch.setattr(peer_race, "race_peer", fake("peer"))
+    monkeypatch.setattr(peer_race.race_report, "plot", lambda report, path: None)
+    base = [
+        "--peer-python",
+        sys.executable,
+        "--tasks",
+        "MaskedCartPole",
+        "--seeds",
+        "3",
+        "--run-dir",
+        str(tmp_path),
+    ]
+    assert outcome(peer_race.main, base, capsys)[0] == 0 and len(calls) == 6
+    state = tmp_path / "peer_race.json"
+    report = json.loads(state.read_text())
+    report["runs"][0]["peer"] = {"error": "exit 1: boom"}  # seed 0: the peer failed
+    report["runs"][1]["burnin"]["config"]["batch_size"] = 7  # seed 1: trained with another config then
+    state.write_text(json.dumps(report))
+    calls.clear()
+    code, _, err = outcome(peer_race.main, [*base, "--resume"], capsys)
+    assert code == 0, err
+    assert calls == [(s, "MaskedCartPole", k) for k in (0, 1) for s in ("burnin", "peer")]  # seed 2 stands
+    report = json.loads(state.read_text())
+    assert [r["seed"] for r in report["runs"]] == [0, 1, 2] and len(report["sessions"]) == 2
+    code, _, err = outcome(peer_race.main, [*base, "--resume", "--eval-episodes", "10"], capsys)
+    assert code == 2 and err.strip().endswith("ran with another eval-episodes"), err
+    code, _, err = outcome(peer_race.main, ["--peer-python", sys.executable, "--resume"], capsys)
+    assert code == 2 and "--resume: needs the --run-dir of an earlier race" in err, err
