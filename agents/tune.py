@@ -144,7 +144,10 @@ class PruneOnEvaluations:
         self.seen = len(run.history.evals)
 
     def on_step(self, run: Any, stats: Any) -> str | None:
-        if self.time_cap_s is not None and run.wall_before + time.perf_counter() - run.start > self.time_cap_s:
+        if (
+            self.time_cap_s is not None
+            and run.wall_before + time.perf_counter() - run.start > self.time_cap_s
+        ):
             return "over time"
         evals = run.history.evals
         if len(evals) == self.seen:
@@ -186,7 +189,8 @@ def run_trial(trial: Any, search: Search, study_dir: Path) -> float:
     except ValueError as err:  # a drawn combination the config refuses: no run, never drawn as a best
         raise optuna.TrialPruned(f"invalid config: {one_line(err)}") from None
     trial_dir = study_dir / f"trial-{trial.number}"
-    shutil.rmtree(trial_dir, ignore_errors=True)  # a trial number is new in its study: anything there is stale
+    # A trial number is new in its study: anything in its directory is stale.
+    shutil.rmtree(trial_dir, ignore_errors=True)
     cap, evals_per_run = time_cap(trial.study, search), search.budget // search.eval_every + 1
     scores, solved, steps = [], [], []
     for k in range(search.seeds):
@@ -264,7 +268,10 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="the sampler's seed and the first run's [0]")
     parser.add_argument(
-        "--seeds", type=int, default=1, help="runs per trial, seeds SEED, SEED+1, …; scored by their median [1]"
+        "--seeds",
+        type=int,
+        default=1,
+        help="runs per trial, seeds SEED, SEED+1, …; scored by their median [1]",
     )
     parser.add_argument("--study-name", default="", help="[ENV-PRESET-OBJECTIVE]")
     parser.add_argument("--run-dir", type=Path, default=None, help="[runs; --quick: a temp dir]")

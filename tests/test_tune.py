@@ -177,7 +177,9 @@ def test_the_pruning_hook_stops_a_run_past_its_time_cap_and_offsets_its_reports(
         ("steps", [], 50.0, 50.0),
     ],
 )
-def test_the_time_cap_is_the_flag_or_twice_the_best_trial_under_the_wall_objective(objective, values, cap, expected):
+def test_the_time_cap_is_the_flag_or_twice_the_best_trial_under_the_wall_objective(
+    objective, values, cap, expected
+):
     complete, pruned = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
     trials = [SimpleNamespace(value=v, state=complete if v is not None else pruned) for v in values]
     search = _search(objective=objective, time_cap_s=cap)
@@ -191,12 +193,17 @@ def test_a_new_study_first_tries_the_preset_itself():
 
 def test_a_trial_of_two_seeds_runs_each_in_its_own_dir_and_scores_their_median(capsys, tmp_path):
     argv = ["--env", MASKED_CARTPOLE_ID, "--quick", "--trials", "1", "--seeds", "2", "--seed", "5"]
-    code, out, err = outcome(tune.main, [*argv, "--run-dir", str(tmp_path), "--pruner", "none"], capsys)
+    code, _, err = outcome(tune.main, [*argv, "--run-dir", str(tmp_path), "--pruner", "none"], capsys)
     assert code == 0, err
     study_dir = tmp_path / "tune" / "MaskedCartPole-v1-masked-cartpole-steps"
     runs = sorted(p.parent.name for p in study_dir.glob("trial-0/seed-*/summary.json"))
     assert runs == ["seed-5", "seed-6"]
     seeds = [json.loads((study_dir / "trial-0" / r / "summary.json").read_text())["seed"] for r in runs]
     assert seeds == [5, 6]
-    trial = optuna.load_study(study_name=study_dir.name, storage=f"sqlite:///{study_dir / 'study.db'}").trials[0]
-    assert trial.value == pytest.approx(sum(trial.user_attrs["scores"]) / 2) and len(trial.user_attrs["scores"]) == 2
+    trial = optuna.load_study(
+        study_name=study_dir.name, storage=f"sqlite:///{study_dir / 'study.db'}"
+    ).trials[0]
+    assert (
+        trial.value == pytest.approx(sum(trial.user_attrs["scores"]) / 2)
+        and len(trial.user_attrs["scores"]) == 2
+    )
