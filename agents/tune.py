@@ -4,8 +4,8 @@ Each trial is one training run (the harness of :mod:`agents.experiment`, evaluat
 evaluates) with a config drawn from :data:`SEARCH_SPACE` on top of the preset and ``--set``. It stops at
 the env's bar (``--solve-return``, else the env spec's ``reward_threshold``) or at ``--budget`` env steps.
 Its objective, minimised, is the env steps (``--objective wall``: seconds) to its first evaluation at the
-bar; an unsolved run scores what it used × (2 − its progress towards the bar), so it ranks after every
-solved one and closer ones first. With ``--seeds N`` a trial is N runs (seeds ``--seed``, ``--seed`` + 1,
+bar; an unsolved run scores the budget (or, for seconds, the time cap or the time it used, whichever is
+longer) × (2 − its progress towards the bar), so it ranks after every solved one and closer ones first. With ``--seeds N`` a trial is N runs (seeds ``--seed``, ``--seed`` + 1,
 …) scored by their median: a preset should hold on seeds it was not drawn for. Optuna's TPE sampler
 (seeded by ``--seed``) proposes; its median pruner stops a trial whose evaluations fall below the median of
 earlier trials' at the same evaluation; under ``--objective wall`` a run stops once it has taken twice the
@@ -116,20 +116,25 @@ def draw(trial: Any, search: Search) -> R2D2Config:
     return config
 
 
-def score(summary: dict[str, Any], *, bar: float, objective: str) -> float:
-    """A finished run's objective: env steps (or seconds) to its first evaluation at ``bar``; unsolved, what
-    it used × (2 − progress), progress being its best evaluation's way from its first to the bar, in [0, 1]."""
+def score(
+    summary: dict[str, Any], *, bar: float, objective: str, budget: int, time_cap_s: float | None = None
+) -> float:
+    """A finished run's objective: env steps (or seconds) to its first evaluation at ``bar``. Unsolved, its
+    cost at the limit × (2 − progress), progress being its best evaluation's way from its first to the bar,
+    in [0, 1]; the limit is ``budget`` env steps, or, for seconds, ``time_cap_s`` (or the time it used, if
+    longer or if there is no cap), so that an unsolved run ranks after every solved run under the same
+    limit (one stopped early, by the pruner or the cap, included)."""
     evals = summary["history"]["evals"]
     key = "env_steps" if objective == "steps" else "wall_time_s"
     hit = next((e for e in evals if e["mean_return"] >= bar), None)
     if hit is not None:
         return float(hit[key])
-    used = float(summary[key])
+    limit = float(budget) if objective == "steps" else max(summary[key], time_cap_s or 0.0)
     if not evals or bar <= evals[0]["mean_return"]:
-        return 2.0 * used
+        return 2.0 * limit
     best = max(e["mean_return"] for e in evals)
     progress = min(max((best - evals[0]["mean_return"]) / (bar - evals[0]["mean_return"]), 0.0), 1.0)
-    return used * (2.0 - progress)
+    return limit * (2.0 - progress)
 
 
 class PruneOnEvaluations:
@@ -202,7 +207,9 @@ def run_trial(trial: Any, search: Search, study_dir: Path) -> float:
             raise KeyboardInterrupt
         if summary["stop_reason"] == "pruned":
             raise optuna.TrialPruned()
-        scores.append(score(summary, bar=search.bar, objective=search.objective))
+        scores.append(
+            score(summary, bar=search.bar, objective=search.objective, budget=search.budget, time_cap_s=cap)
+        )
         solved.append(summary["stop_reason"] == "solved")
         steps.append(summary["env_steps"])
     trial.set_user_attr("solved", all(solved))

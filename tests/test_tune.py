@@ -25,18 +25,25 @@ def _summary(evals, *, env_steps=1000, wall=50.0):
 
 
 @pytest.mark.parametrize(
-    "evals, objective, expected",
+    "evals, objective, cap, expected",
     [
-        ([(100, 5.0, 10.0), (200, 9.0, 480.0), (300, 12.0, 500.0)], "steps", 200.0),  # first at the bar
-        ([(100, 5.0, 10.0), (200, 9.0, 480.0)], "wall", 9.0),
-        ([(100, 5.0, 475.0)], "steps", 100.0),  # at the bar counts
-        ([(100, 5.0, 0.0), (200, 9.0, 237.5)], "steps", 1000 * 1.5),  # unsolved, half way: used × (2 − 0.5)
-        ([(100, 5.0, 100.0), (200, 9.0, 50.0)], "wall", 50.0 * 2.0),  # no progress
-        ([], "steps", 2000.0),  # no evaluation at all
+        ([(100, 5.0, 10.0), (200, 9.0, 480.0), (300, 12.0, 500.0)], "steps", None, 200.0),  # first at the bar
+        ([(100, 5.0, 10.0), (200, 9.0, 480.0)], "wall", None, 9.0),
+        ([(100, 5.0, 475.0)], "steps", None, 100.0),  # at the bar counts
+        ([(100, 5.0, 0.0), (200, 9.0, 237.5)], "steps", None, 2000 * 1.5),  # unsolved, half way: budget × 1.5
+        ([(100, 5.0, 100.0), (200, 9.0, 50.0)], "wall", None, 50.0 * 2.0),  # no progress: the time used × 2
+        ([(100, 5.0, 100.0), (200, 9.0, 50.0)], "wall", 80.0, 80.0 * 2.0),  # stopped before the cap: the cap
+        ([(100, 5.0, 0.0), (200, 9.0, 237.5)], "wall", 30.0, 50.0 * 1.5),  # the time used, past the cap
+        ([], "steps", None, 4000.0),  # no evaluation at all
     ],
 )
-def test_score_is_the_cost_to_the_bar_and_ranks_unsolved_runs_after_solved_ones(evals, objective, expected):
-    assert tune.score(_summary(evals), bar=475.0, objective=objective) == pytest.approx(expected)
+def test_score_is_the_cost_to_the_bar_and_ranks_unsolved_runs_after_solved_ones(
+    evals, objective, cap, expected
+):
+    summary = _summary(evals)  # used 1000 env steps, 50 s; the budget is 2000
+    assert tune.score(summary, bar=475.0, objective=objective, budget=2000, time_cap_s=cap) == pytest.approx(
+        expected
+    )
 
 
 def _search(**changes):
