@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -180,6 +181,8 @@ def race_burnin(task: RaceTask, seed: int, options: RaceOptions) -> dict[str, An
     """burnin's run of ``task`` under ``seed``: time to the bar and where it went."""
     name, flags = f"{task.name}-s{seed}", burnin_argv(task, seed, options)
     where = ["--run-dir", str(options.run_dir / "burnin"), "--name", name]
+    # The race's own directory: a run there is this row's, left unfinished by an interrupted race.
+    shutil.rmtree(options.run_dir / "burnin" / name, ignore_errors=True)
     cmd = [sys.executable, "-m", "benchmarks.time_split", *task.burnin_flags, *flags, *where]
     code, seconds, _, err = run_process(cmd, options.run_dir / "logs" / f"burnin-{name}.log")
     out: dict[str, Any] = {"command": " ".join([task.burnin_command, *flags]), "process_s": seconds}

@@ -71,6 +71,9 @@ def test_each_task_runs_burnins_cli_with_the_suites_overrides_and_gives_the_peer
 def test_burnins_run_reports_its_time_to_the_bar_and_where_it_went(tmp_path):
     """One tiny run through the timed CLI: the bar is low enough for the first evaluation to reach it."""
     task = peer_race.RaceTask("Tiny", "MaskedCartPole-v1", 5.0, 400, ("--env", "MaskedCartPole-v1"))
+    stale = tmp_path / "burnin" / "Tiny-s0"  # left by an interrupted race: a resumed race starts it afresh
+    stale.mkdir(parents=True)
+    (stale / "summary.json").write_text("{}")
     result = peer_race.race_burnin(
         task, 0, _options(tmp_path, budget=400, eval_every=200, eval_episodes=2, quick=True)
     )
