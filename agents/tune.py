@@ -363,8 +363,9 @@ def open_study(parser: ArgumentParser, args: argparse.Namespace, search: Search)
     recorded = study.user_attrs.get("search")
     if recorded is None:
         study.set_user_attr("search", search.identity())
-        if preset_trial(search):
-            study.enqueue_trial(preset_trial(search))
+        first = preset_trial(search)
+        if first:
+            study.enqueue_trial(first)
     elif recorded != search.identity():
         differ = sorted(k for k in recorded if recorded[k] != search.identity().get(k))
         parser.error(

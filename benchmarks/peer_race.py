@@ -102,6 +102,8 @@ def race_tasks() -> dict[str, RaceTask]:
     return out
 
 
+PROTOCOL = ("eval_every", "eval_episodes", "peer_threads", "quick")
+"""The race options both sides are held to; a resumed race must have the same."""
 STATE = "peer_race.json"
 """The race's record in its run directory, written after every task and seed; ``--resume`` reads it."""
 QUICK_TASKS = ("MaskedCartPole", "RepeatFirstEasy")
@@ -233,7 +235,7 @@ def expected_config(task: RaceTask, seed: int, options: RaceOptions) -> dict[str
 def reusable(row: dict[str, Any] | None, task: RaceTask, seed: int, options: RaceOptions) -> bool:
     """Whether a resumed race's ``row`` stands as it is: both sides finished without an error, burnin with
     the config it would train with today and the peer with the same flags."""
-    if row is None or any("error" in row.get(side, {"error": None}) for side in ("burnin", "peer")):
+    if row is None or any(side not in row or "error" in row[side] for side in race_report.SIDES):
         return False
     return row["burnin"].get("config") == expected_config(task, seed, options) and row["peer"].get(
         "argv"
@@ -265,11 +267,8 @@ def race_header(
         "burnin_packages": {p: version(p) for p in ("tensorflow", "keras", "gymnasium", "popgym")},
         "peer_packages": peer_packages,
         "protocol": {
-            "eval_every": options.eval_every,
-            "eval_episodes": options.eval_episodes,
-            "peer_threads": options.peer_threads,
+            **{k: getattr(options, k) for k in PROTOCOL},
             "order": "for each task and seed: burnin, then the peer, each in a process of its own",
-            "quick": options.quick,
         },
         "budgets": {n: options.budget or t.budget for n, t in tasks.items()},
         "runs": [],
@@ -362,8 +361,8 @@ def _main(argv: list[str] | None) -> int:
         "json": args.json or args.run_dir / "peer_race.json",
         "markdown": args.markdown or args.run_dir / "peer_race.md",
         "plot": args.plot or args.run_dir / "peer_race.png",
+        "state": args.run_dir / STATE,
     }
-    paths["state"] = args.run_dir / STATE
     command = " ".join([PROG, *(sys.argv[1:] if argv is None else argv)])
     report = race_header(command, options, chosen, args.peer_packages)
     before = resumed_rows(args.previous, report) if args.previous is not None else {}
@@ -406,8 +405,7 @@ def resumed_rows(previous: dict[str, Any], report: dict[str, Any]) -> dict[tuple
 
 def differences(previous: dict[str, Any], args: Any, tasks: dict[str, RaceTask]) -> list[str]:
     """What of the protocol and the budgets differs between an earlier race and this command."""
-    protocol = {k: getattr(args, k) for k in ("eval_every", "eval_episodes", "peer_threads", "quick")}
-    out = [k.replace("_", "-") for k, v in protocol.items() if previous["protocol"].get(k) != v]
+    out = [k.replace("_", "-") for k in PROTOCOL if previous["protocol"].get(k) != getattr(args, k)]
     for name in args.tasks or tasks:
         budget = args.budget or tasks[name].budget
         if previous["budgets"].get(name, budget) != budget:

@@ -265,8 +265,7 @@ def gather(
         for fut in futures.as_completed(pending):
             finish(pending[fut], fut.result())
     except BaseException:
-        for fut in pending:
-            fut.cancel()
+        pool.shutdown(wait=False, cancel_futures=True)
         raise
 
 
